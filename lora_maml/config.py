@@ -1,0 +1,235 @@
+"""The run configuration: a typed schema, YAML loading and dotted command-line overrides.
+
+Every recipe reads one YAML file (``recipes/configs/*.yaml``) into :class:`Config`. Unknown keys,
+wrong types and impossible values are rejected with a message naming the dotted key, so a typo such
+as ``meta.inner_lr_`` fails at start-up instead of silently training with a default.
+
+Overrides use the dotted key names of the YAML file: ``meta.inner_lr=5e-5 trainer.total_steps=10``.
+Values are parsed as YAML, so ``trainer.logger=[console,jsonl]`` and ``model.quantization=null`` work.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "recipes" / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the key."""
+
+
+class _Section(BaseModel):
+    # extra="forbid" turns typos into errors; validate_assignment keeps programmatic edits checked.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+class FSDPConfig(_Section):
+    enabled: bool = False
+    cpu_offload: bool = False
+    reshard_after_forward: bool = True
+
+
+class ModelConfig(_Section):
+    partial_pretrain: str = "Qwen/Qwen3-4B-Instruct-2507"
+    gguf_file: str | None = None
+    dtype: Literal["bf16", "fp16", "fp32", "fp64"] = "bf16"
+    quantization: Literal["nf4"] | None = None
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    enable_gradient_checkpointing: bool = True
+    trust_remote_code: bool = False
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    fsdp_config: FSDPConfig = Field(default_factory=FSDPConfig)
+
+
+class DataConfig(_Section):
+    data_dir: str = "./data/math_meta"
+    source: str = "EleutherAI/hendrycks_math"
+    support_ratio: float = Field(0.30, gt=0, lt=1)
+    query_ratio: float = Field(0.40, gt=0, lt=1)
+    tasks: list[str] | None = None
+    max_length: int = Field(2048, ge=8)
+    truncation: Literal["error", "left", "right"] = "right"
+    packing: bool = True
+
+    @model_validator(mode="after")
+    def _ratios_leave_a_test_split(self) -> "DataConfig":
+        if self.support_ratio + self.query_ratio >= 1:
+            raise ValueError(
+                f"support_ratio + query_ratio must be < 1 to leave a test split, "
+                f"got {self.support_ratio} + {self.query_ratio}"
+            )
+        if self.tasks is not None:
+            from lora_maml.data import SUBJECTS
+
+            unknown = sorted(set(self.tasks) - set(SUBJECTS))
+            if unknown:
+                raise ValueError(f"tasks: unknown {unknown}; expected a subset of {list(SUBJECTS)}")
+        return self
+
+
+class MetaConfig(_Section):
+    algorithm: Literal["fomaml", "maml", "reptile"] = "fomaml"
+    adapter: Literal["lora", "full"] = "lora"
+    inner_lr: float = Field(1e-4, gt=0)
+    num_inner_steps: int = Field(5, ge=0)
+    inner_batch_size: int = Field(4, ge=1)
+    outer_lr: float = Field(3e-5, gt=0)
+    meta_batch_size: int = Field(4, ge=1)
+    query_batch_size: int = Field(4, ge=1)
+
+
+class OptimConfig(_Section):
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    clip_grad: float = Field(1.0, gt=0)
+    lr_scheduler: Literal["cosine", "constant"] = "cosine"
+    lr_warmup_steps_ratio: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> "OptimConfig":
+        for beta in self.betas:
+            if not 0 <= beta < 1:
+                raise ValueError(f"betas must both lie in [0, 1), got {list(self.betas)}")
+        return self
+
+
+class TrainerConfig(_Section):
+    seed: int = 42
+    total_steps: int = Field(5000, ge=1)
+    save_freq: int = Field(500, ge=1)
+    test_freq: int = Field(100, ge=1)
+    log_freq: int = Field(1, ge=1)
+    project_name: str = "lora_maml"
+    experiment_name: str = "fomaml_qwen3_4b_math"
+    logger: list[Literal["console", "jsonl", "wandb", "tensorboard"]] = Field(
+        default_factory=lambda: ["console", "jsonl", "wandb"]
+    )
+    default_local_dir: str = "./outputs/fomaml_qwen3_4b_math"
+    resume_mode: Literal["auto", "disable", "path"] = "auto"
+    resume_from_path: str | None = None
+    max_ckpt_to_keep: int | None = Field(3, ge=1)
+    max_consecutive_nonfinite: int = Field(5, ge=1)
+    eval_num_support: int = Field(8, ge=1)
+    eval_num_test: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _resume_path_given(self) -> "TrainerConfig":
+        if self.resume_mode == "path" and not self.resume_from_path:
+            raise ValueError("resume_mode=path needs trainer.resume_from_path")
+        return self
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    meta: MetaConfig = Field(default_factory=MetaConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.meta.algorithm == "maml":
+            # Second-order gradients need the graph of the inner loop: no recomputation, and an
+            # attention kernel with a double backward (CPU SDPA has none).
+            if self.meta.adapter != "lora":
+                raise ValueError("meta.algorithm=maml supports meta.adapter=lora only")
+            if self.model.enable_gradient_checkpointing:
+                raise ValueError("meta.algorithm=maml needs model.enable_gradient_checkpointing=false")
+            if self.model.attn_implementation != "eager":
+                raise ValueError("meta.algorithm=maml needs model.attn_implementation=eager")
+        if self.model.quantization == "nf4" and self.meta.adapter == "full":
+            raise ValueError("model.quantization=nf4 freezes a 4-bit base: it needs meta.adapter=lora")
+        return self
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (typo?)")
+        else:
+            got = e.get("input")
+            got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {e['msg']}{got_text}")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {'.'.join(keys[: i + 1])} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Return a copy of ``tree`` with ``key.sub=value`` overrides applied (values parsed as YAML)."""
+    tree = copy.deepcopy(tree)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or key.startswith("-"):
+            raise ConfigError(f"override {item!r}: expected key.sub=value, e.g. meta.inner_lr=5e-5")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def resolve_config_path(config: str | Path | None = None, config_name: str | None = None) -> Path | None:
+    """``--config PATH`` or ``--config-name NAME`` (a file in recipes/configs/) → path."""
+    if config and config_name:
+        raise ConfigError("give either --config or --config-name, not both")
+    if config_name:
+        path = CONFIG_DIR / (config_name if config_name.endswith(".yaml") else f"{config_name}.yaml")
+        if not path.exists():
+            known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+            raise ConfigError(f"--config-name {config_name}: no {path} (known: {known})")
+        return path
+    return Path(config) if config else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
+    tree: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    if overrides:
+        tree = apply_overrides(tree, overrides)
+        source += " + overrides"
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain JSON/YAML-safe dict (tuples become lists) for checkpoints and loggers."""
+    return cfg.model_dump(mode="json")

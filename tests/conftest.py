@@ -1,0 +1,21 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# Nothing in the test suite may reach the network or a wandb server.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MATH_ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "MATH.tar.gz"
+
+
+@pytest.fixture
+def math_archive() -> Path:
+    if not MATH_ARCHIVE.exists():
+        pytest.skip(f"real MATH data not found at {MATH_ARCHIVE} (see ../shared/data/README.md)")
+    return MATH_ARCHIVE
