@@ -1,0 +1,225 @@
+"""Which tasks and which examples each meta-training step uses.
+
+A step draws ``meta_batch_size`` tasks; each drawn task gets ``num_inner_steps`` support batches of
+``inner_batch_size`` indices into its support split (the inner loop) and one query batch of
+``query_batch_size`` indices into its query split (the outer loss).
+
+Everything is a pure function of ``(seed, step)`` and the settings, so
+
+* every process computes the same draws (rank r of w takes ``draws[r::w]``), and
+* resuming needs nothing but the step number (:meth:`EpisodeSampler.state_dict`).
+
+Tasks: step s shuffles the tasks with ``default_rng([seed, 0, s])`` and takes the first
+``meta_batch_size`` (distinct tasks); a larger meta batch takes whole rounds of all tasks.
+
+Examples: every (task, split) has a stream of per-epoch permutations, epoch e drawn with
+``default_rng([seed, 1 or 2, task index, e])``. The k-th time a task is drawn (its k-th *visit*) it takes
+the next chunk of ``need`` indices (``need`` = num_inner_steps x inner_batch_size for support,
+query_batch_size for query). An epoch lasts ``ceil(n / need)`` visits; its last chunk wraps around to
+the start of the same permutation. Hence, as long as a split holds at least ``need`` examples,
+
+* a chunk never repeats an example (the support batches of a step are disjoint), and
+* every example of the split is used once in each epoch of ``ceil(n / need)`` visits, in a fresh order
+  each epoch (the wrapped-around chunk re-uses ``ceil(n / need) * need - n`` of them).
+
+A smaller split repeats examples inside a chunk (it is tiled). The visit count of a task before step s
+depends on the task draws of all earlier steps; it is replayed from the seed (cached, so sequential
+sampling costs O(1) per step and jumping to step s at most O(s) once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+# Streams of the seed sequence: task order, support permutations, query permutations.
+_TASKS, _SUPPORT, _QUERY = 0, 1, 2
+# Keep the replayed visit counts every this many steps, so any step is at most this far from a checkpoint.
+_CHECKPOINT_EVERY = 256
+# Part of the fingerprint: bump when the sampling scheme changes, so old checkpoints refuse to resume.
+_SCHEME = "episodes-v1"
+
+
+@dataclass(frozen=True)
+class TaskDraw:
+    """One task of a meta batch: indices into that task's support and query splits."""
+
+    task: str
+    support_batches: list[list[int]]
+    query_indices: list[int]
+
+
+class EpisodeSampler:
+    """Draws the tasks and example indices of every meta-training step (see the module docstring).
+
+    ``task_sizes`` maps each task to ``(n_support, n_query)``, the sizes of its splits. Tasks are
+    ordered by name, so the mapping's order does not matter.
+    """
+
+    def __init__(
+        self,
+        task_sizes: Mapping[str, tuple[int, int]],
+        *,
+        meta_batch_size: int,
+        num_inner_steps: int,
+        inner_batch_size: int,
+        query_batch_size: int,
+        seed: int,
+    ) -> None:
+        for key, value, low in (
+            ("meta.meta_batch_size", meta_batch_size, 1),
+            ("meta.num_inner_steps", num_inner_steps, 0),
+            ("meta.inner_batch_size", inner_batch_size, 1),
+            ("meta.query_batch_size", query_batch_size, 1),
+            ("seed", seed, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"EpisodeSampler: {key} must be an integer >= {low}, got {value!r}")
+        if not task_sizes:
+            raise ValueError("EpisodeSampler: task_sizes is empty; there are no tasks to sample")
+        self.meta_batch_size = int(meta_batch_size)
+        self.num_inner_steps = int(num_inner_steps)
+        self.inner_batch_size = int(inner_batch_size)
+        self.query_batch_size = int(query_batch_size)
+        self.seed = int(seed)
+        self.support_need = self.num_inner_steps * self.inner_batch_size
+
+        self.tasks: tuple[str, ...] = tuple(sorted(task_sizes))
+        self.task_sizes: dict[str, tuple[int, int]] = {}
+        for task in self.tasks:
+            sizes = task_sizes[task]
+            if len(sizes) != 2 or any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) for n in sizes):
+                raise ValueError(f"EpisodeSampler: task {task!r}: expected (n_support, n_query) integers, got {sizes!r}")
+            n_support, n_query = int(sizes[0]), int(sizes[1])
+            if n_query < 1:
+                raise ValueError(f"EpisodeSampler: task {task!r} has an empty query split (n_query={n_query})")
+            if self.support_need and n_support < 1:
+                raise ValueError(
+                    f"EpisodeSampler: task {task!r} has an empty support split but meta.num_inner_steps="
+                    f"{self.num_inner_steps} needs support batches"
+                )
+            self.task_sizes[task] = (n_support, n_query)
+
+        self.next_step = 0
+        # _checkpoints[i] = visits of every task during steps [0, i * _CHECKPOINT_EVERY).
+        self._checkpoints: list[np.ndarray] = [np.zeros(len(self.tasks), dtype=np.int64)]
+        self._cursor: tuple[int, np.ndarray] = (0, self._checkpoints[0])
+
+    # -- settings ---------------------------------------------------------------------------
+    def settings(self) -> dict:
+        """Everything the draws depend on besides the seed and the step."""
+        return {
+            "scheme": _SCHEME,
+            "task_sizes": {task: list(self.task_sizes[task]) for task in self.tasks},
+            "meta_batch_size": self.meta_batch_size,
+            "num_inner_steps": self.num_inner_steps,
+            "inner_batch_size": self.inner_batch_size,
+            "query_batch_size": self.query_batch_size,
+        }
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:16]
+
+    # -- draws ------------------------------------------------------------------------------
+    def task_order(self, step: int) -> list[int]:
+        """Indices (into :attr:`tasks`) of the tasks drawn at ``step``, in draw order."""
+        rng = np.random.default_rng([self.seed, _TASKS, step])
+        n_tasks = len(self.tasks)
+        rounds = math.ceil(self.meta_batch_size / n_tasks)
+        order = np.concatenate([rng.permutation(n_tasks) for _ in range(rounds)])
+        return order[: self.meta_batch_size].tolist()
+
+    def _visits_before(self, step: int) -> np.ndarray:
+        block = step // _CHECKPOINT_EVERY
+        while len(self._checkpoints) <= block:
+            start = (len(self._checkpoints) - 1) * _CHECKPOINT_EVERY
+            counts = self._checkpoints[-1].copy()
+            for s in range(start, start + _CHECKPOINT_EVERY):
+                np.add.at(counts, self.task_order(s), 1)
+            self._checkpoints.append(counts)
+        cursor_step, cursor_counts = self._cursor
+        if block * _CHECKPOINT_EVERY <= cursor_step <= step:
+            start, counts = cursor_step, cursor_counts.copy()
+        else:
+            start, counts = block * _CHECKPOINT_EVERY, self._checkpoints[block].copy()
+        for s in range(start, step):
+            np.add.at(counts, self.task_order(s), 1)
+        self._cursor = (step, counts.copy())
+        return counts
+
+    def _chunk(self, stream: int, task_index: int, n: int, need: int, visit: int) -> list[int]:
+        visits_per_epoch = math.ceil(n / need)
+        epoch, j = divmod(visit, visits_per_epoch)
+        perm = np.random.default_rng([self.seed, stream, task_index, epoch]).permutation(n)
+        return perm[(j * need + np.arange(need)) % n].tolist()
+
+    def sample(self, step: int) -> list[TaskDraw]:
+        """The draws of ``step`` (a pure function of the seed, the settings and ``step``)."""
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"EpisodeSampler.sample: step must be an integer >= 0, got {step!r}")
+        step = int(step)
+        visits = self._visits_before(step)
+        draws = []
+        for t in self.task_order(step):
+            task = self.tasks[t]
+            n_support, n_query = self.task_sizes[task]
+            visit = int(visits[t])
+            visits[t] += 1
+            support_batches = []
+            if self.support_need:
+                flat = self._chunk(_SUPPORT, t, n_support, self.support_need, visit)
+                size = self.inner_batch_size
+                support_batches = [flat[i : i + size] for i in range(0, self.support_need, size)]
+            query = self._chunk(_QUERY, t, n_query, self.query_batch_size, visit)
+            draws.append(TaskDraw(task=task, support_batches=support_batches, query_indices=query))
+        return draws
+
+    # -- iteration and resume ---------------------------------------------------------------
+    def __iter__(self) -> Iterator[list[TaskDraw]]:
+        return self
+
+    def __next__(self) -> list[TaskDraw]:
+        draws = self.sample(self.next_step)
+        self.next_step += 1
+        return draws
+
+    def state_dict(self) -> dict:
+        return {
+            "seed": self.seed,
+            "next_step": self.next_step,
+            "fingerprint": self.fingerprint(),
+            "settings": self.settings(),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Resume at ``state["next_step"]``; refuse if the seed, the data sizes or the settings changed."""
+        missing = {"seed", "next_step", "fingerprint"} - set(state)
+        if missing:
+            raise ValueError(f"EpisodeSampler.load_state_dict: missing keys {sorted(missing)}")
+        if state["seed"] != self.seed:
+            raise ValueError(
+                f"EpisodeSampler.load_state_dict: checkpoint seed {state['seed']} != current seed {self.seed};"
+                " resuming would draw different episodes"
+            )
+        if state["fingerprint"] != self.fingerprint():
+            saved = state.get("settings", {})
+            current = self.settings()
+            changed = [
+                f"  {key}: checkpoint {saved.get(key, '?')!r} -> now {current[key]!r}"
+                for key in current
+                if saved.get(key) != current[key]
+            ]
+            raise ValueError(
+                "EpisodeSampler.load_state_dict: the data splits or the sampling settings changed since the "
+                "checkpoint was written; resuming would not continue the same episodes:\n"
+                + ("\n".join(changed) or f"  fingerprint {state['fingerprint']} -> {self.fingerprint()}")
+            )
+        next_step = state["next_step"]
+        if isinstance(next_step, bool) or not isinstance(next_step, (int, np.integer)) or next_step < 0:
+            raise ValueError(f"EpisodeSampler.load_state_dict: next_step must be an integer >= 0, got {next_step!r}")
+        self.next_step = int(next_step)

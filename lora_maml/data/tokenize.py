@@ -1,0 +1,182 @@
+"""Tokenisation of (prompt, response) pairs into supervised examples, and batching them.
+
+An example is the chat-templated user prompt followed by the response and the EOS token::
+
+    <|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n{response}<|im_end|>
+    └──────────────── labels = -100 ─────────────────────────────┘└── labels = input ids ──┘
+
+Labels are aligned with ``input_ids`` (the model shifts them: position i predicts token i+1), so the
+last prompt token carries no label while it is the position that predicts the first response token, and
+the EOS is a target: a model trained on these examples learns to stop.
+
+Two batch layouts hold the same examples:
+
+* padded: ``input_ids``/``attention_mask``/``labels`` of shape [B, T], right-padded;
+* packed (padding-free): one row [1, sum of lengths] with ``position_ids`` restarting at 0 for every
+  example and no ``attention_mask``. Transformers' mask builder (``masking_utils.find_packed_sequence_indices``)
+  detects the restarts and builds a block-diagonal causal mask (tested for sdpa and eager; flex goes through
+  the same builder); flash-attention instead cuts varlen segments where ``position_ids`` is 0. The first
+  label of every example is -100 so that no position predicts across a boundary; both layouts give the
+  same per-token loss and gradients (tests/test_tokenize.py). The sdpa/eager mask is [sum, sum], so a
+  packed row costs (sum of lengths)^2 mask memory where a padded batch costs B x (max length)^2.
+
+  CAUTION: the restarts are honoured only when the forward pass has no KV cache. Call the model with
+  ``use_cache=False`` (as ``lora_maml.loss`` does): with ``use_cache=True`` (the Qwen3 config default) and
+  no gradient checkpointing, transformers 5 creates a cache, skips packed-sequence detection, and every
+  example attends to the ones before it in the row (pinned by tests/test_tokenize.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import torch
+
+IGNORE_INDEX = -100
+
+Truncation = Literal["error", "left", "right"]
+
+logger = logging.getLogger(__name__)
+
+
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    # transformers 5 returns a BatchEncoding unless return_dict=False; accept both so 4.x works as well.
+    out = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    if not isinstance(out, list):
+        out = out["input_ids"]
+    return list(out)
+
+
+def encode_example(
+    tokenizer, prompt: str, response: str, *, max_length: int, truncation: Truncation
+) -> dict:
+    """Chat-templated prompt + response + EOS → ``{"input_ids", "labels", "truncated"}``.
+
+    ``truncation`` (``data.truncation``) applies when the example is longer than ``max_length``
+    (``data.max_length``): ``error`` raises ``ValueError``; ``right`` keeps the first ``max_length`` tokens
+    (the EOS and possibly all targets are lost); ``left`` keeps the last ``max_length`` tokens, which cuts
+    the start of the prompt and keeps the response + EOS whole unless they alone are longer.
+    """
+    if max_length < 1:
+        raise ValueError(f"data.max_length must be >= 1, got {max_length}")
+    if truncation not in ("error", "left", "right"):
+        raise ValueError(f"data.truncation must be one of error|left|right, got {truncation!r}")
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos_token: cannot mark the end of a response")
+
+    prompt_ids = _prompt_ids(tokenizer, prompt)
+    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [eos_id]
+    input_ids = prompt_ids + response_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+
+    truncated = len(input_ids) > max_length
+    if truncated:
+        if truncation == "error":
+            raise ValueError(
+                f"example has {len(input_ids)} tokens (prompt {len(prompt_ids)} + response {len(response_ids) - 1}"
+                f" + EOS) > data.max_length={max_length}; raise data.max_length or set data.truncation=left|right"
+            )
+        if truncation == "right":
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+        else:
+            input_ids, labels = input_ids[-max_length:], labels[-max_length:]
+    return {"input_ids": input_ids, "labels": labels, "truncated": truncated}
+
+
+def encode_records(
+    records: Iterable[dict],
+    tokenizer,
+    *,
+    max_length: int,
+    truncation: Truncation,
+    desc: str | None = None,
+) -> tuple[list[dict], int]:
+    """Encode records (``{"prompt", "response", ...}``) with :func:`encode_example`.
+
+    Returns the examples, in order, and how many were truncated. ``desc`` shows a tqdm progress bar.
+    """
+    if desc is not None:
+        from tqdm.auto import tqdm
+
+        records = tqdm(records, desc=desc)
+    examples, n_truncated, n_untrained = [], 0, 0
+    for i, rec in enumerate(records):
+        try:
+            ex = encode_example(
+                tokenizer, rec["prompt"], rec["response"], max_length=max_length, truncation=truncation
+            )
+        except (KeyError, ValueError) as err:
+            raise type(err)(f"record {i} (id={rec.get('id', '?')}): {err}") from err
+        n_truncated += ex["truncated"]
+        n_untrained += all(label == IGNORE_INDEX for label in ex["labels"][1:])
+        examples.append(ex)
+    if n_untrained:
+        logger.warning(
+            "%d of %d examples have no target token left after %s truncation to data.max_length=%d",
+            n_untrained,
+            len(examples),
+            truncation,
+            max_length,
+        )
+    return examples, n_truncated
+
+
+def collate(examples: Sequence[dict], pad_token_id: int, *, packed: bool) -> dict[str, torch.Tensor]:
+    """Batch encoded examples; see the module docstring for the two layouts.
+
+    padded: ``input_ids`` (pad = ``pad_token_id``), ``attention_mask`` and ``labels`` (-100 on padding),
+    each [B, max length]. packed: ``input_ids``, ``labels`` and ``position_ids`` of shape [1, total length].
+    """
+    if not examples:
+        raise ValueError("collate: no examples")
+    for i, ex in enumerate(examples):
+        if not ex["input_ids"] or len(ex["input_ids"]) != len(ex["labels"]):
+            raise ValueError(
+                f"collate: example {i} has {len(ex['input_ids'])} input ids and {len(ex['labels'])} labels"
+                " (expected equal, non-zero lengths)"
+            )
+    if packed:
+        input_ids, labels, position_ids = [], [], []
+        for ex in examples:
+            n = len(ex["input_ids"])
+            input_ids.extend(ex["input_ids"])
+            # Position 0 of an example would be the target of the previous example's last position.
+            labels.append(IGNORE_INDEX)
+            labels.extend(ex["labels"][1:])
+            position_ids.extend(range(n))
+        return {
+            "input_ids": torch.tensor([input_ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([position_ids], dtype=torch.long),
+        }
+    width = max(len(ex["input_ids"]) for ex in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        input_ids[row, :n] = torch.tensor(ex["input_ids"], dtype=torch.long)
+        labels[row, :n] = torch.tensor(ex["labels"], dtype=torch.long)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def padding_efficiency(batch: dict[str, torch.Tensor]) -> float:
+    """Real tokens / processed token slots (1.0 for a packed batch)."""
+    processed = batch["input_ids"].numel()
+    if "attention_mask" in batch:
+        return float(batch["attention_mask"].sum()) / processed
+    return 1.0
+
+
+def batch_token_count(batch: dict[str, torch.Tensor]) -> int:
+    """Number of target tokens under the HF shift convention (labels[:, 1:] != -100).
+
+    The same for the padded and the packed layout of the same examples.
+    """
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

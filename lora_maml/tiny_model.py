@@ -1,0 +1,267 @@
+"""A tiny, randomly initialised Qwen3 checkpoint with a real trained tokenizer, for tests and smoke runs.
+
+The directory it writes is an ordinary Hugging Face checkpoint laid out like Qwen3-4B-Instruct-2507:
+``config.json``, ``generation_config.json``, ``model.safetensors``, ``tokenizer.json``,
+``tokenizer_config.json`` and ``chat_template.jinja``. It loads with ``AutoModelForCausalLM`` /
+``AutoTokenizer.from_pretrained(dir)``, so every code path that takes ``model.partial_pretrain`` can be
+exercised on CPU in seconds without downloading anything.
+
+The tokenizer mirrors Qwen's: byte-level BPE behind Qwen2's pre-tokenisation regex (digits are split one
+by one), the ChatML special tokens, ``<|im_end|>`` as EOS and ``<|endoftext|>`` as padding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
+
+# Qwen2/Qwen3 pre-tokenisation regex (tokenizer.json of Qwen3-4B-Instruct-2507).
+QWEN_PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# ChatML as Qwen3-Instruct renders it (no default system prompt), restricted to plain-text messages.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{- raise_exception('tiny-model chat template: unsupported role ' + message['role']) }}"
+    "{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- endif %}"
+)
+
+# Rendered once per training text so that role names and the line breaks around them become single tokens
+# in proportion to the corpus, as they are in Qwen's vocabulary.
+_TEMPLATE_SCAFFOLD = (
+    f"{IM_START}system\n{IM_END}\n{IM_START}user\n{IM_END}\n{IM_START}assistant\n{IM_END}\n"
+)
+
+_MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the special tokens
+
+
+def train_tiny_tokenizer(texts: Iterable[str], *, vocab_size: int = 512, model_max_length: int = 1024):
+    """Train a Qwen-style byte-level BPE tokenizer on ``texts``; return a ``PreTrainedTokenizerFast``.
+
+    The vocabulary holds at most ``vocab_size`` entries (fewer when the corpus runs out of merges).
+    Training is deterministic for the same texts in the same order.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < _MIN_VOCAB:
+        raise ValueError(f"vocab_size={vocab_size}: must be >= {_MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+    corpus = []
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}]: expected str, got {type(text).__name__}")
+        corpus.append(text)
+        corpus.append(_TEMPLATE_SCAFFOLD)
+    if not corpus:
+        raise ValueError("train_tiny_tokenizer: texts is empty; give at least one training text")
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        extra_special_tokens=[IM_START, IM_END],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_tiny_model(
+    output_dir: str | os.PathLike,
+    texts: Iterable[str],
+    *,
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    head_dim: int = 16,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 1024,
+    tie_word_embeddings: bool = True,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Write a tiny random-init Qwen3 checkpoint + tokenizer trained on ``texts`` to ``output_dir``.
+
+    ``vocab_size`` is the embedding size of the model and the target size of the tokenizer (as in Qwen,
+    the embedding may have a few rows more than the tokenizer has tokens). The directory is written to a
+    temporary sibling and renamed into place, so a crash never leaves a half-written checkpoint; an
+    existing ``output_dir`` is an error unless ``overwrite``. Same texts + seed → identical files.
+    """
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"build_tiny_model: {output_dir} already exists (pass overwrite=True / --overwrite)")
+    if num_attention_heads % num_key_value_heads:
+        raise ValueError(
+            f"num_attention_heads={num_attention_heads} must be a multiple of num_key_value_heads={num_key_value_heads}"
+        )
+
+    tokenizer = train_tiny_tokenizer(texts, vocab_size=vocab_size, model_max_length=max_position_embeddings)
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens > vocab_size={vocab_size}")
+    pad_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    eos_id = tokenizer.convert_tokens_to_ids(IM_END)
+
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=pad_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+    # Initialise under a forked RNG so the caller's global torch RNG stream is left untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=pad_id, eos_token_id=[eos_id, pad_id], pad_token_id=pad_id)
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if output_dir.exists():
+            # rename(2) cannot replace a non-empty directory: move the old one aside first.
+            old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+            os.replace(output_dir, old / output_dir.name)
+            os.replace(tmp, output_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def _texts_from_records(records: Iterable[dict]) -> list[str]:
+    return [f"{r['prompt']}\n{r['response']}" for r in records]
+
+
+def _texts_from_prepared(data_dir: str | os.PathLike) -> list[str]:
+    from lora_maml.data.prepare import list_tasks, load_split
+
+    tasks = list_tasks(data_dir)
+    records: list[dict] = []
+    for task in tasks.get("meta_train", []):
+        for part in ("support", "query"):
+            records.extend(load_split(data_dir, task, part))
+    for task in tasks.get("few_shot_eval", []):
+        records.extend(load_split(data_dir, task, "test"))
+    if not records:
+        raise ValueError(f"--data-dir {data_dir}: the prepared splits hold no records")
+    return _texts_from_records(records)
+
+
+def add_tiny_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``lora-maml tiny-model``."""
+    parser.add_argument("--output-dir", required=True, help="directory to write the checkpoint to")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--data-dir", help="prepared data dir (lora-maml prepare) whose texts train the tokenizer")
+    source.add_argument(
+        "--synthetic-per-task",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train the tokenizer on N synthetic problems per task (default when --data-dir is not given: 50)",
+    )
+    parser.add_argument("--vocab-size", type=int, default=512)
+    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--num-hidden-layers", type=int, default=2)
+    parser.add_argument("--num-attention-heads", type=int, default=4)
+    parser.add_argument("--num-key-value-heads", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=16)
+    parser.add_argument("--intermediate-size", type=int, default=128)
+    parser.add_argument("--max-position-embeddings", type=int, default=1024)
+    parser.add_argument(
+        "--untied-embeddings", action="store_true", help="separate lm_head (default: tied, as Qwen3-4B)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    return parser
+
+
+def run_tiny_model(args: argparse.Namespace) -> Path:
+    """Entry point of ``lora-maml tiny-model``: build the checkpoint described by ``args``; return its path."""
+    if args.data_dir is not None:
+        texts = _texts_from_prepared(args.data_dir)
+    else:
+        from lora_maml.data.synthetic import synthetic_records
+
+        n = 50 if args.synthetic_per_task is None else args.synthetic_per_task
+        if n < 1:
+            raise ValueError(f"--synthetic-per-task must be >= 1, got {n}")
+        texts = _texts_from_records(synthetic_records(n, args.seed))
+    out = build_tiny_model(
+        args.output_dir,
+        texts,
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.num_hidden_layers,
+        num_attention_heads=args.num_attention_heads,
+        num_key_value_heads=args.num_key_value_heads,
+        head_dim=args.head_dim,
+        intermediate_size=args.intermediate_size,
+        max_position_embeddings=args.max_position_embeddings,
+        tie_word_embeddings=not args.untied_embeddings,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    print(f"tiny model written to {out}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lora-maml tiny-model ...``"""
+    parser = argparse.ArgumentParser(
+        prog="lora-maml tiny-model",
+        description="Build a tiny random-init Qwen3 checkpoint and a BPE tokenizer trained on MATH-style texts.",
+    )
+    run_tiny_model(add_tiny_model_args(parser).parse_args(argv))
+    return 0
