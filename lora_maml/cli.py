@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "prepare": ("lora_maml.data.prepare", "split MATH (or the synthetic suite) into meta-train / few-shot-eval tasks"),
     "tiny-model": ("lora_maml.tiny_model", "build a tiny random-init Qwen3 + tokenizer for CPU runs and tests"),
+    "train": ("recipes.fomaml_math", "meta-train with FOMAML / MAML / Reptile (recipes/fomaml_math.py)"),
 }
 
 

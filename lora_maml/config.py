@@ -52,6 +52,7 @@ class ModelConfig(_Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     enable_gradient_checkpointing: bool = True
     trust_remote_code: bool = False
+    build_tiny_if_missing: bool = False
     lora: LoraConfig = Field(default_factory=LoraConfig)
     fsdp_config: FSDPConfig = Field(default_factory=FSDPConfig)
 
