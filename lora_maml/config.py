@@ -94,6 +94,12 @@ class MetaConfig(_Section):
     query_batch_size: int = Field(4, ge=1)
 
 
+class SFTConfig(_Section):
+    batch_size: int = Field(16, ge=1)
+    lr: float | None = Field(None, gt=0)
+    match_tokens_of: str | None = None
+
+
 class OptimConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -141,6 +147,7 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     meta: MetaConfig = Field(default_factory=MetaConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
 
     @model_validator(mode="after")

@@ -54,7 +54,70 @@ class TaskDraw:
     query_indices: list[int]
 
 
-class EpisodeSampler:
+class _ResumableSampler:
+    """Shared by the samplers: draws are a pure function of (seed, settings, step), so the state to
+    resume is the next step, guarded by a fingerprint of everything else the draws depend on."""
+
+    seed: int
+    next_step: int = 0
+
+    def settings(self) -> dict:
+        raise NotImplementedError
+
+    def sample(self, step: int):
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:16]
+
+    # -- iteration and resume ---------------------------------------------------------------
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        draws = self.sample(self.next_step)
+        self.next_step += 1
+        return draws
+
+    def state_dict(self) -> dict:
+        return {
+            "seed": self.seed,
+            "next_step": self.next_step,
+            "fingerprint": self.fingerprint(),
+            "settings": self.settings(),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Resume at ``state["next_step"]``; refuse if the seed, the data sizes or the settings changed."""
+        name = type(self).__name__
+        missing = {"seed", "next_step", "fingerprint"} - set(state)
+        if missing:
+            raise ValueError(f"{name}.load_state_dict: missing keys {sorted(missing)}")
+        if state["seed"] != self.seed:
+            raise ValueError(
+                f"{name}.load_state_dict: checkpoint seed {state['seed']} != current seed {self.seed};"
+                " resuming would draw different episodes"
+            )
+        if state["fingerprint"] != self.fingerprint():
+            saved = state.get("settings", {})
+            current = self.settings()
+            changed = [
+                f"  {key}: checkpoint {saved.get(key, '?')!r} -> now {current[key]!r}"
+                for key in current
+                if saved.get(key) != current[key]
+            ]
+            raise ValueError(
+                f"{name}.load_state_dict: the data splits or the sampling settings changed since the "
+                "checkpoint was written; resuming would not continue the same episodes:\n"
+                + ("\n".join(changed) or f"  fingerprint {state['fingerprint']} -> {self.fingerprint()}")
+            )
+        next_step = state["next_step"]
+        if isinstance(next_step, bool) or not isinstance(next_step, (int, np.integer)) or next_step < 0:
+            raise ValueError(f"{name}.load_state_dict: next_step must be an integer >= 0, got {next_step!r}")
+        self.next_step = int(next_step)
+
+
+class EpisodeSampler(_ResumableSampler):
     """Draws the tasks and example indices of every meta-training step (see the module docstring).
 
     ``task_sizes`` maps each task to ``(n_support, n_query)``, the sizes of its splits. Tasks are
@@ -122,9 +185,6 @@ class EpisodeSampler:
             "query_batch_size": self.query_batch_size,
         }
 
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:16]
-
     # -- draws ------------------------------------------------------------------------------
     def task_order(self, step: int) -> list[int]:
         """Indices (into :attr:`tasks`) of the tasks drawn at ``step``, in draw order."""
@@ -179,47 +239,44 @@ class EpisodeSampler:
             draws.append(TaskDraw(task=task, support_batches=support_batches, query_indices=query))
         return draws
 
-    # -- iteration and resume ---------------------------------------------------------------
-    def __iter__(self) -> Iterator[list[TaskDraw]]:
-        return self
 
-    def __next__(self) -> list[TaskDraw]:
-        draws = self.sample(self.next_step)
-        self.next_step += 1
-        return draws
+class MixedBatchSampler(_ResumableSampler):
+    """Batches for the multi-task SFT baseline: the support and query splits of all tasks pooled.
 
-    def state_dict(self) -> dict:
+    The pool (every (task, split, index), in task-name order) is shuffled per epoch with
+    ``default_rng([seed, 3, epoch])`` and cut into consecutive batches of ``batch_size``; an epoch's
+    last batch takes its missing examples from the start of the same permutation. Like
+    :class:`EpisodeSampler`, the batch of step s is a pure function of (seed, settings, s).
+    """
+
+    def __init__(self, task_sizes: Mapping[str, tuple[int, int]], *, batch_size: int, seed: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"MixedBatchSampler: batch_size must be >= 1, got {batch_size}")
+        self.tasks = tuple(sorted(task_sizes))
+        self.task_sizes = {t: (int(task_sizes[t][0]), int(task_sizes[t][1])) for t in self.tasks}
+        self.pool = [
+            (task, part, i)
+            for task in self.tasks
+            for part, n in zip(("support", "query"), self.task_sizes[task])
+            for i in range(n)
+        ]
+        if not self.pool:
+            raise ValueError("MixedBatchSampler: the support and query splits are all empty")
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.next_step = 0
+
+    def settings(self) -> dict:
         return {
-            "seed": self.seed,
-            "next_step": self.next_step,
-            "fingerprint": self.fingerprint(),
-            "settings": self.settings(),
+            "scheme": "mixed-v1",
+            "task_sizes": {task: list(self.task_sizes[task]) for task in self.tasks},
+            "batch_size": self.batch_size,
         }
 
-    def load_state_dict(self, state: Mapping) -> None:
-        """Resume at ``state["next_step"]``; refuse if the seed, the data sizes or the settings changed."""
-        missing = {"seed", "next_step", "fingerprint"} - set(state)
-        if missing:
-            raise ValueError(f"EpisodeSampler.load_state_dict: missing keys {sorted(missing)}")
-        if state["seed"] != self.seed:
-            raise ValueError(
-                f"EpisodeSampler.load_state_dict: checkpoint seed {state['seed']} != current seed {self.seed};"
-                " resuming would draw different episodes"
-            )
-        if state["fingerprint"] != self.fingerprint():
-            saved = state.get("settings", {})
-            current = self.settings()
-            changed = [
-                f"  {key}: checkpoint {saved.get(key, '?')!r} -> now {current[key]!r}"
-                for key in current
-                if saved.get(key) != current[key]
-            ]
-            raise ValueError(
-                "EpisodeSampler.load_state_dict: the data splits or the sampling settings changed since the "
-                "checkpoint was written; resuming would not continue the same episodes:\n"
-                + ("\n".join(changed) or f"  fingerprint {state['fingerprint']} -> {self.fingerprint()}")
-            )
-        next_step = state["next_step"]
-        if isinstance(next_step, bool) or not isinstance(next_step, (int, np.integer)) or next_step < 0:
-            raise ValueError(f"EpisodeSampler.load_state_dict: next_step must be an integer >= 0, got {next_step!r}")
-        self.next_step = int(next_step)
+    def sample(self, step: int) -> list[tuple[str, str, int]]:
+        """(task, "support" | "query", index) of the examples of ``step``'s batch."""
+        n = len(self.pool)
+        batches_per_epoch = math.ceil(n / self.batch_size)
+        epoch, j = divmod(int(step), batches_per_epoch)
+        perm = np.random.default_rng([self.seed, 3, epoch]).permutation(n)
+        return [self.pool[k] for k in perm[(j * self.batch_size + np.arange(self.batch_size)) % n].tolist()]

@@ -116,10 +116,12 @@ class MetricLogger:
         *,
         is_main: bool,
         resume_step: int | None = None,
+        total_steps: int | None = None,
     ) -> None:
         self.is_main = is_main
         self.out_dir = Path(out_dir)
-        self.total_steps = trainer_cfg.total_steps
+        # The SFT baseline may run a derived number of steps (sft.match_tokens_of).
+        self.total_steps = trainer_cfg.total_steps if total_steps is None else total_steps
         self.jsonl_path = self.out_dir / METRICS_FILE
         self._sinks = set(trainer_cfg.logger)
         self._jsonl = None
@@ -261,7 +263,10 @@ class ProgressBar:
     (but still counting tokens) on non-main processes.
     """
 
-    def __init__(self, total: int, initial: int = 0, *, is_main: bool = True, unit: str = "meta-step") -> None:
+    def __init__(
+        self, total: int, initial: int = 0, *, is_main: bool = True, unit: str = "meta-step", loss_name: str = "meta/loss"
+    ) -> None:
+        self.loss_name = loss_name
         self._bar = tqdm(
             total=total, initial=initial, unit=unit, disable=not is_main, dynamic_ncols=True, smoothing=0.1
         )
@@ -277,7 +282,7 @@ class ProgressBar:
         self._tokens += tokens
         postfix = {"tok/s": f"{self.tokens_per_s:.0f}"}
         if loss is not None:
-            postfix["meta/loss"] = format_value(float(loss))
+            postfix[self.loss_name] = format_value(float(loss))
         self._bar.set_postfix(postfix, refresh=False)
         self._bar.update(n_steps)
 

@@ -1,0 +1,168 @@
+"""Loading the frozen base model, adding LoRA, and naming the meta-learned parameters.
+
+``load_base`` → frozen (optionally nf4-quantised, optionally GGUF-dequantised) causal LM with
+non-reentrant activation checkpointing; ``add_lora`` → PeftModel with fp32 LoRA weights whatever the
+base dtype; ``adapted_parameters`` → the parameters the meta-learner adapts and meta-learns.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lora_maml.config import LoraConfig, ModelConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``model.dtype`` config value (bf16|fp16|fp32|fp64) → torch dtype."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"model.dtype: expected one of {sorted(DTYPES)}, got {name!r}") from None
+
+
+def gradient_checkpointing_on(model: nn.Module) -> bool:
+    """Whether any submodule (e.g. a decoder layer) recomputes its forward in the backward."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (active in train mode only)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers/peft add a hook making the embedding output require grad; only reentrant
+    # checkpointing needs it, and with .backward() it costs an input-gradient pass through layer 0.
+    model.disable_input_require_grads()
+
+
+def load_base(model_cfg: ModelConfig, *, device_map=None):
+    """Load ``model_cfg.partial_pretrain`` (hub id or local dir; ``gguf_file`` inside it) frozen.
+
+    Returns ``(model, tokenizer)``. With ``quantization: nf4`` the linear layers are bitsandbytes
+    4-bit NF4 with compute dtype ``model_cfg.dtype``. A GGUF file is dequantised to ``model_cfg.dtype``
+    and then detached from its (non-trainable) quantizer so it is an ordinary dense model.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch_dtype(model_cfg.dtype)
+    source = model_cfg.partial_pretrain
+    kwargs: dict = {
+        "dtype": dtype,
+        "attn_implementation": model_cfg.attn_implementation,
+        "trust_remote_code": model_cfg.trust_remote_code,
+        "device_map": device_map,
+    }
+    if model_cfg.gguf_file and model_cfg.quantization:
+        raise ValueError(
+            f"model.gguf_file={model_cfg.gguf_file!r} with model.quantization={model_cfg.quantization!r}: "
+            "a GGUF file is dequantised on load; re-quantising it to nf4 is not supported"
+        )
+    if model_cfg.gguf_file:
+        from transformers import GgufConfig
+
+        kwargs["gguf_file"] = model_cfg.gguf_file
+        kwargs["quantization_config"] = GgufConfig(gguf_file=model_cfg.gguf_file, dequantize=True)
+    if model_cfg.quantization == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, gguf_file=model_cfg.gguf_file, trust_remote_code=model_cfg.trust_remote_code
+        )
+    except OSError as err:
+        raise OSError(
+            f"model.partial_pretrain={source!r} (gguf_file={model_cfg.gguf_file!r}) could not be loaded: "
+            f"expected a local model directory or a hub id in the local cache (tests run offline). {err}"
+        ) from err
+    if model_cfg.gguf_file:
+        # The weights are dense now; the GGUF quantizer would mark the model as not trainable.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    if model_cfg.enable_gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model, tokenizer
+
+
+def _check_target_modules(model: nn.Module, targets: list[str]) -> None:
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
+        raise ValueError(
+            f"model.lora.target_modules: {missing} match no module of {type(model).__name__}; "
+            f"its linear layers are named {linear}"
+        )
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # bitsandbytes Linear4bit subclasses nn.Linear; Conv1D (GPT-2 style) has the same role.
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def add_lora(model: nn.Module, model_cfg: ModelConfig | LoraConfig):
+    """Wrap ``model`` in a peft ``PeftModel`` with a LoRA adapter from ``model_cfg.lora`` (or a
+    ``LoraConfig`` given directly). Every ``target_modules`` entry must match a module.
+
+    LoRA weights are fp32 even on a bf16/fp16 base (peft ``autocast_adapter_dtype``): small outer
+    steps (lr ~1e-5) on bf16 weights would mostly round to no change.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    lora = model_cfg.lora if isinstance(model_cfg, ModelConfig) else model_cfg
+    _check_target_modules(model, list(lora.target_modules))
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, peft_config, autocast_adapter_dtype=True)
+    if gradient_checkpointing_on(model):
+        peft_model.get_base_model().disable_input_require_grads()  # see enable_gradient_checkpointing
+    half = (torch.float16, torch.bfloat16)
+    low = [n for n, p in peft_model.named_parameters() if ".lora_" in n and p.dtype in half]
+    if low:
+        raise RuntimeError(f"LoRA weights {low[:3]} were not upcast to fp32 by peft (autocast_adapter_dtype)")
+    return peft_model
+
+
+def adapted_parameters(model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
+    """The meta-learned parameters, by their names in ``model`` (the names fast weights use).
+
+    ``lora``: the LoRA matrices (base stays frozen). ``full``: every parameter, the base unfrozen
+    (tied parameters appear once, under their first name).
+    """
+    if adapter == "lora":
+        params = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+        if not params:
+            raise ValueError(
+                f"meta.adapter=lora but {type(model).__name__} has no LoRA parameters: "
+                "call add_lora(model, cfg.model) first"
+            )
+        for p in params.values():
+            p.requires_grad_(True)
+        return params
+    if adapter == "full":
+        names = [n for n, _ in model.named_parameters()]
+        if any(".lora_" in n for n in names):
+            raise ValueError("meta.adapter=full expects the bare base model, got one with LoRA layers (skip add_lora)")
+        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+            raise ValueError("meta.adapter=full cannot train a quantised (nf4) base: use meta.adapter=lora")
+        model.requires_grad_(True)
+        return dict(model.named_parameters())
+    raise ValueError(f"meta.adapter: expected 'lora' or 'full', got {adapter!r}")

@@ -1,0 +1,53 @@
+"""Outer optimiser and learning-rate schedule (shared by meta-training and the SFT baseline)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from lora_maml.config import OptimConfig
+
+
+def build_optimizer(params: Iterable[Tensor] | dict[str, Tensor], lr: float, optim_cfg: OptimConfig) -> torch.optim.AdamW:
+    """torch AdamW over ``params`` (a dict's values are used) with the config's decay, betas, eps."""
+    tensors = list(params.values()) if isinstance(params, dict) else list(params)
+    if not tensors:
+        raise ValueError("build_optimizer: no parameters to optimise")
+    frozen = sum(not p.requires_grad for p in tensors)
+    if frozen:
+        raise ValueError(f"build_optimizer: {frozen} of {len(tensors)} parameters have requires_grad=False")
+    return torch.optim.AdamW(
+        tensors, lr=lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: OptimConfig, total_steps: int):
+    """Cosine (to 0) or constant schedule after a linear warm-up of ``ratio * total_steps`` steps."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    warmup = int(optim_cfg.lr_warmup_steps_ratio * total_steps)
+    if optim_cfg.lr_scheduler == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    if optim_cfg.lr_scheduler == "constant":
+        return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
+    raise ValueError(f"optim.lr_scheduler: expected 'cosine' or 'constant', got {optim_cfg.lr_scheduler!r}")
+
+
+def apply_gradients(params: list[Tensor], optimizer: torch.optim.Optimizer, scheduler, clip_grad: float) -> dict[str, float]:
+    """Clip the ``.grad`` of ``params`` to ``clip_grad``, step the optimizer and the schedule.
+
+    A non-finite gradient norm skips both steps (``skipped_step`` = 1), so NaNs never reach the
+    weights or Adam's moments. Returns ``grad_norm`` (before clipping), ``lr`` (the one used) and
+    ``skipped_step``; the caller prefixes them (``meta/``, ``sft/``).
+    """
+    norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad))
+    lr = optimizer.param_groups[0]["lr"]
+    finite = math.isfinite(norm)
+    if finite:
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"grad_norm": norm, "lr": lr, "skipped_step": float(not finite)}

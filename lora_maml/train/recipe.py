@@ -1,0 +1,451 @@
+"""What the FOMAML and SFT recipes share: set-up, periodic evaluation, checkpoints, resume, shutdown.
+
+A recipe (``recipes/fomaml_math.py``, ``recipes/sft_math.py``) subclasses :class:`TrainingRecipe`
+and writes its own ``setup`` and ``train`` top to bottom from the pieces here; the differences
+between the two are the training step and what the sampler draws.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lora_maml.config import Config, ConfigError, config_to_dict, load_config, resolve_config_path
+from lora_maml.data import prepare
+from lora_maml.data.tokenize import collate, encode_records
+from lora_maml.meta.algorithms import adapt
+from lora_maml.meta.fast_weights import FunctionalLoss
+from lora_maml.models import add_lora, adapted_parameters, load_base
+from lora_maml.train import checkpoint as ckpt
+from lora_maml.train.distributed import (
+    Dist,
+    all_gather_objects,
+    barrier,
+    destroy_distributed,
+    init_distributed,
+    local_share,
+    shard_frozen_base,
+)
+from lora_maml.train.metrics import MetricLogger, ProgressBar, flops_per_token, mfu, peak_flops
+
+log = logging.getLogger("lora_maml")
+
+
+def parse_recipe_args(argv: list[str] | None, description: str) -> Config:
+    """``--config PATH | --config-name NAME`` followed by dotted overrides (``meta.inner_lr=1e-3``)."""
+    parser = argparse.ArgumentParser(description=description)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--config", help="YAML config file")
+    group.add_argument("--config-name", help="a config in recipes/configs/, e.g. qwen3_4b_math")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. trainer.total_steps=10")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(resolve_config_path(args.config, args.config_name), args.overrides)
+    except ConfigError as err:
+        parser.exit(2, f"error: {err}\n")
+
+
+@dataclass
+class TaskData:
+    """One task's encoded examples (``encode_example`` dicts) for each prepared split."""
+
+    support: list[dict]
+    query: list[dict]
+    test: list[dict]
+
+
+class GracefulStop:
+    """SIGTERM / SIGINT (cluster preemption, Ctrl-C) set a flag; the loop finishes its step, saves, exits.
+
+    The decision is collective (:meth:`requested` takes the max over processes) so that every process
+    stops after the same step.
+    """
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self._flag = True
+        log.warning("received %s: finishing the current step, then saving a checkpoint", signal.Signals(signum).name)
+
+    def requested(self) -> bool:
+        flag = torch.tensor([float(self._flag)])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class TrainingRecipe:
+    """Shared state and steps of a training recipe. Subclasses define ``setup`` and ``train``."""
+
+    kind = "fomaml"  # names the metrics namespace and the run in logs
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.dist: Dist = init_distributed()
+        self.out_dir = Path(cfg.trainer.default_local_dir)
+        self.step = 0
+        self.total_steps = cfg.trainer.total_steps
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        logging.basicConfig(
+            level=logging.INFO if self.dist.is_main else logging.WARNING,
+            format="%(asctime)s %(levelname)s %(message)s",
+            stream=sys.stderr,
+        )
+
+    # -- set-up pieces -----------------------------------------------------------------------
+    def ensure_inputs(self) -> None:
+        """Prepare ``data.data_dir`` from ``data.source`` if it is missing, and build the tiny model if
+        ``model.build_tiny_if_missing`` asks for it (process 0 only; the others wait)."""
+        cfg = self.cfg
+        data_dir = Path(cfg.data.data_dir)
+        if self.dist.is_main and not (data_dir / prepare.MANIFEST).exists():
+            log.info("data: %s not prepared; preparing it from data.source=%s", data_dir, cfg.data.source)
+            code = prepare.main([
+                "--source", cfg.data.source, "--output-dir", str(data_dir), "--seed", str(cfg.trainer.seed),
+                "--support-ratio", str(cfg.data.support_ratio), "--query-ratio", str(cfg.data.query_ratio), "--validate",
+            ])
+            if code:
+                raise RuntimeError(f"preparing {data_dir} from data.source={cfg.data.source!r} failed (see above)")
+        model_dir = Path(cfg.model.partial_pretrain)
+        if self.dist.is_main and cfg.model.build_tiny_if_missing and not model_dir.exists():
+            from lora_maml.tiny_model import main as build_tiny
+
+            log.info("model: building a tiny random-init Qwen3 at %s", model_dir)
+            build_tiny(["--output-dir", str(model_dir), "--data-dir", str(data_dir), "--seed", str(cfg.trainer.seed)])
+        barrier()
+
+    def setup_model(self) -> None:
+        """Frozen base (+ LoRA), the meta-learned parameters, optional FSDP2 of the base."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.trainer.seed)  # same LoRA init on every process, whatever the world size
+        model, self.tokenizer = load_base(cfg.model)
+        if cfg.meta.adapter == "lora":
+            model = add_lora(model, cfg.model)
+        model.to(self.dist.device)
+        self.params = adapted_parameters(model, cfg.meta.adapter)
+        if cfg.model.fsdp_config.enabled:
+            if cfg.meta.adapter == "full":
+                raise ConfigError(
+                    "model.fsdp_config.enabled=true with meta.adapter=full is not supported yet: fast weights "
+                    "of sharded parameters need a gathered copy per inner step; use meta.adapter=lora"
+                )
+            shard_frozen_base(
+                model,
+                list(self.params.values()),
+                cpu_offload=cfg.model.fsdp_config.cpu_offload,
+                reshard_after_forward=cfg.model.fsdp_config.reshard_after_forward,
+            )
+        model.train()  # activation checkpointing is active in train mode only; dropout is the config's
+        self.model = model
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        n_trainable = sum(p.numel() for p in self.params.values())
+        self.param_counts = (n_frozen, n_trainable)
+        log.info("model: %s frozen + %s meta-learned parameters", f"{n_frozen:,}", f"{n_trainable:,}")
+
+    def setup_data(self) -> None:
+        """Encode the support / query / test splits of the meta-training tasks."""
+        cfg = self.cfg
+        data_dir = Path(cfg.data.data_dir)
+        tasks = prepare.list_tasks(data_dir)
+        meta_tasks = tasks["meta_train"]
+        if cfg.data.tasks is not None:
+            missing = sorted(set(cfg.data.tasks) - set(meta_tasks))
+            if missing:
+                raise ConfigError(f"data.tasks: {missing} are not meta-training tasks of {data_dir} ({meta_tasks})")
+            meta_tasks = [t for t in meta_tasks if t in cfg.data.tasks]
+        self.task_names = list(meta_tasks)
+        self.tasks: dict[str, TaskData] = {}
+        truncated = 0
+        for task in self.task_names:
+            parts = {}
+            for part in ("support", "query", "test"):
+                if part == "test" and task not in tasks["few_shot_eval"]:
+                    parts[part] = []
+                    continue
+                records = prepare.load_split(data_dir, task, part)
+                parts[part], n_cut = encode_records(
+                    records, self.tokenizer, max_length=cfg.data.max_length, truncation=cfg.data.truncation
+                )
+                truncated += n_cut
+            self.tasks[task] = TaskData(**parts)
+        self.n_truncated = truncated
+        log.info(
+            "data: %d tasks from %s (%s truncated to data.max_length=%d, data.truncation=%s)",
+            len(self.task_names), data_dir, truncated, cfg.data.max_length, cfg.data.truncation,
+        )
+
+    def batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = collate(examples, self.pad_id, packed=self.cfg.data.packing)
+        return {k: v.to(self.dist.device) for k, v in batch.items()}
+
+    def setup_eval_set(self) -> None:
+        """A fixed support sample and a fixed test sample per task for the periodic evaluation."""
+        cfg = self.cfg.trainer
+        self.eval_set = {}
+        for i, task in enumerate(self.task_names):
+            data = self.tasks[task]
+            if not data.test or not data.support:
+                continue
+            rng = np.random.default_rng([cfg.seed, 7919, i])
+            support = rng.permutation(len(data.support))[: cfg.eval_num_support].tolist()
+            test = rng.permutation(len(data.test))[: cfg.eval_num_test].tolist()
+            self.eval_set[task] = (support, test)
+
+    def setup_logging(self, resume_step: int | None, total_steps: int) -> None:
+        self.logger = MetricLogger(
+            self.cfg.trainer, config_to_dict(self.cfg), self.out_dir, is_main=self.dist.is_main,
+            resume_step=resume_step, total_steps=total_steps,
+        )
+        fomaml = self.kind == "fomaml"
+        self.progress = ProgressBar(total_steps, initial=self.step, is_main=self.dist.is_main,
+                                    unit="meta-step" if fomaml else "step", loss_name="meta/loss" if fomaml else "sft/loss")
+        self.peak = peak_flops(self.dist.device) if self.dist.device.type == "cuda" else None
+        self.stop = GracefulStop()
+
+    # -- performance ---------------------------------------------------------------------------
+    def perf_metrics(self, tokens: int, seconds: float, seq_len: float) -> dict[str, float]:
+        """tokens/s of this process and, on a known GPU, model FLOPs utilisation (see metrics.flops_per_token)."""
+        config = getattr(self.model, "config", None)
+        rate = tokens / max(seconds, 1e-9)
+        out = {"perf/tokens_per_s": rate * self.dist.world_size}
+        if self.peak and config is not None:
+            n_frozen, n_trainable = self.param_counts
+            attn_dim = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+            per_token = flops_per_token(n_frozen, n_trainable, config.num_hidden_layers, attn_dim, int(seq_len))
+            out["perf/mfu"] = mfu(rate, per_token, self.peak)
+        return out
+
+    # -- periodic evaluation -------------------------------------------------------------------
+    @torch.no_grad()
+    def _test_loss(self, fn: FunctionalLoss, weights: list[torch.Tensor], examples: list[dict]) -> float:
+        """Token-weighted mean NLL over ``examples`` at ``weights``."""
+        total, tokens = 0.0, 0
+        size = self.cfg.meta.query_batch_size
+        for i in range(0, len(examples), size):
+            loss, n = fn.loss(weights, self.batch(examples[i : i + size]))
+            total += float(loss) * int(n)
+            tokens += int(n)
+        return total / max(tokens, 1)
+
+    def evaluate(self) -> dict[str, float]:
+        """Adapt from the current initialisation on each task's fixed support sample with the training
+        inner loop; log the fixed test sample's loss before (``loss_pre``) and after (``loss_post``)."""
+        meta = self.cfg.meta
+        names = list(self.params)
+        fn = FunctionalLoss(self.model, names)
+        local = {}
+        for task in local_share(sorted(self.eval_set), self.dist.rank, self.dist.world_size):
+            support_idx, test_idx = self.eval_set[task]
+            data = self.tasks[task]
+            support = [data.support[i] for i in support_idx]
+            size = meta.inner_batch_size
+            support_batches = [self.batch(support[i : i + size]) for i in range(0, len(support), size)]
+            test = [data.test[i] for i in test_idx]
+            theta = [p.detach() for p in self.params.values()]
+            adapted = adapt(self.model, self.params, support_batches, meta.inner_lr, meta.num_inner_steps)
+            local[f"eval/{task}/loss_pre"] = self._test_loss(fn, theta, test)
+            local[f"eval/{task}/loss_post"] = self._test_loss(fn, [adapted[n] for n in names], test)
+        metrics: dict[str, float] = {}
+        for part in all_gather_objects(local):
+            metrics.update(part)
+        for which in ("loss_pre", "loss_post"):
+            values = [v for k, v in metrics.items() if k.endswith(which)]
+            if values:
+                metrics[f"eval/{which}"] = sum(values) / len(values)
+        if "eval/loss_pre" in metrics:
+            metrics["eval/adaptation_benefit"] = metrics["eval/loss_pre"] - metrics["eval/loss_post"]
+        return metrics
+
+    # -- non-finite steps ------------------------------------------------------------------------
+    def check_finite(self, finite: bool) -> None:
+        """Count skipped non-finite updates; stop with a clear message after too many in a row."""
+        limit = self.cfg.trainer.max_consecutive_nonfinite
+        if finite:
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d in total)",
+                    self.step, self.nonfinite_in_a_row, self.nonfinite_total)
+        if self.nonfinite_in_a_row >= limit:
+            raise FloatingPointError(
+                f"{self.nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient (limit "
+                f"trainer.max_consecutive_nonfinite={limit}); last good state is the newest checkpoint in "
+                f"{self.out_dir}. Lower the learning rates (meta.inner_lr, meta.outer_lr) or check the data."
+            )
+
+    # -- the end of every step --------------------------------------------------------------------
+    def finish_step(self, metrics: dict[str, float], batches: list[dict], started: float, logging_step: bool) -> bool:
+        """After step ``self.step``: skip accounting, throughput, progress, periodic evaluation, logging,
+        checkpointing. Returns True when a stop was requested (the checkpoint is then written)."""
+        cfg = self.cfg.trainer
+        prefix = "meta" if self.kind == "fomaml" else self.kind
+        self.sampler.next_step = self.step
+        self.check_finite(not metrics[f"{prefix}/skipped_step"])
+        tokens = input_tokens(batches)
+        metrics |= self.perf_metrics(tokens, time.perf_counter() - started, mean_seq_len(batches))
+        metrics[f"{prefix}/nonfinite_total"] = self.nonfinite_total
+        self.progress.update(1, tokens * self.dist.world_size, metrics[f"{prefix}/loss"])
+        periodic_eval = self.step % cfg.test_freq == 0 or self.step == self.total_steps
+        if periodic_eval:
+            metrics |= self.evaluate()
+        if logging_step or periodic_eval:
+            self.logger.log(self.step, metrics)
+        stopping = self.stop.requested()
+        if self.step % cfg.save_freq == 0 or self.step == self.total_steps or stopping:
+            self.save_checkpoint()
+        if stopping:
+            log.warning("stopped at step %d on request; resume with the same command", self.step)
+        return stopping
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def extra_state(self) -> dict:
+        """Recipe-specific trainer state (sampler, counters); extended by subclasses."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def save_checkpoint(self) -> None:
+        """Gather every process's RNG state, then rank 0 writes the checkpoint atomically."""
+        rng_states = ckpt.gather_rng_states()
+        if self.dist.is_main:
+            full = self.cfg.meta.adapter == "full"
+            state = {
+                "scheduler": self.scheduler.state_dict(),
+                "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "nonfinite_total": self.nonfinite_total,
+                "world_size": self.dist.world_size,
+                "kind": self.kind,
+                **self.extra_state(),
+            }
+            ckpt.save_checkpoint(
+                self.out_dir,
+                self.step,
+                model_state_dict={n: p.detach() for n, p in self.params.items()},
+                optimizer_state_dict=self.optimizer.state_dict(),
+                config=config_to_dict(self.cfg),
+                trainer_state=state,
+                rng_states=rng_states,
+                save_pretrained=lambda d: self.model.save_pretrained(d, safe_serialization=True),
+                pretrained_kind="model" if full else "adapter",
+                max_to_keep=self.cfg.trainer.max_ckpt_to_keep,
+            )
+            log.info("step %d: checkpoint saved to %s", self.step, self.out_dir)
+        barrier()
+
+    def resume(self) -> int | None:
+        """Load the checkpoint chosen by ``trainer.resume_mode``; return its step (None: fresh start)."""
+        path = ckpt.find_resume_checkpoint(self.cfg.trainer)
+        if path is None:
+            return None
+        state = ckpt.load_checkpoint(path)
+        saved = state["model_state_dict"]
+        if set(saved) != set(self.params):
+            raise ckpt.CheckpointError(
+                f"{path}: its weights do not match this model ({len(saved)} saved vs {len(self.params)} "
+                f"expected; e.g. {sorted(set(saved) ^ set(self.params))[:3]}); was meta.adapter or model.lora changed?"
+            )
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(saved[name])
+        self.optimizer.load_state_dict(state["optimizer_state_dict"])
+        trainer_state = state["trainer_state"]
+        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        self.nonfinite_in_a_row = trainer_state["nonfinite_in_a_row"]
+        self.nonfinite_total = trainer_state["nonfinite_total"]
+        self.load_extra_state(trainer_state)
+        rng_states = state["rng_states"]
+        if len(rng_states) == self.dist.world_size:
+            ckpt.restore_rng_state(rng_states[self.dist.rank])
+        else:
+            log.warning("%s was saved by %d processes, now %d: RNG states not restored",
+                        path, len(rng_states), self.dist.world_size)
+        self.step = int(state["step"])
+        log.info("resumed from %s at step %d", path, self.step)
+        return self.step
+
+    def cleanup(self) -> None:
+        for name in ("progress", "logger"):
+            if hasattr(self, name):
+                getattr(self, name).close()
+        if hasattr(self, "stop"):
+            self.stop.restore()
+        destroy_distributed()
+
+
+def mean_seq_len(batches: list[dict[str, torch.Tensor]]) -> float:
+    """Mean sequence length of a list of batches (for the attention term of the FLOPs count)."""
+    lengths = []
+    for b in batches:
+        if "attention_mask" in b:
+            lengths.extend(b["attention_mask"].sum(1).tolist())
+        else:
+            starts = (b["position_ids"][0] == 0).nonzero().flatten().tolist() + [b["position_ids"].shape[1]]
+            lengths.extend(e - s for s, e in zip(starts, starts[1:]))
+    return sum(lengths) / max(len(lengths), 1) if lengths else math.nan
+
+
+def input_tokens(batches: list[dict[str, torch.Tensor]]) -> int:
+    """Real (non-padding) input tokens of a list of batches: the tokens the model computes on."""
+    return sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
+
+
+
+def label_tokens(example: dict) -> int:
+    """Target tokens of one encoded example (the HF shift never scores position 0)."""
+    return sum(label != -100 for label in example["labels"][1:])
+
+
+def fomaml_training_tokens(fomaml_cfg: Config, tasks: dict[str, TaskData]) -> int:
+    """Label tokens a FOMAML run of ``fomaml_cfg`` trains on in ``trainer.total_steps`` meta-steps:
+    every inner-step support batch and every query batch, replayed from its (pure) episode sampler."""
+    from lora_maml.data.episodes import EpisodeSampler
+
+    meta = fomaml_cfg.meta
+    sampler = EpisodeSampler(
+        {t: (len(d.support), len(d.query)) for t, d in tasks.items()},
+        meta_batch_size=meta.meta_batch_size,
+        num_inner_steps=meta.num_inner_steps,
+        inner_batch_size=meta.inner_batch_size,
+        query_batch_size=meta.query_batch_size,
+        seed=fomaml_cfg.trainer.seed,
+    )
+    counts = {t: ([label_tokens(e) for e in d.support], [label_tokens(e) for e in d.query]) for t, d in tasks.items()}
+    total = 0
+    for step in range(fomaml_cfg.trainer.total_steps):
+        for draw in sampler.sample(step):
+            support, query = counts[draw.task]
+            total += sum(support[i] for batch in draw.support_batches for i in batch)
+            total += sum(query[i] for i in draw.query_indices)
+    return total
+
+
+def load_run_config(path: str | Path) -> Config:
+    """The config of a run, from its YAML file or from one of its ``.pt`` checkpoints."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        return Config.model_validate(ckpt.load_checkpoint(path)["config"])
+    return load_config(path)

@@ -1,0 +1,231 @@
+"""merge_and_save: the merged, saved, reloaded model computes base + adapter; failures leave nothing behind."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from peft.tuners.lora import LoraModel
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lora_maml import export
+from lora_maml.export import ExportError, merge_and_save, tolerance
+from lora_maml.load_trained import load_trained
+from lora_maml.models import add_lora, adapted_parameters, load_base
+from test_load_trained import logits, make_tiny, probe_ids, run_config, save_run_checkpoint, trained_model
+
+
+def saved_keys(directory: Path) -> dict[str, str]:
+    keys = {}
+    for shard in directory.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            keys.update({k: f.get_slice(k).get_dtype() for k in f.keys()})
+    return keys
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def make_run(root: Path, *, tied=True, **model):
+    """Tiny base + a LoRA (or full) checkpoint; returns (pt, reference logits, base logits, probe ids)."""
+    base = make_tiny(root / "tiny", tied=tied)
+    cfg = run_config(base, root / "run", **model)
+    trained, tokenizer, params = trained_model(cfg)
+    pt = save_run_checkpoint(cfg, trained, params, step=2)
+    ids = probe_ids(tokenizer)
+    return pt, logits(dense_reference(cfg, params), ids), logits(dense_reference(cfg, {}), ids), ids
+
+
+def dense_reference(cfg, weights):
+    """fp32 unquantised base (+ LoRA) with ``weights`` copied in by name: what a merge must reproduce."""
+    dense_cfg = cfg.model.model_copy(update={"dtype": "fp32", "quantization": None})
+    model, _ = load_base(dense_cfg)
+    if cfg.meta.adapter == "lora":
+        model = add_lora(model, cfg.model.lora)
+    with torch.no_grad():
+        for name, p in adapted_parameters(model, cfg.meta.adapter).items():
+            if weights:
+                p.copy_(weights[name])
+            elif ".lora_B." in name:
+                p.zero_()  # no weights given: the base alone
+    return model
+
+
+@pytest.fixture(scope="module")
+def fp32_run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("fp32_run"))
+
+
+def test_merged_fp32_model_equals_base_plus_adapter_and_loads_with_from_pretrained(fp32_run, tmp_path):
+    pt, reference, base_logits, ids = fp32_run
+    out = tmp_path / "merged"
+    report = merge_and_save(pt, out)
+    assert report["dtype"] == "fp32" and report["kind"] == "checkpoint" and report["step"] == 2
+    assert report["merge_max_abs_diff"] <= 1e-5 and report["max_abs_diff"] <= 1e-5
+    assert report["reload_max_abs_diff"] <= 1e-6
+    assert report["tied_embeddings"] is True and report["notes"] == []
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"):
+        assert name in report["files"] and (out / name).is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.dtype == torch.float32 and merged.config.use_cache is True
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    assert not any("lm_head" in k for k in saved_keys(out)), "tied lm_head must not be saved separately"
+    out_logits = logits(merged, ids)
+    assert (out_logits - reference).abs().max() <= 1e-5
+    assert (out_logits - base_logits).abs().max() > 0.1, "the adapter must be in the merged weights"
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
+    assert leftovers(tmp_path) == []
+
+
+def test_bf16_base_merges_within_tolerance_and_keeps_the_adapter(tmp_path):
+    pt, reference, base_logits, ids = make_run(tmp_path, dtype="bf16")
+    out = tmp_path / "merged"
+    report = merge_and_save(pt, out, max_shard_size="40KB")
+    assert report["dtype"] == "bf16" and report["compute_dtype"] == "fp32"
+    assert report["merge_max_abs_diff"] <= 1e-5
+    assert report["tolerance"] == pytest.approx(tolerance("bf16", report["logit_scale"]))
+    assert 0 < report["max_abs_diff"] <= report["tolerance"]
+    assert report["reload_max_abs_diff"] <= 1e-6, "the bf16 files hold exactly the rounded merged weights"
+    assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    assert set(saved_keys(out).values()) == {"BF16"}
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    out_logits = logits(merged, ids)
+    assert (out_logits - reference).abs().max() <= report["tolerance"]
+    # bf16 rounding of W + s*B@A must not wash the adapter out.
+    assert (out_logits - base_logits).abs().max() > 10 * report["tolerance"]
+
+
+def test_untied_embeddings_stay_untied(tmp_path):
+    pt, reference, _, ids = make_run(tmp_path, tied=False)
+    out = tmp_path / "merged"
+    report = merge_and_save(pt, out)
+    assert report["tied_embeddings"] is False
+    assert "lm_head.weight" in saved_keys(out)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.lm_head.weight is not merged.model.embed_tokens.weight
+    assert (logits(merged, ids) - reference).abs().max() <= 1e-5
+
+
+def test_a_broken_merge_raises_and_writes_nothing(fp32_run, tmp_path, monkeypatch):
+    pt = fp32_run[0]
+    original = LoraModel.merge_and_unload
+
+    def corrupting_merge(self, *args, **kwargs):
+        model = original(self, *args, **kwargs)
+        with torch.no_grad():
+            model.model.layers[1].mlp.down_proj.weight.mul_(1.01)
+        return model
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", corrupting_merge)
+    with pytest.raises(ExportError, match="the merge is wrong; nothing was written"):
+        merge_and_save(pt, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists() and leftovers(tmp_path) == []
+
+
+def test_an_untied_merge_of_a_tied_model_raises(fp32_run, tmp_path, monkeypatch):
+    pt = fp32_run[0]
+    original = LoraModel.merge_and_unload
+
+    def untying_merge(self, *args, **kwargs):
+        model = original(self, *args, **kwargs)
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        return model
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", untying_merge)
+    with pytest.raises(ExportError, match="no longer the input embedding"):
+        merge_and_save(pt, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_the_rounding_check_is_live(fp32_run, tmp_path):
+    # bf16 storage rounds the weights: a tolerance below that rounding must fail.
+    with pytest.raises(ExportError, match=r"stored as bf16, the merged model differs from base \+ adapter"):
+        merge_and_save(fp32_run[0], tmp_path / "merged", dtype="bf16", atol=1e-7)
+    assert not (tmp_path / "merged").exists() and leftovers(tmp_path) == []
+
+
+def test_saved_files_that_do_not_reproduce_the_merge_raise(fp32_run, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    check_files = export._check_files
+
+    def corrupt_then_check(directory, *args):
+        path = directory / "model.safetensors"
+        tensors = load_file(str(path))
+        tensors["model.layers.0.mlp.up_proj.weight"] *= 1.01
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        return check_files(directory, *args)
+
+    monkeypatch.setattr(export, "_check_files", corrupt_then_check)
+    with pytest.raises(ExportError, match="reloaded with from_pretrained, differs from the merged model"):
+        merge_and_save(fp32_run[0], tmp_path / "merged")
+    assert not (tmp_path / "merged").exists() and leftovers(tmp_path) == []
+
+
+def test_output_dir_is_refused_unless_overwrite(fp32_run, tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        merge_and_save(fp32_run[0], out)
+    assert (out / "keep.txt").read_text() == "precious"
+    merge_and_save(fp32_run[0], out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert leftovers(tmp_path) == []
+    with pytest.raises(ValueError, match="would replace"):
+        merge_and_save(fp32_run[0], Path(fp32_run[0]).parent, overwrite=True)
+    base = Path(fp32_run[0]).parent.parent / "tiny"  # the run's model.partial_pretrain
+    with pytest.raises(ValueError, match=r"would replace .*tiny"):
+        merge_and_save(fp32_run[0], base, overwrite=True)
+    assert (base / "model.safetensors").is_file()
+
+
+def test_nf4_trained_adapter_merges_into_the_unquantised_base_with_a_note(tmp_path, caplog):
+    pt, reference, _, ids = make_run(tmp_path, quantization="nf4")
+    out = tmp_path / "merged"
+    with caplog.at_level(logging.WARNING, logger="lora_maml"):
+        report = merge_and_save(pt, out)
+    assert len(report["notes"]) == 1 and "nf4-quantised base" in report["notes"][0]
+    assert "merged into the unquantised base" in caplog.text
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert set(saved_keys(out).values()) == {"F32"}
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert type(merged.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert (logits(merged, ids) - reference).abs().max() <= 1e-5
+
+
+def test_full_parameter_checkpoint_exports_its_weights(tmp_path):
+    pt, reference, base_logits, ids = make_run(tmp_path, adapter="full")
+    out = tmp_path / "merged"
+    report = merge_and_save(pt, out)
+    assert report["adapter"] == "full" and "merge_max_abs_diff" not in report
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    saved = load_trained(pt)
+    for name, p in saved.params.items():
+        assert torch.equal(merged.get_parameter(name), p), name
+    assert (logits(merged, ids) - reference).abs().max() <= 1e-6
+    assert (reference - base_logits).abs().max() > 0.1
+
+
+def test_adapter_dir_and_cli(fp32_run, tmp_path, capsys):
+    pt = Path(fp32_run[0])
+    out = tmp_path / "merged"
+    code = export.main(["--checkpoint", str(pt.parent / "step_2" / "adapter"), "--output", str(out), "--dtype", "fp32"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "adapter" and report["max_abs_diff"] <= 1e-5
+    assert (logits(AutoModelForCausalLM.from_pretrained(out), fp32_run[3]) - fp32_run[1]).abs().max() <= 1e-5
+    assert export.main(["--checkpoint", str(tmp_path / "missing"), "--output", str(tmp_path / "o2")]) == 1
+    assert "missing: no such file or directory" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+
+    from recipes import merge_adapter
+
+    assert merge_adapter.main is export.main

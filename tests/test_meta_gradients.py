@@ -1,0 +1,405 @@
+"""The meta-gradients are checked against independent implementations (fp64, tiny random Qwen3).
+
+Reference = deep copy of the model, K in-place ``torch.optim.SGD`` steps on the module's own
+parameters, then ``.backward()`` of the query loss: no fast weights, no functional_call.
+"""
+
+import copy
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from lora_maml.config import LoraConfig, MetaConfig, OptimConfig
+from lora_maml.loss import causal_lm_loss
+from lora_maml.meta.algorithms import MetaLearner, TaskBatch, adapt
+from lora_maml.meta.fast_weights import FunctionalLoss, weights_copied_in
+from lora_maml.models import add_lora, adapted_parameters, enable_gradient_checkpointing
+from lora_maml.optim import build_optimizer, build_scheduler
+
+VOCAB = 128
+INNER_LR = 0.3
+K = 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: intra-op threads cost more than they save (10 s vs 60 s on 2 shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(adapter="lora", *, dtype=torch.float64, checkpointing=False, tie=False, attn="eager", seed=0):
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=tie,
+        attn_implementation=attn, initializer_range=0.2,
+    )
+    model = Qwen3ForCausalLM(cfg).to(dtype)
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    if adapter == "lora":
+        model.requires_grad_(False)
+        model = add_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    params = adapted_parameters(model, adapter)
+    if adapter == "lora":
+        with torch.no_grad():  # peft's B = 0 would make every gradient w.r.t. A vanish at θ
+            for p in params.values():
+                p.normal_(0, 0.3)
+    return model.train(), params
+
+
+def random_batch(gen, b=2, t=12, prompt=4):
+    ids = torch.randint(0, VOCAB, (b, t), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    labels = ids.clone()
+    labels[:, :prompt] = -100
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def random_tasks(n=2, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [TaskBatch(f"task{i}", [random_batch(gen), random_batch(gen)], random_batch(gen)) for i in range(n)]
+
+
+def meta_cfg(algorithm="fomaml", steps=K, lr=INNER_LR, tasks=2):
+    return MetaConfig(algorithm=algorithm, inner_lr=lr, num_inner_steps=steps, meta_batch_size=tasks)
+
+
+def reference(model, names, tasks, steps, lr, algorithm="fomaml"):
+    """Mean over tasks of the in-place FOMAML gradient (or Reptile's θ − φ_K)."""
+    total = None
+    for task in tasks:
+        m = copy.deepcopy(model)
+        own = dict(m.named_parameters())
+        params = [own[n] for n in names]
+        theta = [p.detach().clone() for p in params]
+        opt = torch.optim.SGD(params, lr=lr)
+        for k in range(steps):
+            opt.zero_grad()
+            causal_lm_loss(m, task.support[k % len(task.support)])[0].backward()
+            opt.step()
+        if algorithm == "reptile":
+            grads = [t - p.detach() for t, p in zip(theta, params)]
+        else:
+            opt.zero_grad()
+            causal_lm_loss(m, task.query)[0].backward()
+            grads = [p.grad.clone() for p in params]
+        total = grads if total is None else [a + b for a, b in zip(total, grads)]
+    return [g / len(tasks) for g in total]
+
+
+def max_err(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no_ckpt", "ckpt"])
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_fomaml_matches_inplace_sgd(adapter, checkpointing):
+    # full mode with tied embeddings: one fast weight must replace both embed_tokens and lm_head.
+    model, params = tiny_model(adapter, checkpointing=checkpointing, tie=adapter == "full")
+    tasks = random_tasks()
+    ours = list(MetaLearner(model, params, meta_cfg()).meta_gradient(tasks).grads.values())
+    ref = reference(model, list(params), tasks, K, INNER_LR)
+    plain = reference(model, list(params), tasks, 0, INNER_LR)
+    assert max_err(ours, ref) <= 1e-9
+    assert max_err(plain, ref) > 1e-3  # adaptation changes the gradient: the check has teeth
+
+
+def test_micro_batches_are_one_token_weighted_batch():
+    """A support entry / query given as micro-batches (rows of one batch) gives the same meta-gradient
+    and metrics as the whole batch: Σ_m n_m L_m / Σ_m n_m with gradients accumulated."""
+    model, params = tiny_model("lora", checkpointing=True)
+    gen = torch.Generator().manual_seed(3)
+    whole = [TaskBatch(f"task{i}", [random_batch(gen, b=3), random_batch(gen, b=3)], random_batch(gen, b=3))
+             for i in range(2)]
+    split = lambda b: [{k: v[:1] for k, v in b.items()}, {k: v[1:] for k, v in b.items()}]  # noqa: E731
+    micro = [TaskBatch(t.name, [split(b) for b in t.support], split(t.query)) for t in whole]
+    for algorithm in ("fomaml", "reptile"):
+        a = MetaLearner(model, params, meta_cfg(algorithm)).meta_gradient(whole)
+        grads = [g.clone() for g in a.grads.values()]
+        b = MetaLearner(model, params, meta_cfg(algorithm)).meta_gradient(micro)
+        # 1e-6: fp32 RMSNorm/softmax inside the fp64 model see 1-row vs 3-row matmul roundings
+        assert max_err(b.grads.values(), grads) <= 1e-6
+        assert b.metrics == pytest.approx(a.metrics, rel=1e-6)
+        assert b.task_metrics == pytest.approx(a.task_metrics, rel=1e-6)
+
+
+def test_naive_functional_call_then_grad_is_wrong_under_checkpointing():
+    """Pins the pitfall: functional_call for the forward, autograd.grad after it returns → the
+    checkpointed layers are recomputed with the module's own weights, not the fast ones."""
+    results = {}
+    for checkpointing in (False, True):
+        model, params = tiny_model("lora", checkpointing=checkpointing)
+        batch = random_tasks(1)[0].query
+        fast = {n: (p.detach() + 0.2 * torch.randn_like(p)).requires_grad_() for n, p in params.items()}
+        loss_of = lambda m, b: causal_lm_loss(m, b)[0]  # noqa: E731
+        wrapper = torch.nn.Module()
+        wrapper.model = model
+        wrapper.forward = lambda b: loss_of(wrapper.model, b)
+        loss = torch.func.functional_call(wrapper, {"model." + n: t for n, t in fast.items()}, (batch,))
+        naive = torch.autograd.grad(loss, list(fast.values()))
+        _, _, right = FunctionalLoss(model, list(params)).loss_and_grads(list(fast.values()), batch)
+        results[checkpointing] = max_err(naive, right)
+    assert results[False] <= 1e-12
+    assert results[True] > 1e-3
+
+
+@pytest.fixture
+def exact_fp64(monkeypatch):
+    """Make the fp64 tiny Qwen3 fp64 throughout, so central differences reach ~1e-9.
+
+    Qwen3's RMSNorm casts to fp32 and its eager attention takes the softmax in fp32: fp32 rounding
+    of θ-dependent values puts ~1e-7 noise on the loss, which swamps a difference quotient at
+    eps = 1e-6. RMSNorm is patched to compute in its input dtype, and attention goes through SDPA's
+    math backend, which has a double backward (the default CPU SDPA kernel has none).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers.models.qwen3 import modeling_qwen3
+
+    def rms_norm_in_input_dtype(self, hidden_states):
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+    monkeypatch.setattr(modeling_qwen3.Qwen3RMSNorm, "forward", rms_norm_in_input_dtype)
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def test_maml_matches_central_finite_differences(exact_fp64):
+    model, params = tiny_model("lora", attn="sdpa")
+    names, tasks, steps = list(params), random_tasks(), 2
+    maml = MetaLearner(model, params, meta_cfg("maml", steps)).meta_gradient(tasks)
+    grads = [g.clone() for g in maml.grads.values()]
+    fomaml = list(MetaLearner(model, params, meta_cfg("fomaml", steps)).meta_gradient(tasks).grads.values())
+
+    def objective(direction, eps):
+        """mean_t L(φ_K(θ + eps·d); Q_t), φ_K from in-place SGD on a copy."""
+        m = copy.deepcopy(model)
+        own = dict(m.named_parameters())
+        with torch.no_grad():
+            for n, d in zip(names, direction):
+                own[n].add_(eps * d)
+        total = 0.0
+        for task in tasks:
+            c = copy.deepcopy(m)
+            ps = [dict(c.named_parameters())[n] for n in names]
+            opt = torch.optim.SGD(ps, lr=INNER_LR)
+            for k in range(steps):
+                opt.zero_grad()
+                causal_lm_loss(c, task.support[k % 2])[0].backward()
+                opt.step()
+            with torch.no_grad():
+                total += causal_lm_loss(c, task.query)[0].item()
+        return total / len(tasks)
+
+    gen = torch.Generator().manual_seed(5)
+    eps = 1e-6
+    for _ in range(2):
+        d = [torch.randn(g.shape, generator=gen, dtype=g.dtype) for g in grads]
+        fd = (objective(d, eps) - objective(d, -eps)) / (2 * eps)
+        analytic = sum((g * v).sum().item() for g, v in zip(grads, d))
+        assert abs(fd - analytic) <= 1e-7 * max(1.0, abs(analytic)), (fd, analytic)
+        first_order = sum((g * v).sum().item() for g, v in zip(fomaml, d))
+        assert abs(first_order - analytic) > 1e-2 * abs(analytic)  # the second-order terms matter
+
+
+@pytest.mark.parametrize("algorithm", ["fomaml", "maml"])
+def test_zero_inner_steps_is_the_multitask_query_gradient(algorithm):
+    model, params = tiny_model("lora")
+    tasks = random_tasks(3)
+    result = MetaLearner(model, params, meta_cfg(algorithm, 0, tasks=3)).meta_gradient(tasks)
+    m = copy.deepcopy(model)
+    own = dict(m.named_parameters())
+    loss = sum(causal_lm_loss(m, t.query)[0] for t in tasks) / len(tasks)
+    expected = torch.autograd.grad(loss, [own[n] for n in params])
+    # 1e-6, not 1e-12: Qwen3's RMSNorm and eager softmax run in fp32 even in an fp64 model, and the
+    # reference scales the upstream gradient by 1/3 before them, the meta-learner after.
+    assert max_err(result.grads.values(), expected) <= 1e-6
+    assert "meta/avg_adaptation_gap" not in result.metrics  # undefined without inner steps
+
+
+def test_reptile_pseudo_gradient_is_theta_minus_adapted():
+    model, params = tiny_model("lora")
+    tasks = random_tasks()
+    ours = MetaLearner(model, params, meta_cfg("reptile")).meta_gradient(tasks)
+    ref = reference(model, list(params), tasks, K, INNER_LR, algorithm="reptile")
+    assert max_err(ours.grads.values(), ref) <= 1e-12
+    assert max(r.abs().max().item() for r in ref) > 1e-3
+
+
+def test_adapt_returns_inplace_sgd_weights_and_leaves_model_alone():
+    model, params = tiny_model("lora")
+    task = random_tasks(1)[0]
+    before = {n: p.detach().clone() for n, p in params.items()}
+    adapted = adapt(model, params, task.support, INNER_LR, K)
+    assert all(torch.equal(before[n], p) for n, p in params.items())
+    m = copy.deepcopy(model)
+    ps = [dict(m.named_parameters())[n] for n in params]
+    opt = torch.optim.SGD(ps, lr=INNER_LR)
+    for k in range(K):
+        opt.zero_grad()
+        causal_lm_loss(m, task.support[k % 2])[0].backward()
+        opt.step()
+    assert max_err(adapted.values(), ps) <= 1e-12
+    with torch.no_grad():
+        with weights_copied_in(params, adapted):
+            inside = causal_lm_loss(model, task.query)[0]
+        assert inside == causal_lm_loss(m, task.query)[0]
+    assert all(torch.equal(before[n], p) for n, p in params.items())
+
+
+def outer_setup(model, params, cfg, optim_cfg=None, total_steps=10):
+    optim_cfg = optim_cfg or OptimConfig(weight_decay=0.1, lr_scheduler="constant")
+    learner = MetaLearner(model, params, cfg)
+    optimizer = build_optimizer(params, cfg.outer_lr, optim_cfg)
+    return learner, optimizer, build_scheduler(optimizer, optim_cfg, total_steps), optim_cfg.clip_grad
+
+
+def test_lora_meta_steps_leave_base_bit_identical():
+    model, params = tiny_model("lora", checkpointing=True)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if n not in params}
+    lora = {n: p.detach().clone() for n, p in params.items()}
+    learner, opt, sched, clip = outer_setup(model, params, meta_cfg())
+    tasks = random_tasks()
+    learner.meta_gradient(tasks)
+    assert all(torch.equal(lora[n], p) for n, p in params.items())  # the inner loop writes nothing
+    for _ in range(3):
+        learner.step(tasks, opt, sched, clip)
+    own = dict(model.named_parameters())
+    assert all(torch.equal(base[n], own[n]) for n in base)
+    assert all(not torch.equal(lora[n], p) for n, p in params.items())
+
+
+def shift_task(name, shift, gen, batches=2, b=4, t=16):
+    """Learnable toy task: x_{t+1} = (x_t + shift) mod V from a random start."""
+    def batch():
+        start = torch.randint(0, VOCAB, (b, 1), generator=gen)
+        ids = (start + shift * torch.arange(t)) % VOCAB
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    return TaskBatch(name, [batch() for _ in range(batches)], batch())
+
+
+def test_meta_steps_lower_meta_loss():
+    model, params = tiny_model("lora", dtype=torch.float32)
+    cfg = MetaConfig(algorithm="fomaml", inner_lr=0.05, num_inner_steps=1, outer_lr=3e-2, meta_batch_size=2)
+    learner, opt, sched, clip = outer_setup(model, params, cfg, OptimConfig(lr_scheduler="constant"))
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(12):
+        metrics, _ = learner.step([shift_task("a", 1, gen), shift_task("b", 3, gen)], opt, sched, clip,
+                                  query_loss_pre=False)
+        losses.append(metrics["meta/loss"])
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
+
+
+def test_bf16_base_fp32_lora_takes_small_outer_steps():
+    model, params = tiny_model("lora", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in params.values())
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if n not in params)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    cfg = MetaConfig(algorithm="fomaml", inner_lr=1e-3, num_inner_steps=1, outer_lr=1e-4, meta_batch_size=2)
+    learner, opt, sched, clip = outer_setup(model, params, cfg)
+    metrics, _ = learner.step(random_tasks(), opt, sched, clip)
+    assert metrics["meta/skipped_step"] == 0.0 and torch.isfinite(torch.tensor(metrics["meta/grad_norm"]))
+    for n, p in params.items():
+        step = (p.detach() - before[n]).abs()
+        assert step.max() > 5e-5 and step.max() < 2e-4, n  # AdamW's first step is ~lr per coordinate
+        # The same step applied in bf16 would mostly round away: why LoRA weights stay fp32.
+        assert (p.detach().bfloat16() == before[n].bfloat16()).float().mean() > 0.5
+
+
+def test_all_reduce_of_two_processes_equals_one_process():
+    model, params = tiny_model("lora")
+    tasks = random_tasks(4)
+    single = MetaLearner(model, params, meta_cfg(tasks=4)).meta_gradient(tasks)
+    single_grads = [g.clone() for g in single.grads.values()]
+
+    local_sums = {}
+    second = MetaLearner(model, params, meta_cfg(tasks=4), all_reduce=lambda flat: local_sums.update(b=flat.clone()))
+    second.meta_gradient(tasks[2:])
+    first = MetaLearner(model, params, meta_cfg(tasks=4), all_reduce=lambda flat: flat.add_(local_sums["b"]))
+    combined = first.meta_gradient(tasks[:2])
+    assert max_err(combined.grads.values(), single_grads) <= 1e-12
+    assert combined.metrics.keys() == single.metrics.keys()
+    for key, value in single.metrics.items():
+        assert combined.metrics[key] == pytest.approx(value, rel=1e-12), key
+    # The local per-task metrics of both "processes" together are the single process's.
+    assert set(combined.task_metrics) == {k for k in single.task_metrics if k.startswith(("task0", "task1"))}
+
+
+def test_metrics_are_consistent():
+    model, params = tiny_model("lora")
+    tasks = random_tasks(2)
+    result = MetaLearner(model, params, meta_cfg()).meta_gradient(tasks)
+    m, t = result.metrics, result.task_metrics
+    assert m["meta/loss"] == pytest.approx((t["task0/query_loss"] + t["task1/query_loss"]) / 2)
+    for i, task in enumerate(tasks):
+        name = f"task{i}"
+        assert t[f"{name}/adaptation_gap"] == pytest.approx(t[f"{name}/query_loss"] - t[f"{name}/support_loss"])
+        with torch.no_grad():
+            assert t[f"{name}/query_loss_pre"] == pytest.approx(causal_lm_loss(model, task.query)[0].item())
+    gap = sum(t[f"task{i}/adaptation_gap"] for i in range(2)) / 2
+    assert m["meta/avg_adaptation_gap"] == pytest.approx(gap)
+    tokens = lambda b: int((b["labels"][:, 1:] != -100).sum())  # noqa: E731
+    assert m["meta/query_tokens"] == sum(tokens(x.query) for x in tasks)
+    assert m["meta/support_tokens"] == sum(tokens(x.support[k % 2]) for x in tasks for k in range(K))
+
+
+def test_nonfinite_meta_gradient_skips_the_outer_step():
+    model, params = tiny_model("lora")
+    before = {n: p.detach().clone() for n, p in params.items()}
+    learner, opt, sched, clip = outer_setup(model, params, meta_cfg())
+    learner._all_reduce = lambda flat: flat[0].fill_(float("nan"))  # a process that produced NaN
+    metrics, _ = learner.step(random_tasks(), opt, sched, clip)
+    assert metrics["meta/skipped_step"] == 1.0 and metrics["meta/grad_norm"] != metrics["meta/grad_norm"]
+    assert all(torch.equal(before[n], p) for n, p in params.items())
+    assert sched.last_epoch == 0
+
+
+def test_outer_step_clips_and_reports_norm_before_clipping():
+    model, params = tiny_model("lora")
+    optim_cfg = OptimConfig(clip_grad=1e-3, lr_scheduler="cosine", lr_warmup_steps_ratio=0.5)
+    learner, opt, sched, clip = outer_setup(model, params, meta_cfg(), optim_cfg, total_steps=4)
+    result = learner.meta_gradient(random_tasks())
+    norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in result.grads.values()])).item()
+    metrics = learner.outer_step(opt, sched, clip)
+    assert metrics["meta/grad_norm"] == pytest.approx(norm) and norm > 1e-3
+    assert metrics["meta/lr"] == 0.0  # first warm-up step (2 warm-up steps of 4)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * MetaConfig().outer_lr)
+
+
+def test_invalid_configurations_are_rejected():
+    model, params = tiny_model("lora", checkpointing=True)
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        MetaLearner(model, params, meta_cfg("maml"))
+    with pytest.raises(ValueError, match="num_inner_steps"):
+        MetaLearner(model, params, meta_cfg("reptile", 0))
+
+
+def test_optimizer_and_schedules_follow_the_config():
+    _, params = tiny_model("lora")
+    cfg = OptimConfig(weight_decay=0.05, betas=(0.8, 0.95), eps=1e-6, lr_warmup_steps_ratio=0.25)
+    opt = build_optimizer(params, 1e-3, cfg)
+    group = opt.param_groups[0]
+    assert isinstance(opt, torch.optim.AdamW) and len(group["params"]) == len(params)
+    assert (group["weight_decay"], group["betas"], group["eps"]) == (0.05, (0.8, 0.95), 1e-6)
+    lrs = {}
+    for kind in ("cosine", "constant"):
+        opt = build_optimizer(params, 1e-3, cfg)
+        sched = build_scheduler(opt, cfg.model_copy(update={"lr_scheduler": kind}), total_steps=8)
+        lrs[kind] = []
+        for _ in range(8):
+            lrs[kind].append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+    assert lrs["constant"] == pytest.approx([0, 5e-4] + [1e-3] * 6)  # 2 warm-up steps = 0.25 × 8
+    assert lrs["cosine"][:3] == pytest.approx([0, 5e-4, 1e-3])
+    assert all(a > b for a, b in zip(lrs["cosine"][2:], lrs["cosine"][3:]))  # decays after warm-up
+    with pytest.raises(ValueError, match="requires_grad"):
+        build_optimizer([torch.nn.Parameter(torch.zeros(2), requires_grad=False)], 1e-3, cfg)
