@@ -1,7 +1,8 @@
 """FOMAML, MAML and Reptile with fast weights, one meta-step at a time.
 
 Notation: θ = the meta-learned parameters (``lora_maml.models.adapted_parameters``: the LoRA matrices,
-or every parameter in ``full`` mode); a task t has support batches S_0..S_{m-1} and a query batch Q;
+or every parameter in ``full`` mode); a task t has support batches S_0..S_{m-1} and a query batch Q
+(any of them may be a list of micro-batches, accumulated as one token-weighted batch);
 L(w; B) = token-mean NLL of batch B at weights w (``lora_maml.loss``); K = ``meta.num_inner_steps``,
 α = ``meta.inner_lr``.
 
@@ -18,10 +19,11 @@ scheduler steps. For Reptile, plain SGD at lr 1 would give θ ← mean_t φ_K^t 
 AdamW at ``meta.outer_lr`` moves θ towards the adapted weights with Adam's per-coordinate scaling.
 
 Distribution: each process runs :meth:`MetaLearner.meta_gradient` on its own tasks and SUMS their
-gradients and metric sums into ONE flat buffer [gradients | metric sums | task count]; the
+gradients and metric sums into ONE flat buffer [gradients | task count, metric sums]; the
 ``all_reduce`` hook (identity by default; e.g. ``functools.partial(torch.distributed.all_reduce,
 op=ReduceOp.SUM)``) sums that buffer across processes in place; the sum is divided by the global task
-count it carries. The ``meta/*`` metrics are thus global. The per-task ``{task}/*`` metrics are those of
+count it carries (= meta.meta_batch_size when the processes share out one meta-batch). The ``meta/*``
+metrics are thus global. The per-task ``{task}/*`` metrics are those of
 this process's tasks; a trainer that wants all of them logs them after ``all_gather_object``.
 """
 
