@@ -41,7 +41,7 @@ Truncation = Literal["error", "left", "right"]
 logger = logging.getLogger(__name__)
 
 
-def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
     # transformers 5 returns a BatchEncoding unless return_dict=False; accept both so 4.x works as well.
     out = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
@@ -69,7 +69,7 @@ def encode_example(
     if eos_id is None:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos_token: cannot mark the end of a response")
 
-    prompt_ids = _prompt_ids(tokenizer, prompt)
+    prompt_ids = prompt_ids(tokenizer, prompt)
     response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [eos_id]
     input_ids = prompt_ids + response_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids

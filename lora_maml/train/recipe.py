@@ -71,7 +71,8 @@ class GracefulStop:
     stops after the same step.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self._device = device  # NCCL reduces CUDA tensors only
         self._flag = False
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -82,7 +83,7 @@ class GracefulStop:
         log.warning("received %s: finishing the current step, then saving a checkpoint", signal.Signals(signum).name)
 
     def requested(self) -> bool:
-        flag = torch.tensor([float(self._flag)])
+        flag = torch.tensor([float(self._flag)], device=self._device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -112,6 +113,16 @@ class TrainingRecipe:
         )
 
     # -- set-up pieces -----------------------------------------------------------------------
+    def check_even_share(self, count: int, key: str) -> None:
+        """Under FSDP every forward and backward is a collective (it all-gathers the base's shards):
+        a process with more tasks or examples than another would wait forever in its extra forward."""
+        world = self.dist.world_size
+        if self.cfg.model.fsdp_config.enabled and count % world:
+            raise ConfigError(
+                f"model.fsdp_config.enabled=true: {key}={count} must be a multiple of the number of "
+                f"processes ({world}) so that every process runs the same forward passes"
+            )
+
     def ensure_inputs(self) -> None:
         """Prepare ``data.data_dir`` from ``data.source`` if it is missing, and build the tiny model if
         ``model.build_tiny_if_missing`` asks for it (process 0 only; the others wait)."""
@@ -222,7 +233,7 @@ class TrainingRecipe:
         self.progress = ProgressBar(total_steps, initial=self.step, is_main=self.dist.is_main,
                                     unit="meta-step" if fomaml else "step", loss_name="meta/loss" if fomaml else "sft/loss")
         self.peak = peak_flops(self.dist.device) if self.dist.device.type == "cuda" else None
-        self.stop = GracefulStop()
+        self.stop = GracefulStop(self.dist.device)
 
     # -- performance ---------------------------------------------------------------------------
     def perf_metrics(self, tokens: int, seconds: float, seq_len: float) -> dict[str, float]:
@@ -255,8 +266,12 @@ class TrainingRecipe:
         meta = self.cfg.meta
         names = list(self.params)
         fn = FunctionalLoss(self.model, names)
+        # Under FSDP every forward all-gathers the base's shards, so every process must run the same
+        # forwards; the tasks' sample sizes may differ, so each process then evaluates every task.
+        fsdp = self.cfg.model.fsdp_config.enabled
+        tasks = sorted(self.eval_set)
         local = {}
-        for task in local_share(sorted(self.eval_set), self.dist.rank, self.dist.world_size):
+        for task in tasks if fsdp else local_share(tasks, self.dist.rank, self.dist.world_size):
             support_idx, test_idx = self.eval_set[task]
             data = self.tasks[task]
             support = [data.support[i] for i in support_idx]
@@ -268,7 +283,7 @@ class TrainingRecipe:
             local[f"eval/{task}/loss_pre"] = self._test_loss(fn, theta, test)
             local[f"eval/{task}/loss_post"] = self._test_loss(fn, [adapted[n] for n in names], test)
         metrics: dict[str, float] = {}
-        for part in all_gather_objects(local):
+        for part in [local] if fsdp else all_gather_objects(local):
             metrics.update(part)
         for which in ("loss_pre", "loss_post"):
             values = [v for k, v in metrics.items() if k.endswith(which)]
@@ -444,8 +459,14 @@ def fomaml_training_tokens(fomaml_cfg: Config, tasks: dict[str, TaskData]) -> in
 
 
 def load_run_config(path: str | Path) -> Config:
-    """The config of a run, from its YAML file or from one of its ``.pt`` checkpoints."""
+    """The config of a run: its YAML file, one of its ``.pt`` checkpoints, a ``step_N`` directory
+    or its run directory (the newest complete checkpoint)."""
     path = Path(path)
-    if path.suffix == ".pt":
-        return Config.model_validate(ckpt.load_checkpoint(path)["config"])
-    return load_config(path)
+    if path.suffix in (".yaml", ".yml"):
+        return load_config(path)
+    from lora_maml.load_trained import resolve_model_path
+
+    kind, source = resolve_model_path(path)
+    if kind != "checkpoint":
+        raise ConfigError(f"{path}: expected a run config (.yaml), checkpoint (.pt) or run directory, found a {kind}")
+    return Config.model_validate(ckpt.load_checkpoint(source)["config"])

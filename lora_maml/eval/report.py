@@ -1,0 +1,489 @@
+"""Report of a few-shot comparison: tables with confidence intervals, paired tests, plots.
+
+Input: ``{method: rows}`` with the rows of :func:`lora_maml.eval.few_shot.evaluate_model` (one per
+(episode, scored problem); every method evaluated on the same episodes, which is checked).
+
+Statistics, per (task, n) cell and per method. The cell's data is a complete grid: E episodes (episode
+seeds) x P problems (the task's fixed scored subset), each entry ``correct`` (0/1) or ``nll``.
+
+* Mean ± 95% CI: the mean over the grid, and the 2.5/97.5 percentiles of its two-way bootstrap
+  (episodes AND problems resampled with replacement, independently, ``n_boot`` times; the crossed design
+  of "every episode scores every problem" is kept: a resample is the grid of the drawn episodes x the
+  drawn problems). n = 0 has a single episode, so its CI is over problems only.
+* "ALL" rows (one per n and section): pooled over the section's tasks, every (episode, problem) entry
+  weighing the same; the bootstrap resamples within each task (stratified) and pools.
+* Paired comparisons ``A vs B`` (``fomaml`` vs ``sft``, ``fomaml`` vs ``base``, ``sft`` vs ``base``, for
+  the methods present): on the grid of differences A - B of the same (episode, problem) pairs,
+  - paired bootstrap: mean difference, its 95% percentile CI (same two-way resampling), and the two-sided
+    p-value ``min(1, 2 (min(#{d* <= 0}, #{d* >= 0}) + 1) / (n_boot + 1))`` (identical methods: p = 1);
+  - McNemar's exact test on correctness: among the pairs where exactly one method is right, A-only = b and
+    B-only = c; p = two-sided ``scipy.stats.binomtest(b, b + c, 0.5)`` (p = 1 when b + c = 0). It treats
+    every (episode, problem) pair as independent, which repeated problems across episodes are not: the
+    paired bootstrap is the one that accounts for that clustering.
+* NLL entries that are missing (a reference with no target token left after truncation) are left out of
+  means (the bootstrap weighs only finite entries).
+
+Sections: tasks used in meta-training, and "adaptation to an unseen subject" for held-out tasks
+(rows flagged ``holdout``). The bootstrap of a cell is seeded from (``seed``, section, task, n, metric):
+every method and every paired difference of that cell uses the SAME resamples (common random numbers),
+so identical methods get identical intervals, and the report is reproducible and independent of the
+order of computation.
+
+Files (each written to a temporary name and renamed): ``results.json`` (metadata, summary,
+significance, all rows with their method), ``results.md``, ``few_shot_curve.png`` (accuracy and NLL
+vs n per method, 95% CI bands; held-out subjects dashed), ``learning_curves.png`` (from training runs'
+``metrics.jsonl``: meta/loss or sft/loss, meta/avg_adaptation_gap, {task}/query_loss, eval/loss_pre/post).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lora_maml.train.metrics import METRICS_FILE
+
+log = logging.getLogger(__name__)
+
+CONFIDENCE = 0.95
+COMPARISONS = (("fomaml", "sft"), ("fomaml", "base"), ("sft", "base"))
+ALL = "ALL"
+SECTIONS = (("meta_train", "Meta-training subjects"), ("holdout", "Adaptation to an unseen subject (held out of meta-training)"))
+
+
+# --- statistics ------------------------------------------------------------------------------
+def _rng(seed: int, *key: object) -> np.random.Generator:
+    digest = hashlib.sha256(":".join(map(str, (seed, *key))).encode("utf-8")).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def _grid_means(grids: Sequence[np.ndarray], n_boot: int, rng: np.random.Generator) -> tuple[float, np.ndarray]:
+    """Pooled mean of the finite entries of ``grids`` (strata, each [E, P]) and its two-way bootstrap."""
+    num = np.zeros(n_boot)
+    den = np.zeros(n_boot)
+    total, count = 0.0, 0
+    for grid in grids:
+        grid = np.asarray(grid, dtype=float)
+        finite = np.isfinite(grid)
+        values = np.where(finite, grid, 0.0)
+        total += values.sum()
+        count += int(finite.sum())
+        e, p = grid.shape
+        # Resampling with replacement = multinomial counts of how often each episode/problem is drawn.
+        w_e = rng.multinomial(e, np.full(e, 1.0 / e), size=n_boot)
+        w_p = rng.multinomial(p, np.full(p, 1.0 / p), size=n_boot)
+        # Sum over the resampled grid = w_e^T grid w_p, per resample (matrix products, not a triple loop).
+        num += ((w_e @ values) * w_p).sum(axis=1)
+        den += ((w_e @ finite.astype(float)) * w_p).sum(axis=1)
+    if count == 0:
+        return math.nan, np.full(n_boot, math.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return total / count, num / den
+
+
+def _ci(boot: np.ndarray) -> list[float]:
+    boot = boot[np.isfinite(boot)]
+    if boot.size == 0:
+        return [math.nan, math.nan]
+    alpha = (1 - CONFIDENCE) / 2
+    return [float(np.quantile(boot, alpha)), float(np.quantile(boot, 1 - alpha))]
+
+
+def bootstrap_mean(grids: Sequence[np.ndarray], *, n_boot: int, rng: np.random.Generator) -> dict:
+    """``{"mean", "ci"}`` of the pooled mean of ``grids`` (see the module docstring)."""
+    mean, boot = _grid_means(grids, n_boot, rng)
+    return {"mean": mean, "ci": _ci(boot)}
+
+
+def paired_bootstrap(diffs: Sequence[np.ndarray], *, n_boot: int, rng: np.random.Generator) -> dict:
+    """``{"diff", "ci", "p"}`` of the mean paired difference (grids of A - B; see the module docstring)."""
+    mean, boot = _grid_means(diffs, n_boot, rng)
+    boot = boot[np.isfinite(boot)]
+    if not math.isfinite(mean) or boot.size == 0:
+        return {"diff": mean, "ci": [math.nan, math.nan], "p": math.nan}
+    tail = min(int((boot <= 0).sum()), int((boot >= 0).sum()))
+    p = min(1.0, 2 * (tail + 1) / (boot.size + 1))
+    return {"diff": mean, "ci": _ci(boot), "p": p}
+
+
+def mcnemar_exact(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> dict:
+    """McNemar's exact test: ``{"a_only", "b_only", "p"}`` (two-sided binomial test on discordant pairs)."""
+    from scipy.stats import binomtest
+
+    a = np.asarray(a_correct, dtype=bool)
+    b = np.asarray(b_correct, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"mcnemar_exact: {a.shape} vs {b.shape} paired outcomes")
+    a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
+    p = 1.0 if a_only + b_only == 0 else float(binomtest(a_only, a_only + b_only, 0.5).pvalue)
+    return {"a_only": a_only, "b_only": b_only, "p": p}
+
+
+# --- grids -----------------------------------------------------------------------------------
+def _cells(rows: Sequence[dict]) -> dict[tuple[str, int], dict]:
+    """(task, n) → {"seeds", "ids", "holdout", "shots": {seed: shot ids}, "correct"/"strict"/"nll": [E, P]}."""
+    grouped: dict[tuple[str, int], list[dict]] = {}
+    for row in rows:
+        grouped.setdefault((row["task"], int(row["n"])), []).append(row)
+    cells = {}
+    for (task, n), group in grouped.items():
+        seeds = sorted({int(r["seed"]) for r in group})
+        ids = sorted({r["id"] for r in group})
+        if len(group) != len(seeds) * len(ids):
+            raise ValueError(
+                f"task {task!r}, n={n}: {len(group)} rows for {len(seeds)} episodes x {len(ids)} problems; "
+                "every episode must score the same problems exactly once"
+            )
+        e_of, p_of = {s: i for i, s in enumerate(seeds)}, {pid: i for i, pid in enumerate(ids)}
+        cell: dict[str, Any] = {"seeds": seeds, "ids": ids, "holdout": bool(group[0].get("holdout", False)), "shots": {}}
+        for key in ("correct", "strict", "nll"):
+            cell[key] = np.full((len(seeds), len(ids)), np.nan)
+        filled = np.zeros((len(seeds), len(ids)), dtype=bool)
+        for r in group:
+            i, j = e_of[int(r["seed"])], p_of[r["id"]]
+            if filled[i, j]:
+                raise ValueError(f"task {task!r}, n={n}, seed {r['seed']}: problem {r['id']!r} appears twice")
+            filled[i, j] = True
+            cell["shots"].setdefault(int(r["seed"]), tuple(r.get("shot_ids", ())))
+            cell["correct"][i, j] = float(bool(r["correct"]))
+            cell["strict"][i, j] = float(bool(r["strict"]))
+            cell["nll"][i, j] = math.nan if r.get("nll") is None else float(r["nll"])
+        cells[(task, n)] = cell
+    return cells
+
+
+def _check_same_episodes(cells_by_method: Mapping[str, dict]) -> None:
+    methods = list(cells_by_method)
+    first = cells_by_method[methods[0]]
+    for other in methods[1:]:
+        cells = cells_by_method[other]
+        if set(cells) != set(first):
+            raise ValueError(f"methods {methods[0]!r} and {other!r} cover different (task, n): "
+                             f"{sorted(set(first) ^ set(cells))[:5]}")
+        for key, cell in first.items():
+            for what in ("seeds", "ids", "shots"):
+                if cells[key][what] != cell[what]:
+                    raise ValueError(
+                        f"methods {methods[0]!r} and {other!r} were not evaluated on the same episodes: task "
+                        f"{key[0]!r}, n={key[1]} differ in {what}"
+                    )
+
+
+# --- the report ------------------------------------------------------------------------------
+def build_report(rows_by_method: Mapping[str, Sequence[dict]], *, n_boot: int = 2000, seed: int = 0) -> dict:
+    """``{"methods", "n_boot", "seed", "confidence", "summary": [...], "significance": [...], "diagnostics"}``.
+
+    summary rows: section, task (or ``ALL``), n, method, episodes, problems, accuracy, accuracy_ci,
+    strict_accuracy, strict_accuracy_ci, nll, nll_ci. significance rows: section, task, n, a, b, pairs,
+    accuracy_diff, accuracy_diff_ci, accuracy_p, mcnemar {a_only, b_only, p}, nll_diff, nll_diff_ci, nll_p.
+    diagnostics: per method, the fractions of unfinished generations and truncated references.
+    """
+    if not rows_by_method:
+        raise ValueError("build_report: no methods")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    methods = list(rows_by_method)
+    cells_by_method = {m: _cells(rows) for m, rows in rows_by_method.items()}
+    empty = [m for m, cells in cells_by_method.items() if not cells]
+    if empty:
+        raise ValueError(f"build_report: no rows for {empty}")
+    _check_same_episodes(cells_by_method)
+    layout = cells_by_method[methods[0]]
+    tasks = list(dict.fromkeys(task for task, _ in layout))
+    shots = sorted({n for _, n in layout})
+    section_tasks = {
+        "meta_train": [t for t in tasks if not layout[(t, shots[0])]["holdout"]],
+        "holdout": [t for t in tasks if layout[(t, shots[0])]["holdout"]],
+    }
+    comparisons = [(a, b) for a, b in COMPARISONS if a in rows_by_method and b in rows_by_method]
+
+    summary, significance = [], []
+    for section, _ in SECTIONS:
+        for task in [*section_tasks[section], ALL] if section_tasks[section] else []:
+            members = section_tasks[section] if task == ALL else [task]
+            for n in shots:
+                keys = [(t, n) for t in members if (t, n) in layout]
+                if not keys:
+                    continue
+                for method in methods:
+                    cells = [cells_by_method[method][k] for k in keys]
+                    row = {"section": section, "task": task, "n": n, "method": method,
+                           "episodes": max(len(c["seeds"]) for c in cells), "problems": sum(len(c["ids"]) for c in cells)}
+                    for key, name in (("correct", "accuracy"), ("strict", "strict_accuracy"), ("nll", "nll")):
+                        stat = bootstrap_mean([c[key] for c in cells], n_boot=n_boot, rng=_rng(seed, section, task, n, key))
+                        row[name], row[f"{name}_ci"] = stat["mean"], stat["ci"]
+                    summary.append(row)
+                for a, b in comparisons:
+                    ca = [cells_by_method[a][k] for k in keys]
+                    cb = [cells_by_method[b][k] for k in keys]
+                    row = {"section": section, "task": task, "n": n, "a": a, "b": b,
+                           "pairs": sum(c["correct"].size for c in ca)}
+                    for key, name in (("correct", "accuracy"), ("nll", "nll")):
+                        stat = paired_bootstrap([x[key] - y[key] for x, y in zip(ca, cb)], n_boot=n_boot,
+                                                rng=_rng(seed, section, task, n, key))
+                        row[f"{name}_diff"], row[f"{name}_diff_ci"], row[f"{name}_p"] = stat["diff"], stat["ci"], stat["p"]
+                    row["mcnemar"] = mcnemar_exact(np.concatenate([x["correct"].ravel() for x in ca]) > 0.5,
+                                                   np.concatenate([y["correct"].ravel() for y in cb]) > 0.5)
+                    significance.append(row)
+    # Diagnostics: a generation cut at max_new_tokens usually has no final answer; a truncated reference
+    # has an NLL over part of its solution only.
+    diagnostics = {
+        m: {"unfinished_generations": float(np.mean([not r.get("finished", True) for r in rows])),
+            "truncated_references": float(np.mean([bool(r.get("truncated", False)) for r in rows]))}
+        for m, rows in rows_by_method.items()
+    }
+    return {"methods": methods, "n_boot": n_boot, "seed": seed, "confidence": CONFIDENCE,
+            "summary": summary, "significance": significance, "diagnostics": diagnostics}
+
+
+def _fmt(value: float, ci: Sequence[float] | None = None, digits: int = 3) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    text = f"{value:.{digits}f}"
+    if ci is not None and all(c is not None and math.isfinite(c) for c in ci):
+        text += f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+    return text
+
+
+def _fmt_p(p: float) -> str:
+    if p is None or not math.isfinite(p):
+        return "–"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def render_markdown(report: dict) -> str:
+    """``results.md``: per section, accuracy / NLL / strict tables and the paired comparisons."""
+    methods = report["methods"]
+    pct = int(round(report["confidence"] * 100))
+    lines = [
+        "# Few-shot evaluation",
+        "",
+        f"Methods: {', '.join(methods)}. Every method is evaluated on the same episodes. Cells: mean "
+        f"[{pct}% CI], two-way bootstrap over episodes and problems (B = {report['n_boot']}, seed {report['seed']}). "
+        "Accuracy: math-verify equivalence of the last boxed answer; strict: notational match; NLL: mean token "
+        "negative log-likelihood of the reference solution at the adapted weights. ALL pools the section's tasks "
+        "(every episode x problem weighs the same).",
+        "",
+        "Generations cut at --max-new-tokens without EOS: "
+        + ", ".join(f"{m} {100 * report['diagnostics'][m]['unfinished_generations']:.1f}%" for m in methods)
+        + "; reference solutions truncated to --max-length: "
+        + ", ".join(f"{m} {100 * report['diagnostics'][m]['truncated_references']:.1f}%" for m in methods) + ".",
+    ]
+    for section, title in SECTIONS:
+        rows = [r for r in report["summary"] if r["section"] == section]
+        if not rows:
+            continue
+        lines += ["", f"## {title}"]
+        by_cell: dict[tuple, dict[str, dict]] = {}
+        for r in rows:
+            by_cell.setdefault((r["task"], r["n"]), {})[r["method"]] = r
+        for name, title_ in (("accuracy", "Accuracy (math-verify)"), ("nll", "Reference NLL (lower is better)"),
+                             ("strict_accuracy", "Strict accuracy")):
+            lines += ["", f"### {title_}", "", "| task | n | episodes x problems | " + " | ".join(methods) + " |",
+                      "|---|---:|---:|" + "---:|" * len(methods)]
+            for (task, n), per_method in by_cell.items():
+                first = per_method[methods[0]]
+                cells = [_fmt(per_method[m][name], per_method[m][f"{name}_ci"]) for m in methods]
+                lines.append(f"| {task} | {n} | {first['episodes']} x {first['problems']} | " + " | ".join(cells) + " |")
+        sig = [r for r in report["significance"] if r["section"] == section]
+        if sig:
+            lines += ["", "### Paired comparisons (A − B on the same episode x problem pairs)", "",
+                      f"| task | n | A vs B | Δ accuracy [{pct}% CI] | p (bootstrap) | McNemar A-only / B-only | p (McNemar) "
+                      f"| Δ NLL [{pct}% CI] | p (bootstrap) |",
+                      "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+            for r in sig:
+                mc = r["mcnemar"]
+                lines.append(
+                    f"| {r['task']} | {r['n']} | {r['a']} vs {r['b']} | {_fmt(r['accuracy_diff'], r['accuracy_diff_ci'])} "
+                    f"| {_fmt_p(r['accuracy_p'])} | {mc['a_only']} / {mc['b_only']} | {_fmt_p(mc['p'])} "
+                    f"| {_fmt(r['nll_diff'], r['nll_diff_ci'])} | {_fmt_p(r['nll_p'])} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+# --- plots -----------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def plot_few_shot_curve(report: dict, path: str | Path) -> Path:
+    """Accuracy and NLL vs n (ALL rows), one line per method with its CI band; held-out tasks dashed."""
+    plt = _pyplot()
+    path = Path(path)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    shots = sorted({r["n"] for r in report["summary"]})
+    for (section, _), style in zip(SECTIONS, ("-", "--")):
+        for i, method in enumerate(report["methods"]):
+            rows = sorted((r for r in report["summary"]
+                           if r["section"] == section and r["task"] == ALL and r["method"] == method), key=lambda r: r["n"])
+            if not rows:
+                continue
+            x = [r["n"] for r in rows]
+            label = method if section == "meta_train" else f"{method} (held-out)"
+            for ax, name in zip(axes, ("accuracy", "nll")):
+                y = [r[name] for r in rows]
+                lo = [r[f"{name}_ci"][0] for r in rows]
+                hi = [r[f"{name}_ci"][1] for r in rows]
+                color = colors[i % len(colors)]
+                ax.plot(x, y, style, marker="o", color=color, label=label)
+                ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
+    for ax, title in zip(axes, ("Accuracy (math-verify)", "Reference NLL")):
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(shots)
+        ax.set_xticklabels([str(n) for n in shots])
+        ax.set_xlabel("shots n")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Few-shot adaptation, all tasks ({int(report['confidence'] * 100)}% CI)")
+    _save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` (or of ``<run dir>/metrics.jsonl``); unreadable lines skipped."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"--metrics-jsonl {path}: no such file")
+    records = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s:%d: unreadable line skipped", path, lineno)
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records
+
+
+def _series(records: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def plot_learning_curves(paths: Sequence[str | Path] | Mapping[str, str | Path], path: str | Path) -> Path | None:
+    """Training curves of the runs' ``metrics.jsonl`` (files or run dirs; a mapping gives each run's label,
+    else the run dir's name); None (nothing written) when they hold none of the curves."""
+    if not isinstance(paths, Mapping):
+        paths = {((Path(p) if Path(p).is_dir() else Path(p).parent).name or str(p)): p for p in paths}
+    runs = [(label, read_metrics(p)) for label, p in paths.items()]
+    panels: list[tuple[str, list[tuple[str, list[int], list[float], str]]]] = []
+    loss = [(f"{label} {key}", *_series(recs, key), "-") for label, recs in runs for key in ("meta/loss", "sft/loss")]
+    gap = [(label, *_series(recs, "meta/avg_adaptation_gap"), "-") for label, recs in runs]
+    query = [
+        (f"{label} {key.split('/')[0]}", *_series(recs, key), "-")
+        for label, recs in runs
+        for key in sorted({k for r in recs for k in r if k.endswith("/query_loss") and not k.startswith(("meta/", "eval/"))})
+    ]
+    evals = [(f"{label} {key}", *_series(recs, f"eval/{key}"), style)
+             for label, recs in runs for key, style in (("loss_pre", "--"), ("loss_post", "-"))]
+    for title, lines in (("training loss (meta/loss = query loss after adaptation; sft/loss)", loss),
+                         ("meta/avg_adaptation_gap (query − support loss)", gap),
+                         ("per-task query loss", query), ("eval: test loss before (--) / after (—) adaptation", evals)):
+        lines = [line for line in lines if line[1]]
+        if lines:
+            panels.append((title, lines))
+    if not panels:
+        log.warning("learning curves: none of %s has meta/*, sft/*, {task}/query_loss or eval/* metrics",
+                    [str(p) for p in paths.values()])
+        return None
+    plt = _pyplot()
+    cols = min(2, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.8 * rows), squeeze=False, layout="constrained")
+    for ax, (title, lines) in zip(axes.flat, panels):
+        for label, steps, values, style in lines:
+            ax.plot(steps, values, style, label=label, linewidth=1)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    path = Path(path)
+    _save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+# --- files -----------------------------------------------------------------------------------
+def _jsonable(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return _jsonable(value.item())
+    return value
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_report(
+    output_dir: str | Path,
+    rows_by_method: Mapping[str, Sequence[dict]],
+    *,
+    metadata: dict | None = None,
+    metrics_jsonl: Sequence[str | Path] | Mapping[str, str | Path] = (),
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict:
+    """Write results.json, results.md, few_shot_curve.png (+ learning_curves.png when ``metrics_jsonl``).
+
+    Returns ``{"report", "markdown", "paths": {name: Path}}``.
+    """
+    out = Path(output_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    report = build_report(rows_by_method, n_boot=n_boot, seed=seed)
+    markdown = render_markdown(report)
+    results = {
+        "metadata": metadata or {},
+        **report,
+        "rows": [{"method": m, **row} for m, rows in rows_by_method.items() for row in rows],
+    }
+    paths = {"results.json": out / "results.json", "results.md": out / "results.md"}
+    _write_text_atomic(paths["results.json"], json.dumps(_jsonable(results), indent=1, allow_nan=False) + "\n")
+    _write_text_atomic(paths["results.md"], markdown)
+    paths["few_shot_curve.png"] = plot_few_shot_curve(report, out / "few_shot_curve.png")
+    if metrics_jsonl:
+        curves = plot_learning_curves(metrics_jsonl, out / "learning_curves.png")
+        if curves is not None:
+            paths["learning_curves.png"] = curves
+    return {"report": report, "markdown": markdown, "paths": paths}

@@ -1,0 +1,325 @@
+"""Few-shot evaluation on a tiny Qwen3 and the synthetic suite: the plan, adaptation, NLL, generation, CLI.
+
+The references are independent of the code under test: adaptation = a deep copy of the model and
+``torch.optim.SGD`` on the module's own LoRA parameters over ONE batch of all shots (its token mean is
+the full-batch loss that micro-batched steps must reproduce); NLL = ``causal_lm_loss`` of that copy;
+generation = an argmax loop without KV cache, padding or ``generate``. fp64, so greedy choices are
+not flipped by rounding.
+"""
+
+import copy
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lora_maml.config import Config, LoraConfig, config_to_dict
+from lora_maml.data.prepare import load_split, prepare
+from lora_maml.data.synthetic import synthetic_records
+from lora_maml.data.tokenize import prompt_ids, collate, encode_example
+from lora_maml.eval.few_shot import (
+    Episode,
+    episode_records,
+    evaluate_model,
+    main,
+    plan_episodes,
+    plan_fingerprint,
+)
+from lora_maml.load_trained import load_trained
+from lora_maml.loss import causal_lm_loss
+from lora_maml.tiny_model import build_tiny_model
+from lora_maml.train import checkpoint as ckpt
+
+LORA = LoraConfig(r=8, alpha=16)
+MAX_LENGTH = 256
+EVAL = dict(adapt_lr=0.5, adapt_steps=3, adapt_batch_size=2, max_new_tokens=6, gen_batch_size=2,
+            max_length=MAX_LENGTH, truncation="right")
+
+
+@pytest.fixture(scope="module")
+def records():
+    return synthetic_records(12, 0)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, records):
+    # 12 per task: support 4, query 2, test 6; precalculus held out: 12 test records, no support.
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    prepare(records, out, support_ratio=0.4, query_ratio=0.2, seed=0, holdout_tasks=["precalculus"],
+            source_description={"source": "synthetic"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, records):
+    texts = [f"{r['prompt']}\n{r['response']}" for r in records]
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", texts, vocab_size=400, hidden_size=32,
+                            intermediate_size=64, head_dim=8)
+
+
+def load(tiny_dir, dtype="fp64"):
+    return load_trained(str(tiny_dir), dtype=dtype, lora=LORA)
+
+
+def sharpen(trained, *, embeddings_only=False):
+    """Scale base weights by 10 (std 0.02 -> 0.2). At random init every logit is near 0 and greedy decoding
+    gives "\n" for every prompt, whatever the weights; larger weights make generations prompt-dependent and
+    sensitive to the weights (all matrices), or let a few SGD steps move the argmax (tied embeddings only)."""
+    with torch.no_grad():
+        if embeddings_only:
+            trained.model.get_input_embeddings().weight.mul_(10)
+        else:
+            for name, p in trained.model.named_parameters():
+                if ".lora_" not in name and p.ndim == 2:
+                    p.mul_(10)
+    return trained
+
+
+def eos_ids(trained):
+    eos = trained.model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos])
+
+
+def reference_adapted(trained, shots, lr, steps):
+    model = copy.deepcopy(trained.model).train()
+    own = dict(model.named_parameters())
+    params = [own[name].requires_grad_(True) for name in trained.params]
+    opt = torch.optim.SGD(params, lr=lr)
+    batch = collate(shots, trained.tokenizer.pad_token_id, packed=False)
+    for _ in range(steps):
+        opt.zero_grad()
+        causal_lm_loss(model, batch)[0].backward()
+        opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def reference_greedy(model, tokenizer, prompt, max_new_tokens, eos):
+    ids = list(prompt_ids(tokenizer, prompt))
+    out = []
+    for _ in range(max_new_tokens):
+        token = int(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax())
+        if token in eos:
+            break
+        out.append(token)
+        ids.append(token)
+    return tokenizer.decode(out, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def reference_nll(model, tokenizer, record):
+    example = encode_example(tokenizer, record["prompt"], record["response"], max_length=MAX_LENGTH, truncation="right")
+    loss, tokens = causal_lm_loss(model, collate([example], tokenizer.pad_token_id, packed=False))
+    return float(loss), tokens
+
+
+# --- the plan --------------------------------------------------------------------------------
+def test_plan_is_a_pure_function_shared_by_every_n_and_episode(data_dir):
+    plan = plan_episodes(data_dir, ["algebra", "precalculus"], [0, 2, 4], 3, 3, seed=0)
+    assert plan == plan_episodes(data_dir, ["algebra", "precalculus"], [0, 2, 4], 3, 3, seed=0)
+    assert plan_fingerprint(plan) == plan_fingerprint(list(plan))
+    assert [(ep.task, ep.n, ep.seed) for ep in plan] == [
+        (task, n, s) for task in ("algebra", "precalculus") for n, seeds in ((0, [0]), (2, [0, 1, 2]), (4, [0, 1, 2]))
+        for s in seeds
+    ]
+    for task in ("algebra", "precalculus"):
+        episodes = [ep for ep in plan if ep.task == task]
+        assert len({ep.test_ids for ep in episodes}) == 1  # one scored subset per task
+        test_ids = episodes[0].test_ids
+        assert len(test_ids) == 3 == len(set(test_ids))
+        split_test = {r["id"] for r in load_split(data_dir, task, "test")}
+        assert set(test_ids) <= split_test
+        for ep in episodes:
+            assert len(ep.shot_ids) == ep.n == len(set(ep.shot_ids))
+            assert not set(ep.shot_ids) & set(test_ids)
+            assert ep.holdout == (task == "precalculus")
+        shots = {i for ep in episodes for i in ep.shot_ids}
+        if task == "algebra":
+            assert shots <= {r["id"] for r in load_split(data_dir, task, "support")}
+        else:  # held out: shots from the test split's unscored problems
+            assert shots <= split_test - set(test_ids)
+        draws = {ep.shot_ids for ep in episodes if ep.n == 2}
+        assert len(draws) > 1, "episode seeds must draw different shots"
+
+    larger = plan_episodes(data_dir, ["algebra"], [0], 1, 5, seed=0)[0].test_ids
+    assert larger[:3] == plan[0].test_ids  # a larger subset extends the smaller one
+    other = [ep.test_ids for ep in plan_episodes(data_dir, None, [0], 1, 3, seed=1)]
+    assert other != [ep.test_ids for ep in plan_episodes(data_dir, None, [0], 1, 3, seed=0)]
+    explicit = plan_episodes(data_dir, ["algebra"], [2], [7, 3], 2, seed=0)
+    assert [ep.seed for ep in explicit] == [7, 3]
+
+
+def test_plan_defaults_and_limits(data_dir):
+    plan = plan_episodes(data_dir, None, [0, 4], 1, None, seed=0)
+    assert {ep.task for ep in plan} == {"algebra", "counting_and_probability", "geometry", "intermediate_algebra",
+                                         "number_theory", "prealgebra", "precalculus"}
+    held = [ep for ep in plan if ep.task == "precalculus"]
+    assert all(ep.holdout for ep in held) and len(held[0].test_ids) == 12 - 4  # 4 kept back as shots
+    assert len(next(ep for ep in plan if ep.task == "algebra").test_ids) == 6
+    with pytest.raises(ValueError, match="support split has 4 records, fewer than n=5"):
+        plan_episodes(data_dir, ["algebra"], [5], 1, 2)
+    with pytest.raises(ValueError, match="too few to draw 12 shots"):
+        plan_episodes(data_dir, ["precalculus"], [12], 1, 2)
+    with pytest.raises(ValueError, match="--tasks"):
+        plan_episodes(data_dir, ["calculus"], [0], 1, 2)
+    with pytest.raises(ValueError, match="duplicate episode seeds"):
+        plan_episodes(data_dir, ["algebra"], [2], [1, 1], 2)
+
+
+# --- evaluation against independent references ------------------------------------------------
+@pytest.fixture(scope="module")
+def evaluated(data_dir, tiny_dir):
+    trained = load(tiny_dir)
+    sharpen(trained)
+    plan = plan_episodes(data_dir, ["algebra", "precalculus"], [0, 3], 1, 3, seed=0)
+    records = episode_records(data_dir, plan)
+    before = {name: p.detach().clone() for name, p in trained.params.items()}
+    rows = evaluate_model(trained, plan, records, **EVAL)
+    return SimpleNamespace(trained=trained, plan=plan, records=records, rows=rows, before=before)
+
+
+def test_rows_cover_every_episode_and_problem(evaluated):
+    keys = [(r["task"], r["n"], r["seed"], r["id"], tuple(r["shot_ids"])) for r in evaluated.rows]
+    assert keys == [(ep.task, ep.n, ep.seed, pid, ep.shot_ids) for ep in evaluated.plan for pid in ep.test_ids]
+    for row in evaluated.rows:
+        assert row["holdout"] == (row["task"] == "precalculus")
+        assert row["gold"] == evaluated.records[row["id"]]["answer"]
+        assert isinstance(row["correct"], bool) and isinstance(row["strict"], bool)
+        assert row["tokens"] > 0 and not row["truncated"] and 0 <= row["gen_tokens"] <= EVAL["max_new_tokens"]
+
+
+def test_loaded_weights_and_mode_are_unchanged(evaluated):
+    for name, p in evaluated.trained.params.items():
+        assert torch.equal(p, evaluated.before[name]), name
+    assert not evaluated.trained.model.training  # load_trained returns it in eval mode
+
+
+def test_n0_is_the_unadapted_model(evaluated):
+    trained = evaluated.trained
+    for row in (r for r in evaluated.rows if r["n"] == 0):
+        record = evaluated.records[row["id"]]
+        nll, tokens = reference_nll(trained.model, trained.tokenizer, record)
+        assert row["nll"] == pytest.approx(nll, rel=1e-10) and row["tokens"] == tokens
+        assert row["generation"] == reference_greedy(trained.model, trained.tokenizer, record["prompt"],
+                                                     EVAL["max_new_tokens"], eos_ids(trained))
+
+
+def test_adapted_nll_and_generation_equal_an_sgd_reference(evaluated):
+    trained = evaluated.trained
+    zero_shot = {(r["task"], r["id"]): r for r in evaluated.rows if r["n"] == 0}
+    changed = 0
+    for ep in (ep for ep in evaluated.plan if ep.n > 0):
+        shots = [encode_example(trained.tokenizer, evaluated.records[i]["prompt"], evaluated.records[i]["response"],
+                                max_length=MAX_LENGTH, truncation="right") for i in ep.shot_ids]
+        model = reference_adapted(trained, shots, EVAL["adapt_lr"], EVAL["adapt_steps"])
+        rows = [r for r in evaluated.rows if (r["task"], r["n"], r["seed"]) == (ep.task, ep.n, ep.seed)]
+        for row in rows:
+            record = evaluated.records[row["id"]]
+            nll, _ = reference_nll(model, trained.tokenizer, record)
+            assert row["nll"] == pytest.approx(nll, rel=1e-8)
+            assert abs(row["nll"] - zero_shot[(ep.task, row["id"])]["nll"]) > 1e-3  # adaptation did something
+            assert row["generation"] == reference_greedy(model, trained.tokenizer, record["prompt"],
+                                                         EVAL["max_new_tokens"], eos_ids(trained))
+            changed += row["generation"] != zero_shot[(ep.task, row["id"])]["generation"]
+    assert changed, "adaptation changed no generation: this test could not tell adapted from loaded weights"
+
+
+def test_generation_does_not_depend_on_the_batch(evaluated):
+    trained = evaluated.trained
+    episodes = [ep for ep in evaluated.plan if ep.n == 0]
+    rows = evaluate_model(trained, episodes, evaluated.records, **{**EVAL, "gen_batch_size": 3})
+    assert [r["generation"] for r in rows] == [r["generation"] for r in evaluated.rows if r["n"] == 0]
+
+
+def test_the_adapted_weights_generate(data_dir, tiny_dir):
+    """Shots whose solutions are all "7": after adapting on them the model answers "7"; before it does not."""
+    trained = sharpen(load(tiny_dir, "fp32"), embeddings_only=True)
+    plan = plan_episodes(data_dir, ["algebra"], [0], 1, 3, seed=0)
+    records = episode_records(data_dir, plan)
+    fake = {f"fixed/{i}": {"id": f"fixed/{i}", "prompt": f"Question {i}: what now?", "response": "7", "answer": "7"}
+            for i in range(4)}
+    records.update(fake)
+    adapted = Episode("algebra", 4, 0, tuple(fake), plan[0].test_ids)
+    settings = {**EVAL, "adapt_lr": 0.1, "adapt_steps": 25, "adapt_batch_size": 4, "max_new_tokens": 4, "gen_batch_size": 3}
+    before, after, again = (evaluate_model(trained, [ep], records, **settings) for ep in (plan[0], adapted, plan[0]))
+    assert [r["generation"] for r in after] == ["7"] * 3 and all(r["finished"] for r in after)
+    assert all(r["generation"] != "7" for r in before)
+    assert [r["generation"] for r in again] == [r["generation"] for r in before]  # restored after the episode
+
+
+def test_adaptation_settings_are_required_for_shots(data_dir, tiny_dir, evaluated):
+    episode = next(ep for ep in evaluated.plan if ep.n > 0)
+    with pytest.raises(ValueError, match="--adapt-lr must be a positive number"):
+        evaluate_model(evaluated.trained, [episode], evaluated.records, **{**EVAL, "adapt_lr": None})
+
+
+# --- command line ----------------------------------------------------------------------------
+def save_fomaml_run(tiny_dir, run_dir):
+    cfg = Config.model_validate({
+        "model": {"partial_pretrain": str(tiny_dir), "dtype": "fp32", "enable_gradient_checkpointing": False,
+                  "lora": {"r": 4, "alpha": 8}},
+        "meta": {"inner_lr": 0.05, "num_inner_steps": 2, "inner_batch_size": 2},
+        "data": {"max_length": 200},
+        "trainer": {"default_local_dir": str(run_dir)},
+    })
+    trained = load_trained(str(tiny_dir), dtype="fp32", lora=cfg.model.lora)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in trained.params.items():
+            if ".lora_B." in name:
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.05)
+    ckpt.save_checkpoint(
+        run_dir, 1, model_state_dict={n: p.detach() for n, p in trained.params.items()},
+        optimizer_state_dict={"state": {}, "param_groups": []}, config=config_to_dict(cfg),
+        trainer_state={"kind": "fomaml"}, rng_states=[ckpt.capture_rng_state()],
+        save_pretrained=lambda d: trained.model.save_pretrained(d, safe_serialization=True), pretrained_kind="adapter",
+    )
+    return run_dir
+
+
+def test_cli_compares_methods_on_identical_episodes(data_dir, tiny_dir, tmp_path, capsys):
+    run_dir = save_fomaml_run(tiny_dir, tmp_path / "fomaml_run")
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "meta/loss": 1 / s, "algebra/query_loss": 1 / s}) + "\n"
+                               for s in range(1, 4)))
+    out = tmp_path / "out"
+    common = ["--data-dir", str(data_dir), "--tasks", "algebra", "precalculus", "--n-shots", "0", "2", "--seeds", "2",
+              "--max-test-per-task", "2", "--max-new-tokens", "3", "--gen-batch-size", "2", "--n-boot", "50",
+              "--dtype", "fp32", "--device", "cpu", "--output-dir", str(out)]
+    code = main(["--compare", f"base={tiny_dir}", f"fomaml={run_dir}", "--adapt-steps", "base=1",
+                 "--metrics-jsonl", str(metrics), *common])
+    assert code == 0
+    assert {p.name for p in out.iterdir()} == {"plan.json", "rows", "results.json", "results.md",
+                                              "few_shot_curve.png", "learning_curves.png"}
+    results = json.loads((out / "results.json").read_text())
+    base, fomaml = results["metadata"]["methods"]["base"], results["metadata"]["methods"]["fomaml"]
+    # The FOMAML run's inner loop is every method's default; NAME=V overrides it for one method.
+    assert (fomaml["adapt_lr"], fomaml["adapt_steps"], fomaml["adapt_batch_size"], fomaml["max_length"]) == (0.05, 2, 2, 200)
+    assert (base["adapt_lr"], base["adapt_steps"], base["adapt_batch_size"]) == (0.05, 1, 2)
+    assert base["defaults_from"] == fomaml["defaults_from"] == "fomaml"
+
+    def keys(name):
+        rows = json.loads((out / "rows" / f"{name}.json").read_text())["rows"]
+        return [(r["task"], r["n"], r["seed"], r["id"], tuple(r["shot_ids"]), r["holdout"]) for r in rows]
+
+    assert keys("base") == keys("fomaml") and len(keys("base")) == 2 * (1 + 2) * 2
+    assert any(k[5] for k in keys("base"))
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["plan_sha256"] == results["metadata"]["plan"]["plan_sha256"]
+    markdown = (out / "results.md").read_text()
+    assert "| fomaml vs base |" in markdown and "## Adaptation to an unseen subject" in markdown
+    assert markdown in capsys.readouterr().out
+    for name in ("few_shot_curve.png", "learning_curves.png"):
+        assert (out / name).stat().st_size > 10_000
+
+
+def test_cli_without_a_run_config_needs_the_adaptation_settings(data_dir, tiny_dir, tmp_path, capsys):
+    code = main(["--model-path", str(tiny_dir), "--data-dir", str(data_dir), "--tasks", "algebra", "--n-shots", "0", "2",
+                 "--adapt-lr", "0.1", "--output-dir", str(tmp_path / "out")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "no run checkpoint among the methods" in err and "--adapt-steps --adapt-batch-size" in err
+    assert not (tmp_path / "out").exists()  # nothing was evaluated
+    code = main(["--compare", "a=x", "a=y", "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "out")])
+    assert code == 1 and "given twice" in capsys.readouterr().err
