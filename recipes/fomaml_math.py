@@ -26,6 +26,7 @@ class FOMAMLRecipe(TrainingRecipe):
 
     def setup(self) -> None:
         cfg = self.cfg
+        self.check_even_share(cfg.meta.meta_batch_size, "meta.meta_batch_size")
         self.ensure_inputs()
         self.setup_model()
         self.setup_data()

@@ -36,6 +36,7 @@ class SFTRecipe(TrainingRecipe):
 
     def setup(self) -> None:
         cfg = self.cfg
+        self.check_even_share(cfg.sft.batch_size, "sft.batch_size")
         self.ensure_inputs()
         self.setup_model()
         self.setup_data()

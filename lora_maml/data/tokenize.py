@@ -69,16 +69,16 @@ def encode_example(
     if eos_id is None:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos_token: cannot mark the end of a response")
 
-    prompt_ids = prompt_ids(tokenizer, prompt)
+    prompt_token_ids = prompt_ids(tokenizer, prompt)
     response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [eos_id]
-    input_ids = prompt_ids + response_ids
-    labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+    input_ids = prompt_token_ids + response_ids
+    labels = [IGNORE_INDEX] * len(prompt_token_ids) + response_ids
 
     truncated = len(input_ids) > max_length
     if truncated:
         if truncation == "error":
             raise ValueError(
-                f"example has {len(input_ids)} tokens (prompt {len(prompt_ids)} + response {len(response_ids) - 1}"
+                f"example has {len(input_ids)} tokens (prompt {len(prompt_token_ids)} + response {len(response_ids) - 1}"
                 f" + EOS) > data.max_length={max_length}; raise data.max_length or set data.truncation=left|right"
             )
         if truncation == "right":
