@@ -40,15 +40,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lora_maml.atomic import atomic_dir
 from lora_maml.data.math import make_prompt
 from lora_maml.load_trained import Trained, load_trained
 from lora_maml.models import torch_dtype
@@ -209,17 +207,6 @@ def _check_not_a_source(output_dir: Path, sources: list[str | None]) -> None:
             raise ValueError(f"--output {output_dir}: would replace {source}, which the export reads")
 
 
-def _publish(tmp: Path, output_dir: Path) -> None:
-    if output_dir.exists():
-        # rename(2) cannot replace a non-empty directory: move the old one aside first.
-        old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-        os.replace(output_dir, old / output_dir.name)
-        os.replace(tmp, output_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, output_dir)
-
-
 # ----------------------------------------------------------------------------------------------
 # Merge and save
 
@@ -317,9 +304,7 @@ def merge_and_save(
         )
     _cast_parameters(model, storage)  # exact: the values are representable in it already
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    with atomic_dir(output_dir) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
         del model
@@ -334,10 +319,6 @@ def merge_and_save(
                 f"{reload_diff:.3g} > tolerance {reload_tol:.3g}: the files do not hold its weights; "
                 "nothing was written"
             )
-        _publish(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info(
         "merged %s -> %s (%s): max |logit diff| vs base + adapter %.3g <= %.3g", report["source"], output_dir,
         storage, diff, tol,

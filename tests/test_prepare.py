@@ -285,12 +285,12 @@ def test_read_only_parent_directory(tmp_path):
 
 
 def test_permission_denied_is_a_clear_error(tmp_path, monkeypatch):
-    import lora_maml.data.prepare as prepare_module
+    import lora_maml.atomic as atomic_module
 
     def denied(**kwargs):
         raise PermissionError(13, "Permission denied", kwargs["dir"])
 
-    monkeypatch.setattr(prepare_module.tempfile, "mkdtemp", denied)
+    monkeypatch.setattr(atomic_module.tempfile, "mkdtemp", denied)
     with pytest.raises(DataError, match=r"out: cannot write the output directory here: .*Permission denied"):
         run(records(10), tmp_path / "out")
     assert leftovers(tmp_path) == []

@@ -34,15 +34,13 @@ import hashlib
 import io
 import json
 import math
-import os
 import random
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from lora_maml.atomic import atomic_dir
 from lora_maml import __version__
 from lora_maml.boxed import last_boxed
 from lora_maml.data import SUBJECTS
@@ -323,40 +321,13 @@ def _write_layout(root: Path, splits: dict[str, dict[str, list[dict]]], manifest
 
 
 def _write_atomically(output_dir: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
-    parent = output_dir.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=parent))
+        with atomic_dir(output_dir) as tmp:
+            write(tmp)
+            # Re-checked here: another run may have created output_dir while this one was writing.
+            _check_output_dir(output_dir, overwrite)
     except OSError as exc:
         raise DataError(f"{output_dir}: cannot write the output directory here: {exc}") from exc
-    try:
-        write(tmp)
-        # mkdtemp makes the directory private (0700); a dataset should get the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
-        _swap_into_place(tmp, output_dir, overwrite)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise DataError(f"{output_dir}: writing the prepared data failed: {exc}") from exc
-        raise
-
-
-def _swap_into_place(tmp: Path, output_dir: Path, overwrite: bool) -> None:
-    # Re-checked here: another run may have created output_dir while this one was writing.
-    _check_output_dir(output_dir, overwrite)
-    if not output_dir.exists():
-        tmp.rename(output_dir)
-        return
-    old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
-    output_dir.rename(old)
-    try:
-        tmp.rename(output_dir)
-    except OSError:
-        old.rename(output_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --- reading ---------------------------------------------------------------------------------

@@ -62,7 +62,6 @@ import gc
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import sys
@@ -74,6 +73,7 @@ from typing import Any
 
 import torch
 
+from lora_maml.atomic import write_text_atomic
 from lora_maml.data.prepare import MANIFEST, list_tasks, load_split
 from lora_maml.data.tokenize import prompt_ids, collate, encode_example
 from lora_maml.eval.grading import DEFAULT_TIMEOUT_S, grade
@@ -410,12 +410,7 @@ def _parse_methods(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, allow_nan=False, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1, allow_nan=False, default=_json_default))
 
 
 def _json_default(value):

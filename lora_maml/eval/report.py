@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from lora_maml.atomic import write_text_atomic
 from lora_maml.train.metrics import METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -447,15 +448,6 @@ def _jsonable(value):
     return value
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_report(
     output_dir: str | Path,
     rows_by_method: Mapping[str, Sequence[dict]],
@@ -479,8 +471,8 @@ def write_report(
         "rows": [{"method": m, **row} for m, rows in rows_by_method.items() for row in rows],
     }
     paths = {"results.json": out / "results.json", "results.md": out / "results.md"}
-    _write_text_atomic(paths["results.json"], json.dumps(_jsonable(results), indent=1, allow_nan=False) + "\n")
-    _write_text_atomic(paths["results.md"], markdown)
+    write_text_atomic(paths["results.json"], json.dumps(_jsonable(results), indent=1, allow_nan=False) + "\n")
+    write_text_atomic(paths["results.md"], markdown)
     paths["few_shot_curve.png"] = plot_few_shot_curve(report, out / "few_shot_curve.png")
     if metrics_jsonl:
         curves = plot_learning_curves(metrics_jsonl, out / "learning_curves.png")

@@ -46,6 +46,8 @@ from typing import Any, Literal
 
 import torch
 
+from lora_maml.atomic import fsync_dir, write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 PT_PATTERN = re.compile(r"^maml_checkpoint_step_(\d+)\.pt$")
@@ -151,42 +153,20 @@ def gather_rng_states() -> list[dict]:
 # Atomic file helpers
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
     for path in sorted(p for p in root.rglob("*") if p.is_dir()):
-        _fsync_dir(path)
-    _fsync_dir(root)
+        fsync_dir(path)
+    fsync_dir(root)
 
 
 def _publish(tmp: Path, final: Path) -> None:
     """Atomically move a fully written temporary file or directory to its final name."""
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    _publish(tmp, path)
+    fsync_dir(final.parent)
 
 
 def _remove(path: Path) -> None:
@@ -450,7 +430,7 @@ def save_checkpoint(
             if leftover.exists():
                 _remove(leftover)
         raise
-    _write_text_atomic(out_dir / LATEST_FILE, f"step_{step}\n")
+    write_text_atomic(out_dir / LATEST_FILE, f"step_{step}\n")
     if replaced_dir.exists():
         shutil.rmtree(replaced_dir)
 

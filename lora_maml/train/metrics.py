@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 
 from tqdm.auto import tqdm
 
+from lora_maml.atomic import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -35,15 +37,6 @@ TENSORBOARD_DIR = "tensorboard"
 # wandb's default is 90 s; a run should not sit that long on an unreachable server before
 # falling back to offline logging.
 WANDB_INIT_TIMEOUT_S = 30.0
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def format_value(value: float | int) -> str:
@@ -164,7 +157,7 @@ class MetricLogger:
                     continue
                 if record_step <= step:
                     kept.append(line + "\n")
-        _write_text_atomic(self.jsonl_path, "".join(kept))
+        write_text_atomic(self.jsonl_path, "".join(kept))
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
 
     # -- wandb -----------------------------------------------------------------------------
@@ -178,7 +171,7 @@ class MetricLogger:
         run_id = id_path.read_text(encoding="utf-8").strip() if resuming and id_path.exists() else ""
         if not re.fullmatch(r"[A-Za-z0-9_-]+", run_id):
             run_id = uuid.uuid4().hex[:12]
-            _write_text_atomic(id_path, run_id + "\n")
+            write_text_atomic(id_path, run_id + "\n")
 
         mode = os.environ.get("WANDB_MODE", "").lower()
         if mode not in ("offline", "disabled", "dryrun"):
