@@ -12,6 +12,7 @@ as the named FOMAML run (matched compute); otherwise for ``trainer.total_steps``
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -36,7 +37,11 @@ class SFTRecipe(TrainingRecipe):
 
     def setup(self) -> None:
         cfg = self.cfg
-        self.check_even_share(cfg.sft.batch_size, "sft.batch_size")
+        self.check_even_share(
+            self.micro_batches_per_step(),
+            f"the micro-batches per step (sft.batch_size={cfg.sft.batch_size} / meta.query_batch_size="
+            f"{cfg.meta.query_batch_size}, rounded up)",
+        )
         self.ensure_inputs()
         self.setup_model()
         self.setup_data()
@@ -79,18 +84,24 @@ class SFTRecipe(TrainingRecipe):
     def load_extra_state(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
 
+    def micro_batches_per_step(self) -> int:
+        return math.ceil(self.cfg.sft.batch_size / self.cfg.meta.query_batch_size)
+
     def train_step(self, step: int) -> tuple[dict[str, float], list[dict]]:
-        """One AdamW step on the global batch of ``step``; each process takes a round-robin share and
-        the loss is normalised by the GLOBAL label-token count, so the summed gradient is the same for
-        any number of processes."""
+        """One AdamW step on the global batch of ``step``, cut into micro-batches of
+        ``meta.query_batch_size`` (they bound the memory); each process takes a round-robin share of
+        the micro-batches and the loss is normalised by the GLOBAL label-token count, so the summed
+        gradient is the same for any number of processes. Sharing whole micro-batches keeps each
+        micro-batch's examples (and so its float rounding) the same whatever the number of processes."""
         examples = [self.example(ref) for ref in self.sampler.sample(step)]
         global_tokens = sum(label_tokens(e) for e in examples)
-        mine = local_share(examples, self.dist.rank, self.dist.world_size)
+        size = self.cfg.meta.query_batch_size
+        micro = [examples[i : i + size] for i in range(0, len(examples), size)]
         params = list(self.params.values())
         batches = []
         loss_sum = torch.zeros((), device=self.dist.device, dtype=torch.float64)
-        for i in range(0, len(mine), self.cfg.meta.query_batch_size):  # micro-batches bound the memory
-            batch = self.batch(mine[i : i + self.cfg.meta.query_batch_size])
+        for chunk in local_share(micro, self.dist.rank, self.dist.world_size):
+            batch = self.batch(chunk)
             batches.append(batch)
             loss, n = causal_lm_loss_tensors(self.model, batch)
             (loss * n / max(global_tokens, 1)).backward()

@@ -13,8 +13,9 @@ Layout under ``trainer.default_local_dir`` (one checkpoint = one step ``N``)::
 
 The ``.pt`` file holds only tensors (on CPU), numbers, strings, None, bools, lists, tuples and dicts, so
 it loads with ``torch.load(path, weights_only=True)``; :func:`save_checkpoint` proves this on the
-temporary file before publishing it. ``model_state_dict`` holds the adapter weights under PEFT
-state-dict names in LoRA mode (``peft.get_peft_model_state_dict``) or every weight in full mode.
+temporary file before publishing it. ``model_state_dict`` holds the meta-learned weights under
+their parameter names in the model (``lora_maml.models.adapted_parameters``: the LoRA matrices of the
+PeftModel, e.g. ``...q_proj.lora_A.default.weight``, or every weight in full mode).
 
 Crash safety: every file is written under a temporary name in its final directory, flushed, fsynced
 and ``os.replace``-d into place; ``step_{N}`` is assembled as ``step_{N}.tmp-<pid>`` and renamed as a

@@ -113,13 +113,13 @@ class TrainingRecipe:
         )
 
     # -- set-up pieces -----------------------------------------------------------------------
-    def check_even_share(self, count: int, key: str) -> None:
+    def check_even_share(self, count: int, what: str) -> None:
         """Under FSDP every forward and backward is a collective (it all-gathers the base's shards):
-        a process with more tasks or examples than another would wait forever in its extra forward."""
+        a process with more tasks or micro-batches than another would wait forever in its extra forward."""
         world = self.dist.world_size
         if self.cfg.model.fsdp_config.enabled and count % world:
             raise ConfigError(
-                f"model.fsdp_config.enabled=true: {key}={count} must be a multiple of the number of "
+                f"model.fsdp_config.enabled=true: {what} = {count} must be a multiple of the number of "
                 f"processes ({world}) so that every process runs the same forward passes"
             )
 
@@ -294,9 +294,8 @@ class TrainingRecipe:
         return metrics
 
     # -- non-finite steps ------------------------------------------------------------------------
-    def check_finite(self, finite: bool) -> None:
-        """Count skipped non-finite updates; stop with a clear message after too many in a row."""
-        limit = self.cfg.trainer.max_consecutive_nonfinite
+    def count_nonfinite(self, finite: bool) -> None:
+        """Count skipped non-finite updates (the update itself was skipped by ``apply_gradients``)."""
         if finite:
             self.nonfinite_in_a_row = 0
             return
@@ -304,6 +303,10 @@ class TrainingRecipe:
         self.nonfinite_total += 1
         log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d in total)",
                     self.step, self.nonfinite_in_a_row, self.nonfinite_total)
+
+    def stop_if_diverged(self) -> None:
+        """Stop with a clear message after ``trainer.max_consecutive_nonfinite`` skipped steps in a row."""
+        limit = self.cfg.trainer.max_consecutive_nonfinite
         if self.nonfinite_in_a_row >= limit:
             raise FloatingPointError(
                 f"{self.nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient (limit "
@@ -318,7 +321,7 @@ class TrainingRecipe:
         cfg = self.cfg.trainer
         prefix = "meta" if self.kind == "fomaml" else self.kind
         self.sampler.next_step = self.step
-        self.check_finite(not metrics[f"{prefix}/skipped_step"])
+        self.count_nonfinite(not metrics[f"{prefix}/skipped_step"])
         tokens = input_tokens(batches)
         metrics |= self.perf_metrics(tokens, time.perf_counter() - started, mean_seq_len(batches))
         metrics[f"{prefix}/nonfinite_total"] = self.nonfinite_total
@@ -326,8 +329,9 @@ class TrainingRecipe:
         periodic_eval = self.step % cfg.test_freq == 0 or self.step == self.total_steps
         if periodic_eval:
             metrics |= self.evaluate()
-        if logging_step or periodic_eval:
+        if logging_step or periodic_eval or self.nonfinite_in_a_row:
             self.logger.log(self.step, metrics)
+        self.stop_if_diverged()  # after logging, so the failing step is in metrics.jsonl
         stopping = self.stop.requested()
         if self.step % cfg.save_freq == 0 or self.step == self.total_steps or stopping:
             self.save_checkpoint()
