@@ -28,6 +28,8 @@ beside the guide's 10-12 meta-steps/h; meta ÷ SFT = per-round ratio of (a) to (
     python benchmarks/bench_qwen3_4b.py --out results.json          # H100/H200, ~5 min
     python benchmarks/bench_qwen3_4b.py --full --out results.json   # + full-parameter FOMAML
     python benchmarks/bench_qwen3_4b.py --tiny                      # CPU, scaled down, seconds
+    python benchmarks/bench_qwen3_4b.py --loss-chunk-size 1024 --out chunked.json  # chunked cross-entropy:
+                                                                    # compare its peak GiB with the run above
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ import torch
 
 from lora_maml.config import LoraConfig, MetaConfig, ModelConfig, OptimConfig
 from lora_maml.data.tokenize import IGNORE_INDEX, collate
-from lora_maml.loss import causal_lm_loss_tensors, label_token_count
+from lora_maml.loss import causal_lm_loss_tensors, label_token_count, set_loss_chunk_size
 from lora_maml.meta.algorithms import MetaLearner, TaskBatch
 from lora_maml.models import DTYPES, add_lora, adapted_parameters, enable_gradient_checkpointing
 from lora_maml.optim import apply_gradients, build_optimizer, build_scheduler
@@ -79,6 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--full", action="store_true", help="also time a full-parameter FOMAML meta-step (last; OOM tolerated)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="base dtype (default bf16; fp32 with --tiny)")
     p.add_argument("--no-checkpointing", action="store_true", help="turn gradient checkpointing off (default on)")
+    p.add_argument("--loss-chunk-size", type=int, default=None,
+                   help="model.loss_chunk_size: chunked cross-entropy, N label positions per chunk "
+                        "(default: full logits)")
     p.add_argument("--tasks", type=int, default=4, help="tasks per meta-step (meta.meta_batch_size)")
     p.add_argument("--inner-steps", type=int, default=5, help="meta.num_inner_steps")
     p.add_argument("--inner-batch", type=int, default=4, help="meta.inner_batch_size")
@@ -111,6 +116,8 @@ def parse_args(argv=None):
     else:
         args.attn = args.attn.split(",")
     args.layouts = args.layouts.split(",")
+    if args.loss_chunk_size is not None and args.loss_chunk_size < 1:
+        p.error(f"--loss-chunk-size: expected a positive number of label positions, got {args.loss_chunk_size}")
     bad = [x for x in args.layouts if x not in ("padded", "packed")]
     if bad:
         p.error(f"--layouts: {bad} not in padded, packed")
@@ -195,6 +202,7 @@ def build_model(args, adapter: str, attn: str):
         model = Qwen3ForCausalLM._from_config(config, dtype=DTYPES[args.dtype], attn_implementation=attn)
     model.requires_grad_(False)
     model.config.use_cache = False
+    set_loss_chunk_size(model, args.loss_chunk_size)  # as load_base does from model.loss_chunk_size
     if not args.no_checkpointing:
         enable_gradient_checkpointing(model)
     if adapter == "lora":
@@ -266,7 +274,7 @@ def measure_model(args, adapter: str, attn: str, layout: str, clock: Clock, emit
     flat_bytes = learner._flat.numel() * learner._flat.element_size()
 
     for seq in args.seqs:
-        base = dict(adapter=adapter, attn=attn, layout=layout, seq=seq)
+        base = dict(adapter=adapter, attn=attn, layout=layout, seq=seq, loss_chunk_size=args.loss_chunk_size)
         if clock.over_budget():
             clock.log(f"{label} seq={seq}: skipped (time budget {args.budget_s:.0f} s spent)")
             for config in configs:
@@ -395,6 +403,9 @@ def print_table(rows: list[dict], args) -> None:
     )
     print("meta/SFT: meta-step time / time of the same tokens as 24 plain peft forward+backward + 1 AdamW step "
           "(median of per-round ratios).")
+    chunk = args.loss_chunk_size
+    print("loss: " + (f"chunked cross-entropy, {chunk} label positions per chunk (--loss-chunk-size)" if chunk
+                      else "full [batch, seq, vocab] logits (--loss-chunk-size not set)"))
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -422,6 +433,7 @@ def main(argv=None) -> int:
         arch={k: v for k, v in args.arch.items()}, seqs=args.seqs, attn=args.attn, layouts=args.layouts,
         tasks=args.tasks, inner_steps=args.inner_steps, inner_batch=args.inner_batch, query_batch=args.query_batch,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, checkpointing=not args.no_checkpointing,
+        loss_chunk_size=args.loss_chunk_size,
         prompt_frac=args.prompt_frac, warmup=args.warmup, repeats=args.repeats, gpus=args.gpus,
         allreduce_gbps=args.allreduce_gbps, peak_flops=peak_flops() if args.device == "cuda" else None,
         threads=torch.get_num_threads(),

@@ -51,10 +51,29 @@ class ModelConfig(_Section):
     quantization: Literal["nf4"] | None = None
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     enable_gradient_checkpointing: bool = True
+    # Label positions per chunk of the chunked cross-entropy (lora_maml.loss); None: full logits.
+    loss_chunk_size: int | None = Field(None, ge=1)
+    # torch.compile the decoder body for training (lora_maml.models.compile_decoder, by the recipe).
+    compile: bool = False
     trust_remote_code: bool = False
     build_tiny_if_missing: bool = False
     lora: LoraConfig = Field(default_factory=LoraConfig)
     fsdp_config: FSDPConfig = Field(default_factory=FSDPConfig)
+
+    @model_validator(mode="after")
+    def _options_without_fsdp(self) -> "ModelConfig":
+        if self.loss_chunk_size is not None and self.fsdp_config.enabled:
+            # The chunked loss calls the decoder body and the LM head apart, outside the root module's
+            # forward, whose FSDP hooks gather the (sharded) embedding, final norm and LM head.
+            raise ValueError(
+                "loss_chunk_size with fsdp_config.enabled=true is not supported (the chunked loss bypasses "
+                "the root FSDP unit that gathers the LM head): set model.loss_chunk_size=null"
+            )
+        if self.compile and self.fsdp_config.enabled:
+            raise ValueError(
+                "compile=true with fsdp_config.enabled=true is not supported (untested): set model.compile=false"
+            )
+        return self
 
 
 class DataConfig(_Section):
@@ -161,6 +180,11 @@ class Config(_Section):
                 raise ValueError("meta.algorithm=maml needs model.enable_gradient_checkpointing=false")
             if self.model.attn_implementation != "eager":
                 raise ValueError("meta.algorithm=maml needs model.attn_implementation=eager")
+            if self.model.compile:
+                # AOTAutograd: "torch.compile with aot_autograd does not currently support double backward"
+                raise ValueError(
+                    "meta.algorithm=maml needs model.compile=false (no double backward through torch.compile)"
+                )
         if self.model.quantization == "nf4" and self.meta.adapter == "full":
             raise ValueError("model.quantization=nf4 freezes a 4-bit base: it needs meta.adapter=lora")
         return self

@@ -1,8 +1,9 @@
 """Loading the frozen base model, adding LoRA, and naming the meta-learned parameters.
 
 ``load_base`` → frozen (optionally nf4-quantised, optionally GGUF-dequantised) causal LM with
-non-reentrant activation checkpointing; ``add_lora`` → PeftModel with fp32 LoRA weights whatever the
-base dtype; ``adapted_parameters`` → the parameters the meta-learner adapts and meta-learns.
+non-reentrant activation checkpointing and the ``model.loss_chunk_size`` of its loss; ``add_lora`` →
+PeftModel with fp32 LoRA weights whatever the base dtype; ``adapted_parameters`` → the parameters the
+meta-learner adapts and meta-learns; ``compile_decoder`` → ``model.compile`` (the training recipe).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from lora_maml.config import LoraConfig, ModelConfig
+from lora_maml.loss import decoder_body, set_loss_chunk_size
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
@@ -38,6 +40,30 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     # transformers/peft add a hook making the embedding output require grad; only reentrant
     # checkpointing needs it, and with .backward() it costs an input-gradient pass through layer 0.
     model.disable_input_require_grads()
+
+
+def compile_decoder(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """``torch.compile`` the decoder body of ``model`` in place (``nn.Module.compile``; ``model.compile``).
+
+    The body (embeddings, decoder layers, final norm) is where the FLOPs are, and both losses of
+    ``lora_maml.loss`` call it: the full-logits one through the causal LM's forward, the chunked one
+    directly. The LM head and the loss stay eager. In place, so parameter names (fast weights,
+    checkpoints) do not change; apply it after ``add_lora`` or before, compilation happens at the first
+    call. Fast weights swapped in by ``functional_call`` are graph inputs (no recompilation per inner
+    step; one more compile when the sequence length first changes, then dynamic shapes). Gradients match
+    eager up to the rounding of ops transformers keeps in fp32 (RoPE angles, RMSNorm; ~1e-7 on a tiny
+    fp64 model, 1e-15 when those are fp64 too). No double backward: not with ``meta.algorithm=maml``.
+    """
+    decoder_body(model, "model.compile").compile(**compile_kwargs)
+    return model
+
+
+def decoder_compiled(model: nn.Module) -> bool:
+    """Whether :func:`compile_decoder` compiled ``model``'s decoder body."""
+    try:
+        return getattr(decoder_body(model), "_compiled_call_impl", None) is not None
+    except TypeError:
+        return False
 
 
 def load_base(model_cfg: ModelConfig, *, device_map=None):
@@ -93,6 +119,7 @@ def load_base(model_cfg: ModelConfig, *, device_map=None):
     model.config.use_cache = False
     if model_cfg.enable_gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    set_loss_chunk_size(model, model_cfg.loss_chunk_size)  # read by every lora_maml.loss call on the model
     return model, tokenizer
 
 

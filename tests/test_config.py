@@ -63,6 +63,11 @@ def test_overrides_are_parsed_as_yaml():
         (["meta.algorithm=maml"], "<root>", "enable_gradient_checkpointing=false"),
         (["model.quantization=nf4", "meta.adapter=full"], "<root>", "meta.adapter=lora"),
         (["model.lora.r=0"], "model.lora.r", "greater than or equal to 1"),
+        (["model.loss_chunk_size=0"], "model.loss_chunk_size", "greater than or equal to 1"),
+        (["model.loss_chunk_size=1024", "model.fsdp_config.enabled=true"], "model", "loss_chunk_size=null"),
+        (["model.compile=true", "model.fsdp_config.enabled=true"], "model", "model.compile=false"),
+        (["meta.algorithm=maml", "model.enable_gradient_checkpointing=false", "model.attn_implementation=eager",
+          "model.compile=true"], "<root>", "model.compile=false"),
     ],
 )
 def test_bad_values_name_the_key(overrides, key, expected):
@@ -76,6 +81,10 @@ def test_maml_is_accepted_with_its_requirements():
     cfg = load_config(None, ["meta.algorithm=maml", "model.enable_gradient_checkpointing=false",
                              "model.attn_implementation=eager"])
     assert cfg.meta.algorithm == "maml"
+    # The chunked loss has a double backward (tests/test_meta_gradients.py checks MAML with it).
+    chunked = load_config(None, ["meta.algorithm=maml", "model.enable_gradient_checkpointing=false",
+                                 "model.attn_implementation=eager", "model.loss_chunk_size=1024"])
+    assert chunked.model.loss_chunk_size == 1024
 
 
 def test_bad_files_are_named(tmp_path):

@@ -1,7 +1,8 @@
 """The meta-gradients are checked against independent implementations (fp64, tiny random Qwen3).
 
 Reference = deep copy of the model, K in-place ``torch.optim.SGD`` steps on the module's own
-parameters, then ``.backward()`` of the query loss: no fast weights, no functional_call.
+parameters, then ``.backward()`` of the query loss: no fast weights, no functional_call, and the
+full-logits loss even where the meta-learner's model has a chunked one (``model.loss_chunk_size``).
 """
 
 import copy
@@ -11,15 +12,18 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from lora_maml.config import LoraConfig, MetaConfig, OptimConfig
-from lora_maml.loss import causal_lm_loss
+from lora_maml.loss import causal_lm_loss, set_loss_chunk_size
 from lora_maml.meta.algorithms import MetaLearner, TaskBatch, adapt
 from lora_maml.meta.fast_weights import FunctionalLoss, weights_copied_in
-from lora_maml.models import add_lora, adapted_parameters, enable_gradient_checkpointing
+from lora_maml.models import add_lora, adapted_parameters, compile_decoder, enable_gradient_checkpointing
 from lora_maml.optim import build_optimizer, build_scheduler
 
 VOCAB = 128
 INNER_LR = 0.3
 K = 3
+# model.loss_chunk_size of the meta-learner's model: the full logits, or 5 label positions per chunk
+# (a batch of random_batch has 13 label tokens: three chunks, the last one ragged).
+CHUNKS = pytest.mark.parametrize("chunk", [None, 5], ids=["logits", "chunked"])
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,7 +35,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_model(adapter="lora", *, dtype=torch.float64, checkpointing=False, tie=False, attn="eager", seed=0):
+def tiny_model(adapter="lora", *, dtype=torch.float64, checkpointing=False, tie=False, attn="eager", seed=0,
+               chunk=None):
     torch.manual_seed(seed)
     cfg = Qwen3Config(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -39,6 +44,7 @@ def tiny_model(adapter="lora", *, dtype=torch.float64, checkpointing=False, tie=
         attn_implementation=attn, initializer_range=0.2,
     )
     model = Qwen3ForCausalLM(cfg).to(dtype)
+    set_loss_chunk_size(model, chunk)
     if checkpointing:
         enable_gradient_checkpointing(model)
     if adapter == "lora":
@@ -71,11 +77,18 @@ def meta_cfg(algorithm="fomaml", steps=K, lr=INNER_LR, tasks=2):
     return MetaConfig(algorithm=algorithm, inner_lr=lr, num_inner_steps=steps, meta_batch_size=tasks)
 
 
+def full_logits_copy(model):
+    """An independent copy of ``model`` whose loss forms the full [B, T, V] logits."""
+    m = copy.deepcopy(model)
+    set_loss_chunk_size(m, None)
+    return m
+
+
 def reference(model, names, tasks, steps, lr, algorithm="fomaml"):
     """Mean over tasks of the in-place FOMAML gradient (or Reptile's θ − φ_K)."""
     total = None
     for task in tasks:
-        m = copy.deepcopy(model)
+        m = full_logits_copy(model)
         own = dict(m.named_parameters())
         params = [own[n] for n in names]
         theta = [p.detach().clone() for p in params]
@@ -98,11 +111,13 @@ def max_err(a, b):
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
+@CHUNKS
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no_ckpt", "ckpt"])
 @pytest.mark.parametrize("adapter", ["lora", "full"])
-def test_fomaml_matches_inplace_sgd(adapter, checkpointing):
-    # full mode with tied embeddings: one fast weight must replace both embed_tokens and lm_head.
-    model, params = tiny_model(adapter, checkpointing=checkpointing, tie=adapter == "full")
+def test_fomaml_matches_inplace_sgd(adapter, checkpointing, chunk):
+    # full mode with tied embeddings: one fast weight must replace both embed_tokens and lm_head
+    # (chunked: the LM head's weight is read through the module at call time, i.e. the fast weight).
+    model, params = tiny_model(adapter, checkpointing=checkpointing, tie=adapter == "full", chunk=chunk)
     tasks = random_tasks()
     ours = list(MetaLearner(model, params, meta_cfg()).meta_gradient(tasks).grads.values())
     ref = reference(model, list(params), tasks, K, INNER_LR)
@@ -157,7 +172,8 @@ def exact_fp64(monkeypatch):
     Qwen3's RMSNorm casts to fp32 and its eager attention takes the softmax in fp32: fp32 rounding
     of θ-dependent values puts ~1e-7 noise on the loss, which swamps a difference quotient at
     eps = 1e-6. RMSNorm is patched to compute in its input dtype, and attention goes through SDPA's
-    math backend, which has a double backward (the default CPU SDPA kernel has none).
+    math backend, which has a double backward (the default CPU SDPA kernel has none). The RoPE
+    angles, also fp32, are made fp64 too: torch.compile's cos/sin differ from eager's by fp32 ulps.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers.models.qwen3 import modeling_qwen3
@@ -166,13 +182,22 @@ def exact_fp64(monkeypatch):
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
 
+    def rope_in_input_dtype(self, x, position_ids):
+        freqs = position_ids[..., None].to(x.dtype) * self.inv_freq.to(device=x.device, dtype=x.dtype)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
+
     monkeypatch.setattr(modeling_qwen3.Qwen3RMSNorm, "forward", rms_norm_in_input_dtype)
+    monkeypatch.setattr(modeling_qwen3.Qwen3RotaryEmbedding, "forward", rope_in_input_dtype)
     with sdpa_kernel(SDPBackend.MATH):
         yield
 
 
-def test_maml_matches_central_finite_differences(exact_fp64):
-    model, params = tiny_model("lora", attn="sdpa")
+@CHUNKS
+def test_maml_matches_central_finite_differences(exact_fp64, chunk):
+    """Second order through the inner loop; chunked: also through the checkpointed chunks' recomputation
+    (non-reentrant checkpointing supports the double backward), against a full-logits reference."""
+    model, params = tiny_model("lora", attn="sdpa", chunk=chunk)
     names, tasks, steps = list(params), random_tasks(), 2
     maml = MetaLearner(model, params, meta_cfg("maml", steps)).meta_gradient(tasks)
     grads = [g.clone() for g in maml.grads.values()]
@@ -180,7 +205,7 @@ def test_maml_matches_central_finite_differences(exact_fp64):
 
     def objective(direction, eps):
         """mean_t L(φ_K(θ + eps·d); Q_t), φ_K from in-place SGD on a copy."""
-        m = copy.deepcopy(model)
+        m = full_logits_copy(model)
         own = dict(m.named_parameters())
         with torch.no_grad():
             for n, d in zip(names, direction):
@@ -207,6 +232,34 @@ def test_maml_matches_central_finite_differences(exact_fp64):
         assert abs(fd - analytic) <= 1e-7 * max(1.0, abs(analytic)), (fd, analytic)
         first_order = sum((g * v).sum().item() for g, v in zip(fomaml, d))
         assert abs(first_order - analytic) > 1e-2 * abs(analytic)  # the second-order terms matter
+
+
+@pytest.mark.parametrize(
+    "adapter, backend",
+    [("lora", "aot_eager"), ("full", "aot_eager"), pytest.param("lora", "inductor", marks=pytest.mark.slow)],
+)
+def test_compiled_decoder_gives_the_eager_meta_gradient(exact_fp64, adapter, backend):
+    """model.compile: the FOMAML meta-gradient through functional_call with a torch.compile'd decoder body
+    (aot_eager: dynamo + AOTAutograd capture; inductor: the default backend, generated kernels) equals the
+    eager one, which test_fomaml_matches_inplace_sgd pins to the in-place reference. LoRA with gradient
+    checkpointing (as the 4B config) and the chunked loss; full with tied embeddings and full logits."""
+    from torch._dynamo.utils import counters
+
+    lora = checkpointing = adapter == "lora"
+    chunk = 5 if lora else None
+    model, params = tiny_model(adapter, checkpointing=checkpointing, tie=not lora, attn="sdpa", chunk=chunk)
+    tasks = random_tasks()
+    eager = [g.clone() for g in MetaLearner(model, params, meta_cfg()).meta_gradient(tasks).grads.values()]
+    unadapted = [g.clone() for g in MetaLearner(model, params, meta_cfg(steps=0)).meta_gradient(tasks).grads.values()]
+    frames_before = counters["frames"]["ok"]
+    compile_decoder(model, backend=backend)
+    ours = MetaLearner(model, params, meta_cfg()).meta_gradient(tasks).grads.values()
+    assert counters["frames"]["ok"] > frames_before  # the decoder did run compiled
+    assert max_err(ours, eager) <= 1e-12
+    assert max_err(unadapted, eager) > 1e-3  # compiled code that ignored the fast weights would fail
+    if not checkpointing:  # (with checkpointing, maml is refused for that first)
+        with pytest.raises(ValueError, match="model.compile=false"):  # no double backward through compile
+            MetaLearner(model, params, meta_cfg("maml"))
 
 
 @pytest.mark.parametrize("algorithm", ["fomaml", "maml"])

@@ -5,6 +5,7 @@ import torch
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from lora_maml.config import LoraConfig, MetaConfig, ModelConfig
+from lora_maml.loss import loss_chunk_size
 from lora_maml.meta.algorithms import MetaLearner, TaskBatch
 from lora_maml.models import add_lora, adapted_parameters, gradient_checkpointing_on, load_base
 
@@ -70,6 +71,7 @@ def test_load_base_is_frozen_in_the_asked_dtype_with_checkpointing(checkpoint):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.config._attn_implementation == "eager" and model.config.use_cache is False
     assert gradient_checkpointing_on(model)
+    assert loss_chunk_size(model) is None  # model.loss_chunk_size defaults to the full logits
     assert tokenizer.eos_token == "t1" and tokenizer("t5 t9")["input_ids"] == [5, 9]
     plain, _ = load_base(cfg.model_copy(update={"dtype": "fp32", "enable_gradient_checkpointing": False}))
     assert not gradient_checkpointing_on(plain)
@@ -85,8 +87,9 @@ def test_load_base_names_the_key_when_the_model_is_missing(tmp_path):
 
 def test_add_lora_gives_fp32_adapters_on_a_bf16_base(checkpoint):
     directory, _ = checkpoint
-    cfg = ModelConfig(partial_pretrain=str(directory), dtype="bf16")
+    cfg = ModelConfig(partial_pretrain=str(directory), dtype="bf16", loss_chunk_size=8)
     model = add_lora(load_base(cfg)[0], cfg)
+    assert loss_chunk_size(model) == 8  # set by load_base on the base, seen through the PeftModel
     params = adapted_parameters(model, "lora")
     assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params.values())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from lora_maml.config import MetaConfig
 from lora_maml.meta.fast_weights import Batches, FunctionalLoss, loss_and_grads
-from lora_maml.models import gradient_checkpointing_on
+from lora_maml.models import decoder_compiled, gradient_checkpointing_on
 from lora_maml.optim import apply_gradients
 
 # Per-task sums carried next to the gradients in the flat buffer (the all-reduced part).
@@ -121,6 +121,8 @@ class MetaLearner:
     ):
         if meta_cfg.algorithm == "maml" and gradient_checkpointing_on(model):
             raise ValueError("meta.algorithm=maml needs model.enable_gradient_checkpointing=false")
+        if meta_cfg.algorithm == "maml" and decoder_compiled(model):
+            raise ValueError("meta.algorithm=maml needs model.compile=false (no double backward through torch.compile)")
         if meta_cfg.algorithm == "reptile" and meta_cfg.num_inner_steps == 0:
             raise ValueError("meta.algorithm=reptile needs meta.num_inner_steps >= 1 (θ − φ_0 is 0)")
         self.model, self.cfg = model, meta_cfg

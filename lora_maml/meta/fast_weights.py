@@ -7,7 +7,7 @@ re-runs the forward of each checkpointed layer, and if the swap has already been
 recomputation silently uses the module's own weights and the gradient is wrong (max errors of 6e-2
 to 8e-1 measured on tiny Qwen3s; pinned by tests/test_meta_gradients.py). :class:`FunctionalLoss`
 therefore wraps "loss + ``torch.autograd.grad``" in one ``nn.Module.forward`` and functional-calls
-that wrapper.
+that wrapper. The chunked loss (``model.loss_chunk_size``) checkpoints its logit chunks the same way.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from lora_maml.data import prepare
 from lora_maml.data.tokenize import collate, encode_records
 from lora_maml.meta.algorithms import adapt
 from lora_maml.meta.fast_weights import FunctionalLoss
-from lora_maml.models import add_lora, adapted_parameters, load_base
+from lora_maml.models import add_lora, adapted_parameters, compile_decoder, load_base
 from lora_maml.train import checkpoint as ckpt
 from lora_maml.train.distributed import (
     Dist,
@@ -152,6 +152,8 @@ class TrainingRecipe:
         if cfg.meta.adapter == "lora":
             model = add_lora(model, cfg.model)
         model.to(self.dist.device)
+        if cfg.model.compile:
+            compile_decoder(model)  # training only: load_base (evaluation, export, generation) never compiles
         self.params = adapted_parameters(model, cfg.meta.adapter)
         if cfg.model.fsdp_config.enabled:
             if cfg.meta.adapter == "full":
