@@ -12,13 +12,12 @@ all-reduce), so the result does not depend on the number of processes.
 from __future__ import annotations
 
 import sys
-import time
 
 from lora_maml.data.episodes import EpisodeSampler
 from lora_maml.meta.algorithms import MetaLearner, TaskBatch
 from lora_maml.optim import build_optimizer, build_scheduler
 from lora_maml.train.distributed import all_gather_objects, all_reduce_sum, local_share
-from lora_maml.train.recipe import TrainingRecipe, parse_recipe_args
+from lora_maml.train.recipe import TrainingRecipe, run
 
 
 class FOMAMLRecipe(TrainingRecipe):
@@ -62,35 +61,21 @@ class FOMAMLRecipe(TrainingRecipe):
             episodes.append(TaskBatch(draw.task, support, query))
         return episodes
 
-    def train_step(self, step: int) -> tuple[dict[str, float], list[dict], bool]:
+    def train_step(self, step: int) -> tuple[dict[str, float], list[dict]]:
         """One meta-step on this process's share of the tasks drawn for ``step``."""
         episodes = self.episodes(step)
-        logging_step = (step + 1) % self.cfg.trainer.log_freq == 0
+        logging_step = self.is_logging_step(step + 1)
         metrics, task_metrics = self.learner.step(
             episodes, self.optimizer, self.scheduler, self.cfg.optim.clip_grad, query_loss_pre=logging_step
         )
         if logging_step:
             for part in all_gather_objects(task_metrics):  # the per-task metrics of every process
                 metrics |= part
-        return metrics, [b for e in episodes for b in (*e.support, e.query)], logging_step
-
-    def train(self) -> None:
-        while self.step < self.total_steps:
-            started = time.perf_counter()
-            metrics, batches, logging_step = self.train_step(self.step)  # the draw of step s is a pure function of (seed, s)
-            self.step += 1
-            if self.finish_step(metrics, batches, started, logging_step):
-                return
+        return metrics, [b for e in episodes for b in (*e.support, e.query)]
 
 
 def main(argv: list[str] | None = None) -> int:
-    recipe = FOMAMLRecipe(parse_recipe_args(argv, __doc__.splitlines()[0]))
-    try:
-        recipe.setup()
-        recipe.train()
-    finally:
-        recipe.cleanup()
-    return 0
+    return run(FOMAMLRecipe, argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 
 import torch
 
@@ -28,7 +27,7 @@ from lora_maml.train.recipe import (
     label_tokens,
     load_run_config,
     log,
-    parse_recipe_args,
+    run,
 )
 
 
@@ -118,24 +117,10 @@ class SFTRecipe(TrainingRecipe):
         metrics |= {f"sft/{k}": v for k, v in update.items()}
         return metrics, batches
 
-    def train(self) -> None:
-        while self.step < self.total_steps:
-            started = time.perf_counter()
-            metrics, batches = self.train_step(self.step)
-            self.step += 1
-            logging_step = self.step % self.cfg.trainer.log_freq == 0
-            if self.finish_step(metrics, batches, started, logging_step):
-                return
 
 
 def main(argv: list[str] | None = None) -> int:
-    recipe = SFTRecipe(parse_recipe_args(argv, __doc__.splitlines()[0]))
-    try:
-        recipe.setup()
-        recipe.train()
-    finally:
-        recipe.cleanup()
-    return 0
+    return run(SFTRecipe, argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

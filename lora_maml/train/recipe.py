@@ -316,11 +316,29 @@ class TrainingRecipe:
                 f"{self.out_dir}. Lower the learning rates (meta.inner_lr, meta.outer_lr) or check the data."
             )
 
-    # -- the end of every step --------------------------------------------------------------------
-    def finish_step(self, metrics: dict[str, float], batches: list[dict], started: float, logging_step: bool) -> bool:
+    # -- the loop ----------------------------------------------------------------------------------
+    def is_logging_step(self, step: int) -> bool:
+        """Whether step ``step`` (numbered from 1) writes a metrics line."""
+        return step % self.cfg.trainer.log_freq == 0
+
+    def train_step(self, step: int) -> tuple[dict[str, float], list[dict]]:
+        """One optimizer step on the draw of ``step`` (numbered from 0); returns its metrics and batches."""
+        raise NotImplementedError
+
+    def train(self) -> None:
+        """Steps until ``total_steps`` or a stop request; the draw of step s is a pure function of (seed, s)."""
+        while self.step < self.total_steps:
+            started = time.perf_counter()
+            metrics, batches = self.train_step(self.step)
+            self.step += 1
+            if self.finish_step(metrics, batches, started):
+                return
+
+    def finish_step(self, metrics: dict[str, float], batches: list[dict], started: float) -> bool:
         """After step ``self.step``: skip accounting, throughput, progress, periodic evaluation, logging,
         checkpointing. Returns True when a stop was requested (the checkpoint is then written)."""
         cfg = self.cfg.trainer
+        logging_step = self.is_logging_step(self.step)
         prefix = "meta" if self.kind == "fomaml" else self.kind
         self.sampler.next_step = self.step
         self.count_nonfinite(not metrics[f"{prefix}/skipped_step"])
@@ -476,3 +494,14 @@ def load_run_config(path: str | Path) -> Config:
     if kind != "checkpoint":
         raise ConfigError(f"{path}: expected a run config (.yaml), checkpoint (.pt) or run directory, found a {kind}")
     return Config.model_validate(ckpt.load_checkpoint(source)["config"])
+
+
+def run(recipe_class: type[TrainingRecipe], argv: list[str] | None, description: str) -> int:
+    """The shape of every recipe: parse the config, setup → train (which saves) → cleanup."""
+    recipe = recipe_class(parse_recipe_args(argv, description))
+    try:
+        recipe.setup()
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    return 0
