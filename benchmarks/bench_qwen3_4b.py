@@ -128,18 +128,9 @@ def parse_args(argv=None):
     return args
 
 
-# -- timing (the style of bench_meta_step.py) ---------------------------------------------------
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def seconds(fn, device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
+# -- timing: the synchronised wall-clock helpers of bench_meta_step.py --------------------------
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by file path (smoke test)
+from bench_meta_step import seconds, sync  # noqa: E402
 
 
 class Clock:

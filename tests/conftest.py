@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 # Nothing in the test suite may reach the network or a wandb server.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,3 +20,12 @@ def math_archive() -> Path:
     if not MATH_ARCHIVE.exists():
         pytest.skip(f"real MATH data not found at {MATH_ARCHIVE} (see ../shared/data/README.md)")
     return MATH_ARCHIVE
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: intra-op threads cost more than they save (10 s vs 60 s on 2 shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

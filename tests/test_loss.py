@@ -10,13 +10,7 @@ from lora_maml.loss import causal_lm_loss, causal_lm_loss_tensors, loss_chunk_si
 VOCAB = 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: intra-op threads cost more than they save (10 s vs 60 s on 2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # None: the full-logits loss; 4: chunked, 4 label positions per chunk (several chunks, a ragged last one).

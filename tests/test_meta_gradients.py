@@ -26,13 +26,7 @@ K = 3
 CHUNKS = pytest.mark.parametrize("chunk", [None, 5], ids=["logits", "chunked"])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: intra-op threads cost more than they save (10 s vs 60 s on 2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(adapter="lora", *, dtype=torch.float64, checkpointing=False, tie=False, attn="eager", seed=0,
