@@ -5,10 +5,10 @@ suite prepared as the recipe prepares it, the tiny Qwen3 it builds, ``load_base`
 episodes from ``EpisodeSampler``) in a temporary directory:
 
   (1) in this process, threads pinned (``--threads``, default 1): tokens/s of one FOMAML meta-step
-      (``MetaLearner.step``, query_loss_pre=False) ÷ tokens/s of plain SFT steps on the same batches
+      (``MetaLearner.step``, diagnostics=False) ÷ tokens/s of plain SFT steps on the same batches
       (each batch one forward+backward + clip + AdamW step, as ``recipes/sft_math.py`` does per step);
       one call of each per round, each round a fresh episode, median of the per-round ratios;
-      goal >= 0.9. The recipe's default (query_loss_pre=True at log_freq 1: one more forward per task)
+      goal >= 0.9. The recipe's default (diagnostics=True at log_freq 1: one more forward per task)
       is shown beside it.
   (2) unless ``--skip-multiprocess``: ``recipes/fomaml_math.py`` launched with torchrun on 1 and on 2
       processes (``OMP_NUM_THREADS=1`` each) for ``--mp-steps`` meta-steps. Seconds per meta-step =
@@ -159,10 +159,10 @@ def throughput(args, data_dir: Path, model_dir: Path) -> dict:
 
         times = {
             "meta": seconds(lambda: learner.step(episodes, meta_opt, meta_sched, cfg.optim.clip_grad,
-                                                      query_loss_pre=False)),
+                                                      diagnostics=False)),
             "sft": seconds(sft),
             "meta_pre": seconds(lambda: learner.step(episodes, meta_opt, meta_sched, cfg.optim.clip_grad,
-                                                          query_loss_pre=True)),
+                                                          diagnostics=True)),
         }
         print(f"  round {r} ({'warm-up' if r < args.warmup else 'timed'}): {tokens} tokens, "
               + " ".join(f"{k}={v:.3f}s" for k, v in times.items()), flush=True)

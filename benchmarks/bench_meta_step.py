@@ -106,7 +106,7 @@ def seconds(fn, device) -> float:
 
 
 def meta_setup(model, params, args, algorithm="fomaml"):
-    meta = MetaConfig(algorithm=algorithm, inner_lr=1e-4, num_inner_steps=args.inner_steps,
+    meta = MetaConfig(algorithm=algorithm, inner_optimizer="sgd", inner_lr=1e-4, num_inner_steps=args.inner_steps,
                       meta_batch_size=args.tasks, outer_lr=1e-5)
     optim_cfg = OptimConfig(lr_scheduler="constant")
     learner = MetaLearner(model, params, meta)
@@ -132,7 +132,7 @@ def timings(args) -> list[dict[str, float]]:
         inner_loop(learner.fn, theta, [batch], 1e-4, 1)
 
     def meta_step(pre):
-        return lambda: learner.step(tasks, optimizer, scheduler, clip, query_loss_pre=pre)
+        return lambda: learner.step(tasks, optimizer, scheduler, clip, diagnostics=pre)
 
     # One call of each per round, rounds repeated: drifting machine load (shared CPUs, clocks)
     # hits all measurements alike; ratios are taken per round, then the median over rounds.

@@ -4,7 +4,7 @@ Measured on one GPU, CUDA-synchronised medians over ``--repeats`` rounds after `
 one call of each measurement per round (drift hits all alike):
 
   (a) one LoRA FOMAML meta-step with the guide's settings (4 tasks, 5 inner steps, inner batch 4,
-      query batch 4): ``MetaLearner.meta_gradient(query_loss_pre=False)`` + ``outer_step`` (AdamW),
+      query batch 4): ``MetaLearner.meta_gradient(diagnostics=False)`` + ``outer_step`` (AdamW),
       i.e. ``MetaLearner.step`` with its two halves timed apart, at every ``--seqs`` length;
   (b) the SFT reference on the same tokens: 4 tasks x 6 batches of 4 = 24 peft forward+backward
       passes (``loss.backward()``), then one clip + AdamW step;
@@ -241,7 +241,7 @@ def measure_model(args, adapter: str, attn: str, layout: str, clock: Clock, emit
 
     def setup():
         model, params = build_model(args, adapter, attn)
-        meta_cfg = MetaConfig(algorithm="fomaml", adapter=adapter, inner_lr=1e-4, num_inner_steps=args.inner_steps,
+        meta_cfg = MetaConfig(algorithm="fomaml", adapter=adapter, inner_optimizer="sgd", inner_lr=1e-4, num_inner_steps=args.inner_steps,
                               inner_batch_size=args.inner_batch, outer_lr=3e-5, meta_batch_size=args.tasks,
                               query_batch_size=args.query_batch)
         learner = MetaLearner(model, params, meta_cfg)  # its fp32 flat buffer: 16 GB for full
@@ -283,7 +283,7 @@ def measure_model(args, adapter: str, attn: str, layout: str, clock: Clock, emit
         def meta() -> dict[str, float]:
             sync(args.device)
             t0 = time.perf_counter()
-            learner.meta_gradient(tasks, query_loss_pre=False)  # MetaLearner.step = meta_gradient + outer_step
+            learner.meta_gradient(tasks, diagnostics=False)  # MetaLearner.step = meta_gradient + outer_step
             sync(args.device)
             t1 = time.perf_counter()
             learner.outer_step(meta_opt, meta_sched, optim_cfg.clip_grad)

@@ -102,15 +102,38 @@ class DataConfig(_Section):
         return self
 
 
+# Inner-loop defaults by meta.adapter, then by (adapter, inner_optimizer) for the rate: what
+# benchmarks/calibrate_inner_lr.py measured on SmolLM2-135M-Instruct (README, "Inner-loop calibration").
+# A LoRA inner loop needs a far larger SGD rate than full fine-tuning: with B = 0 at the start, one SGD
+# step moves the support loss by ~0.13 × lr, so the guide's 1e-4 (tuned for full FOMAML) does nothing.
+DEFAULT_INNER_OPTIMIZER = {"lora": "adam", "full": "sgd"}
+DEFAULT_INNER_LR = {("lora", "sgd"): 0.3, ("lora", "adam"): 3e-4, ("full", "sgd"): 1e-2, ("full", "adam"): 1e-5}
+
+
 class MetaConfig(_Section):
     algorithm: Literal["fomaml", "maml", "reptile"] = "fomaml"
     adapter: Literal["lora", "full"] = "lora"
-    inner_lr: float = Field(1e-4, gt=0)
+    # None: the calibrated default of the adapter (DEFAULT_INNER_OPTIMIZER, DEFAULT_INNER_LR), filled in
+    # at validation so the saved config states the value used.
+    inner_optimizer: Literal["sgd", "adam"] | None = None
+    inner_lr: float | None = Field(None, gt=0)
+    learn_inner_lr: bool = False
+    inner_lr_lr: float = Field(1e-2, gt=0)
     num_inner_steps: int = Field(5, ge=0)
     inner_batch_size: int = Field(4, ge=1)
     outer_lr: float = Field(3e-5, gt=0)
     meta_batch_size: int = Field(4, ge=1)
     query_batch_size: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _inner_loop_defaults(self) -> "MetaConfig":
+        if self.inner_optimizer is None:
+            self.inner_optimizer = DEFAULT_INNER_OPTIMIZER[self.adapter]
+        if self.inner_lr is None:
+            self.inner_lr = DEFAULT_INNER_LR[(self.adapter, self.inner_optimizer)]
+        if self.learn_inner_lr and self.algorithm == "reptile":
+            raise ValueError("learn_inner_lr (Meta-SGD) needs algorithm fomaml or maml: Reptile has no query gradient")
+        return self
 
 
 class SFTConfig(_Section):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -11,8 +11,13 @@ from torch import Tensor
 from lora_maml.config import OptimConfig
 
 
-def build_optimizer(params: Iterable[Tensor] | dict[str, Tensor], lr: float, optim_cfg: OptimConfig) -> torch.optim.AdamW:
-    """torch AdamW over ``params`` (a dict's values are used) with the config's decay, betas, eps."""
+def build_optimizer(
+    params: Iterable[Tensor] | dict[str, Tensor], lr: float, optim_cfg: OptimConfig,
+    *, extra_groups: Sequence[dict] = (),
+) -> torch.optim.AdamW:
+    """torch AdamW over ``params`` (a dict's values are used) with the config's decay, betas, eps.
+    ``extra_groups``: further parameter groups with their own settings (e.g. Meta-SGD's log inner
+    learning rates: their own lr, no weight decay); the LR schedule scales every group alike."""
     tensors = list(params.values()) if isinstance(params, dict) else list(params)
     if not tensors:
         raise ValueError("build_optimizer: no parameters to optimise")
@@ -20,7 +25,7 @@ def build_optimizer(params: Iterable[Tensor] | dict[str, Tensor], lr: float, opt
     if frozen:
         raise ValueError(f"build_optimizer: {frozen} of {len(tensors)} parameters have requires_grad=False")
     return torch.optim.AdamW(
-        tensors, lr=lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay
+        [{"params": tensors}, *extra_groups], lr=lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay
     )
 
 
@@ -36,16 +41,21 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: OptimConfig, to
     raise ValueError(f"optim.lr_scheduler: expected 'cosine' or 'constant', got {optim_cfg.lr_scheduler!r}")
 
 
-def apply_gradients(params: list[Tensor], optimizer: torch.optim.Optimizer, scheduler, clip_grad: float) -> dict[str, float]:
+def apply_gradients(
+    params: list[Tensor], optimizer: torch.optim.Optimizer, scheduler, clip_grad: float,
+    *, unclipped: Sequence[Tensor] = (),
+) -> dict[str, float]:
     """Clip the ``.grad`` of ``params`` to ``clip_grad``, step the optimizer and the schedule.
 
-    A non-finite gradient norm skips both steps (``skipped_step`` = 1), so NaNs never reach the
-    weights or Adam's moments. Returns ``grad_norm`` (before clipping), ``lr`` (the one used) and
-    ``skipped_step``; the caller prefixes them (``meta/``, ``sft/``).
+    ``unclipped`` tensors (e.g. Meta-SGD's log inner learning rates, in their own parameter group)
+    are stepped with their gradient as is. A non-finite gradient norm (of either) skips both steps
+    (``skipped_step`` = 1), so NaNs never reach the weights or Adam's moments. Returns ``grad_norm``
+    (of ``params``, before clipping), ``lr`` (the one used) and ``skipped_step``; the caller prefixes
+    them (``meta/``, ``sft/``).
     """
     norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad))
     lr = optimizer.param_groups[0]["lr"]
-    finite = math.isfinite(norm)
+    finite = math.isfinite(norm) and all(bool(t.grad.isfinite().all()) for t in unclipped)
     if finite:
         optimizer.step()
         scheduler.step()

@@ -11,10 +11,18 @@ all-reduce), so the result does not depend on the number of processes.
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
+import torch
+
+from lora_maml.atomic import write_text_atomic
+from lora_maml.config import ConfigError
 from lora_maml.data.episodes import EpisodeSampler
 from lora_maml.meta.algorithms import MetaLearner, TaskBatch
+from lora_maml.meta.diagnostics import InertInnerLoopMonitor
+from lora_maml.train.checkpoint import INNER_LRS_FILE
 from lora_maml.optim import build_optimizer, build_scheduler
 from lora_maml.train.distributed import all_gather_objects, all_reduce_sum, local_share
 from lora_maml.train.recipe import TrainingRecipe, run
@@ -39,16 +47,47 @@ class FOMAMLRecipe(TrainingRecipe):
             seed=cfg.trainer.seed,
         )
         self.learner = MetaLearner(self.model, self.params, cfg.meta, all_reduce=all_reduce_sum)
-        self.optimizer = build_optimizer(self.params, cfg.meta.outer_lr, cfg.optim)
+        # Meta-SGD: the log inner learning rates get their own Adam rate and no weight decay.
+        learned_rates = [] if self.learner.log_inner_lrs is None else [
+            {"params": [self.learner.log_inner_lrs], "lr": cfg.meta.inner_lr_lr, "weight_decay": 0.0}
+        ]
+        self.optimizer = build_optimizer(self.params, cfg.meta.outer_lr, cfg.optim, extra_groups=learned_rates)
+        self.inert = InertInnerLoopMonitor(cfg.meta.inner_lr, cfg.meta.num_inner_steps)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.total_steps)
         resumed = self.resume()
         self.setup_logging(resumed, cfg.trainer.total_steps)
 
+    def inner_lrs(self) -> dict[str, float]:
+        return self.learner.inner_lrs()
+
     def extra_state(self) -> dict:
-        return {"sampler": self.sampler.state_dict()}
+        state = {"sampler": self.sampler.state_dict()}
+        if self.learner.log_inner_lrs is not None:
+            state["log_inner_lrs"] = dict(zip(self.learner.names, self.learner.log_inner_lrs.tolist()))
+        return state
 
     def load_extra_state(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
+        saved = state.get("log_inner_lrs")
+        if self.learner.log_inner_lrs is None:
+            if saved is not None:
+                raise ConfigError(
+                    "meta.learn_inner_lr=false, but the checkpoint being resumed was trained with learned inner "
+                    "learning rates (Meta-SGD): resume it with meta.learn_inner_lr=true"
+                )
+            return
+        if saved is None or list(saved) != self.learner.names:
+            raise ConfigError(
+                "meta.learn_inner_lr=true, but the checkpoint being resumed holds no learned inner learning "
+                "rates for these parameters (was it trained with meta.learn_inner_lr=false?)"
+            )
+        with torch.no_grad():
+            self.learner.log_inner_lrs.copy_(torch.tensor(list(saved.values()), dtype=torch.float64))
+
+    def save_pretrained(self, directory: Path) -> None:
+        super().save_pretrained(directory)
+        if self.learner.log_inner_lrs is not None:  # read back by lora_maml.load_trained for evaluation
+            write_text_atomic(directory / INNER_LRS_FILE, json.dumps(self.learner.inner_lrs(), indent=1))
 
     def episodes(self, step: int) -> list[TaskBatch]:
         """This process's share of the meta-batch drawn for ``step``, collated on the device."""
@@ -66,8 +105,10 @@ class FOMAMLRecipe(TrainingRecipe):
         episodes = self.episodes(step)
         logging_step = self.is_logging_step(step + 1)
         metrics, task_metrics = self.learner.step(
-            episodes, self.optimizer, self.scheduler, self.cfg.optim.clip_grad, query_loss_pre=logging_step
+            episodes, self.optimizer, self.scheduler, self.cfg.optim.clip_grad, diagnostics=logging_step
         )
+        if self.dist.is_main:  # the meta/* metrics are global: one warning, not one per process
+            self.inert.update(metrics)
         if logging_step:
             for part in all_gather_objects(task_metrics):  # the per-task metrics of every process
                 metrics |= part

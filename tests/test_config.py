@@ -13,19 +13,30 @@ def test_every_shipped_config_validates(path):
     load_config(path)
 
 
-def test_qwen3_config_carries_the_guide_values():
+def test_qwen3_config_carries_the_guide_values_but_the_calibrated_lora_inner_loop():
+    from lora_maml.config import DEFAULT_INNER_LR, DEFAULT_INNER_OPTIMIZER
+
     cfg = load_config(CONFIG_DIR / "qwen3_4b_math.yaml")
     assert cfg.model.partial_pretrain == "Qwen/Qwen3-4B-Instruct-2507"
     assert cfg.model.dtype == "bf16"
-    assert (cfg.meta.inner_lr, cfg.meta.num_inner_steps, cfg.meta.outer_lr) == (1e-4, 5, 3e-5)
+    assert cfg.meta.adapter == "lora" and cfg.meta.inner_optimizer == DEFAULT_INNER_OPTIMIZER["lora"]
+    assert cfg.meta.inner_lr == DEFAULT_INNER_LR[("lora", cfg.meta.inner_optimizer)]
+    assert (cfg.meta.num_inner_steps, cfg.meta.outer_lr) == (5, 3e-5)
     assert (cfg.meta.meta_batch_size, cfg.meta.inner_batch_size, cfg.meta.query_batch_size) == (4, 4, 4)
     assert (cfg.trainer.total_steps, cfg.trainer.save_freq, cfg.trainer.test_freq) == (5000, 500, 100)
     assert cfg.data.max_length == 2048
 
 
-def test_every_key_of_the_qwen3_config_is_commented():
+def test_the_guide_inner_loop_is_kept_for_full_parameter_fomaml():
+    guide, lora = load_config(CONFIG_DIR / "qwen3_4b_math_guide.yaml"), load_config(CONFIG_DIR / "qwen3_4b_math.yaml")
+    assert (guide.meta.adapter, guide.meta.inner_optimizer, guide.meta.inner_lr) == ("full", "sgd", 1e-4)
+    assert guide.model == lora.model and guide.data == lora.data and guide.optim == lora.optim
+
+
+@pytest.mark.parametrize("name", ["qwen3_4b_math.yaml", "qwen3_4b_math_guide.yaml", "smollm2_135m_math.yaml"])
+def test_every_key_of_the_shipped_configs_is_commented(name):
     # Each field documents what it does: a comment line directly above every key.
-    lines = (CONFIG_DIR / "qwen3_4b_math.yaml").read_text().splitlines()
+    lines = (CONFIG_DIR / name).read_text().splitlines()
     for i, line in enumerate(lines):
         stripped = line.strip()
         if not stripped or stripped.startswith("#") or stripped.endswith(":"):

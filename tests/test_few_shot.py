@@ -18,6 +18,7 @@ from lora_maml.config import Config, LoraConfig, config_to_dict
 from lora_maml.data.prepare import load_split, prepare
 from lora_maml.data.synthetic import synthetic_records
 from lora_maml.data.tokenize import prompt_ids, collate, encode_example
+from lora_maml.eval import few_shot
 from lora_maml.eval.few_shot import (
     Episode,
     episode_records,
@@ -81,11 +82,11 @@ def eos_ids(trained):
     return set(eos if isinstance(eos, list) else [eos])
 
 
-def reference_adapted(trained, shots, lr, steps):
+def reference_adapted(trained, shots, lr, steps, optimizer=torch.optim.SGD, **options):
     model = copy.deepcopy(trained.model).train()
     own = dict(model.named_parameters())
     params = [own[name].requires_grad_(True) for name in trained.params]
-    opt = torch.optim.SGD(params, lr=lr)
+    opt = optimizer(params, lr=lr, **options)
     batch = collate(shots, trained.tokenizer.pad_token_id, packed=False)
     for _ in range(steps):
         opt.zero_grad()
@@ -254,12 +255,88 @@ def test_adaptation_settings_are_required_for_shots(data_dir, tiny_dir, evaluate
         evaluate_model(evaluated.trained, [episode], evaluated.records, **{**EVAL, "adapt_lr": None})
 
 
+def test_nll_pre_is_the_nll_at_the_loaded_weights(evaluated):
+    trained = evaluated.trained
+    zero_shot = {(r["task"], r["id"]): r["nll"] for r in evaluated.rows if r["n"] == 0}
+    for row in evaluated.rows:
+        if row["n"] == 0:
+            assert row["nll_pre"] == row["nll"]  # unadapted: the same value, not a second forward
+            continue
+        nll, _ = reference_nll(trained.model, trained.tokenizer, evaluated.records[row["id"]])
+        assert row["nll_pre"] == pytest.approx(nll, rel=1e-10)
+        assert row["nll_pre"] == zero_shot[(row["task"], row["id"])]
+        assert abs(row["nll_pre"] - row["nll"]) > 1e-3  # the adapted NLL is another number
+
+
+def test_unadapted_nll_is_computed_once_per_problem(data_dir, evaluated, monkeypatch):
+    calls = []
+
+    class CountingLoss(few_shot.FunctionalLoss):
+        def loss(self, *args, **kwargs):
+            calls.append(1)
+            return super().loss(*args, **kwargs)
+
+    monkeypatch.setattr(few_shot, "FunctionalLoss", CountingLoss)
+    plan = plan_episodes(data_dir, ["algebra", "geometry"], [0, 2, 3], 2, 2, seed=0)
+    records = episode_records(data_dir, plan)
+    rows = evaluate_model(evaluated.trained, plan, records, **{**EVAL, "generate": False})
+    problems = {pid for ep in plan for pid in ep.test_ids}
+    adapted = sum(len(ep.test_ids) for ep in plan if ep.n > 0)
+    assert len(calls) == len(problems) + adapted  # one unadapted forward per problem, one per adapted row
+    pre = {}
+    for row in rows:
+        assert pre.setdefault(row["id"], row["nll_pre"]) == row["nll_pre"]
+
+
+def test_generate_false_scores_nll_only(evaluated, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("generate=False must neither generate nor grade")
+
+    monkeypatch.setattr(few_shot, "generate_greedy", refuse)
+    monkeypatch.setattr(few_shot, "grade", refuse)
+    rows = evaluate_model(evaluated.trained, evaluated.plan, evaluated.records, **{**EVAL, "generate": False})
+    assert len(rows) == len(evaluated.rows)
+    for row, full in zip(rows, evaluated.rows):
+        assert row.keys() == full.keys()
+        for key in ("task", "n", "seed", "id", "shot_ids", "nll", "nll_pre", "tokens", "truncated", "gold"):
+            assert row[key] == full[key], key
+        for key in ("generation", "gen_tokens", "finished", "extracted", "correct", "strict"):
+            assert row[key] is None, key
+
+
+def test_adam_adaptation_equals_a_torch_adam_reference(data_dir, evaluated):
+    trained = evaluated.trained
+    plan = plan_episodes(data_dir, ["algebra"], [3], 1, 2, seed=0)
+    records = episode_records(data_dir, plan)
+    settings = {**EVAL, "adapt_lr": 0.02, "generate": False}
+    adam = evaluate_model(trained, plan, records, **settings, adapt_optimizer="adam")
+    sgd = evaluate_model(trained, plan, records, **settings)
+    shots = [encode_example(trained.tokenizer, records[i]["prompt"], records[i]["response"], max_length=MAX_LENGTH,
+                            truncation="right") for i in plan[0].shot_ids]
+    model = reference_adapted(trained, shots, 0.02, EVAL["adapt_steps"], torch.optim.Adam, betas=(0.9, 0.999), eps=1e-8)
+    for row_adam, row_sgd in zip(adam, sgd):
+        nll, _ = reference_nll(model, trained.tokenizer, records[row_adam["id"]])
+        assert row_adam["nll"] == pytest.approx(nll, rel=1e-8)
+        assert abs(row_adam["nll"] - row_sgd["nll"]) > 1e-3
+        assert row_adam["nll_pre"] == row_sgd["nll_pre"]
+    # Per-parameter rates: equal rates are the scalar; a missing name is an error.
+    rates = {name: 0.02 for name in trained.params}
+    per_tensor = evaluate_model(trained, plan, records, **{**settings, "adapt_lr": rates}, adapt_optimizer="adam")
+    assert [r["nll"] for r in per_tensor] == [r["nll"] for r in adam]
+    with pytest.raises(KeyError, match="no inner learning rate"):
+        evaluate_model(trained, plan, records, **{**settings, "adapt_lr": dict(list(rates.items())[1:])})
+    with pytest.raises(ValueError, match="--adapt-lr must be a positive number"):
+        evaluate_model(trained, plan, records, **{**settings, "adapt_lr": {**rates, next(iter(rates)): 0.0}})
+    with pytest.raises(ValueError, match=r"--adapt-optimizer must be one of sgd\|adam, got 'rmsprop'"):
+        evaluate_model(trained, plan, records, **settings, adapt_optimizer="rmsprop")
+
+
 # --- command line ----------------------------------------------------------------------------
 def save_fomaml_run(tiny_dir, run_dir):
     cfg = Config.model_validate({
         "model": {"partial_pretrain": str(tiny_dir), "dtype": "fp32", "enable_gradient_checkpointing": False,
                   "lora": {"r": 4, "alpha": 8}},
-        "meta": {"inner_lr": 0.05, "num_inner_steps": 2, "inner_batch_size": 2},
+        "meta": {"inner_lr": 0.05, "num_inner_steps": 2, "inner_batch_size": 2, "inner_optimizer": "adam"},
         "data": {"max_length": 200},
         "trainer": {"default_local_dir": str(run_dir)},
     })
@@ -288,7 +365,7 @@ def test_cli_compares_methods_on_identical_episodes(data_dir, tiny_dir, tmp_path
               "--max-test-per-task", "2", "--max-new-tokens", "3", "--gen-batch-size", "2", "--n-boot", "50",
               "--dtype", "fp32", "--device", "cpu", "--output-dir", str(out)]
     code = main(["--compare", f"base={tiny_dir}", f"fomaml={run_dir}", "--adapt-steps", "base=1",
-                 "--metrics-jsonl", str(metrics), *common])
+                 "--adapt-optimizer", "base=sgd", "--metrics-jsonl", str(metrics), *common])
     assert code == 0
     assert {p.name for p in out.iterdir()} == {"plan.json", "rows", "results.json", "results.md",
                                               "few_shot_curve.png", "learning_curves.png"}
@@ -297,6 +374,7 @@ def test_cli_compares_methods_on_identical_episodes(data_dir, tiny_dir, tmp_path
     # The FOMAML run's inner loop is every method's default; NAME=V overrides it for one method.
     assert (fomaml["adapt_lr"], fomaml["adapt_steps"], fomaml["adapt_batch_size"], fomaml["max_length"]) == (0.05, 2, 2, 200)
     assert (base["adapt_lr"], base["adapt_steps"], base["adapt_batch_size"]) == (0.05, 1, 2)
+    assert (fomaml["adapt_optimizer"], base["adapt_optimizer"]) == ("adam", "sgd")
     assert base["defaults_from"] == fomaml["defaults_from"] == "fomaml"
 
     def keys(name):
@@ -323,3 +401,53 @@ def test_cli_without_a_run_config_needs_the_adaptation_settings(data_dir, tiny_d
     assert not (tmp_path / "out").exists()  # nothing was evaluated
     code = main(["--compare", "a=x", "a=y", "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "out")])
     assert code == 1 and "given twice" in capsys.readouterr().err
+
+
+def test_cli_adapt_optimizer_errors_name_the_flag(data_dir, tiny_dir, tmp_path, capsys):
+    common = ["--compare", f"a={tiny_dir}", f"b={tiny_dir}", "--data-dir", str(data_dir), "--tasks", "algebra",
+              "--n-shots", "0", "2", "--adapt-lr", "0.1", "--adapt-steps", "1", "--adapt-batch-size", "2",
+              "--output-dir", str(tmp_path / "out")]
+    assert main([*common, "--adapt-optimizer", "b=rmsprop"]) == 1
+    err = capsys.readouterr().err
+    assert "--adapt-optimizer 'b=rmsprop'" in err and "not a valid optimizer (sgd|adam)" in err
+    assert main([*common, "--adapt-optimizer", "c=adam"]) == 1
+    assert "--adapt-optimizer 'c=adam': no method named 'c'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_adapts_a_meta_sgd_run_with_its_learned_rates(data_dir, tiny_dir, tmp_path, capsys, monkeypatch):
+    import lora_maml.load_trained as load_module
+
+    run_dir = save_fomaml_run(tiny_dir, tmp_path / "fomaml_run")
+    loader = load_module.load_trained
+
+    def with_learned_rates(path, **kwargs):
+        trained = loader(path, **kwargs)
+        # Rates so small that adapting changes nothing measurable: the scalar 0.05 (Adam) changes a lot.
+        if trained.kind == "checkpoint":
+            trained.inner_lrs = {name: 1e-12 for name in trained.params}
+        return trained
+
+    monkeypatch.setattr(load_module, "load_trained", with_learned_rates)
+    common = ["--data-dir", str(data_dir), "--tasks", "algebra", "--n-shots", "0", "2", "--seeds", "1",
+              "--max-test-per-task", "2", "--max-new-tokens", "2", "--n-boot", "20", "--dtype", "fp64", "--device", "cpu"]
+    out = tmp_path / "learned"
+    assert main(["--compare", f"base={tiny_dir}", f"fomaml={run_dir}", *common, "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "[fomaml]" in printed and "adapt adam lr=learned per-tensor (Meta-SGD: " in printed
+    methods = json.loads((out / "results.json").read_text())["metadata"]["methods"]
+    assert methods["fomaml"]["adapt_lr"] == "learned"
+    assert set(methods["fomaml"]["learned_inner_lrs"].values()) == {1e-12}
+    assert methods["base"]["adapt_lr"] == 0.05 and "learned_inner_lrs" not in methods["base"]
+
+    def gains(directory, name):
+        rows = json.loads((directory / "rows" / f"{name}.json").read_text())["rows"]
+        return [abs(r["nll_pre"] - r["nll"]) for r in rows if r["n"] > 0]
+
+    assert max(gains(out, "fomaml")) < 1e-6 and min(gains(out, "base")) > 1e-3
+    explicit = tmp_path / "explicit"  # an explicit rate for the method wins over its learned ones
+    assert main(["--model-path", str(run_dir), "--name", "fomaml", "--adapt-lr", "fomaml=0.05", *common,
+                 "--output-dir", str(explicit)]) == 0
+    methods = json.loads((explicit / "results.json").read_text())["metadata"]["methods"]
+    assert methods["fomaml"]["adapt_lr"] == 0.05 and "learned_inner_lrs" not in methods["fomaml"]
+    assert min(gains(explicit, "fomaml")) > 1e-3

@@ -68,7 +68,7 @@ def random_tasks(n=2, seed=1):
 
 
 def meta_cfg(algorithm="fomaml", steps=K, lr=INNER_LR, tasks=2):
-    return MetaConfig(algorithm=algorithm, inner_lr=lr, num_inner_steps=steps, meta_batch_size=tasks)
+    return MetaConfig(algorithm=algorithm, inner_optimizer="sgd", inner_lr=lr, num_inner_steps=steps, meta_batch_size=tasks)
 
 
 def full_logits_copy(model):
@@ -334,13 +334,13 @@ def shift_task(name, shift, gen, batches=2, b=4, t=16):
 
 def test_meta_steps_lower_meta_loss():
     model, params = tiny_model("lora", dtype=torch.float32)
-    cfg = MetaConfig(algorithm="fomaml", inner_lr=0.05, num_inner_steps=1, outer_lr=3e-2, meta_batch_size=2)
+    cfg = MetaConfig(algorithm="fomaml", inner_optimizer="sgd", inner_lr=0.05, num_inner_steps=1, outer_lr=3e-2, meta_batch_size=2)
     learner, opt, sched, clip = outer_setup(model, params, cfg, OptimConfig(lr_scheduler="constant"))
     gen = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(12):
         metrics, _ = learner.step([shift_task("a", 1, gen), shift_task("b", 3, gen)], opt, sched, clip,
-                                  query_loss_pre=False)
+                                  diagnostics=False)
         losses.append(metrics["meta/loss"])
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
 
@@ -350,7 +350,7 @@ def test_bf16_base_fp32_lora_takes_small_outer_steps():
     assert all(p.dtype == torch.float32 for p in params.values())
     assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if n not in params)
     before = {n: p.detach().clone() for n, p in params.items()}
-    cfg = MetaConfig(algorithm="fomaml", inner_lr=1e-3, num_inner_steps=1, outer_lr=1e-4, meta_batch_size=2)
+    cfg = MetaConfig(algorithm="fomaml", inner_optimizer="sgd", inner_lr=1e-3, num_inner_steps=1, outer_lr=1e-4, meta_batch_size=2)
     learner, opt, sched, clip = outer_setup(model, params, cfg)
     metrics, _ = learner.step(random_tasks(), opt, sched, clip)
     assert metrics["meta/skipped_step"] == 0.0 and torch.isfinite(torch.tensor(metrics["meta/grad_norm"]))

@@ -126,7 +126,7 @@ def test_nf4_base_loads_on_cpu_and_a_fomaml_step_has_finite_grads(checkpoint):
     assert isinstance(base.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     model = add_lora(base, cfg).train()
     params = adapted_parameters(model, "lora")
-    meta = MetaConfig(algorithm="fomaml", inner_lr=1e-2, num_inner_steps=2, meta_batch_size=2)
+    meta = MetaConfig(algorithm="fomaml", inner_optimizer="sgd", inner_lr=1e-2, num_inner_steps=2, meta_batch_size=2)
     result = MetaLearner(model, params, meta).meta_gradient([random_task("a", 0), random_task("b", 1)])
     grads = torch.cat([g.flatten() for g in result.grads.values()])
     assert torch.isfinite(grads).all() and grads.abs().max() > 0
@@ -191,6 +191,6 @@ def test_gguf_is_dequantised_into_a_trainable_dense_model(checkpoint, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(ids).logits, rounded(ids).logits, rtol=1e-5, atol=1e-5)
     params = adapted_parameters(model, "full")
-    meta = MetaConfig(algorithm="fomaml", adapter="full", inner_lr=1e-2, num_inner_steps=1, meta_batch_size=1)
+    meta = MetaConfig(algorithm="fomaml", adapter="full", inner_optimizer="sgd", inner_lr=1e-2, num_inner_steps=1, meta_batch_size=1)
     result = MetaLearner(model.train(), params, meta).meta_gradient([random_task()])
     assert all(torch.isfinite(g).all() for g in result.grads.values())

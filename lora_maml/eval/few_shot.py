@@ -20,18 +20,24 @@ method is judged on exactly the same episodes):
 
 Per episode (:func:`evaluate_model`), starting from the loaded weights every time:
 
-1. Adaptation (n > 0 and ``adapt_steps`` > 0): ``adapt_steps`` SGD steps at ``adapt_lr`` on fast weights
+1. Adaptation (n > 0 and ``adapt_steps`` > 0): ``adapt_steps`` steps of ``adapt_optimizer`` (``sgd``, or
+   ``adam``: a fresh bias-corrected Adam per episode, the meta-training inner loop's) at ``adapt_lr`` (one
+   rate, or one per parameter: a Meta-SGD run's learned rates) on fast weights
    (``lora_maml.meta.algorithms.adapt``; the loaded parameters are never written). Each step is ONE
    full-batch gradient step over all n shots: the shots are cut into micro-batches of ``adapt_batch_size``
    (padded layout) and the step's loss is the token-weighted mean over all of them. The model is in train
    mode here, as in the meta-training inner loop (LoRA dropout of the run's config, activation
    checkpointing); the torch RNG is seeded per episode, so dropout draws are reproducible.
-2. NLL: mean token NLL of each scored problem's reference solution at the adapted weights, one problem per
-   forward, through ``FunctionalLoss.loss`` (the ``lora_maml.loss`` code path of training), model in eval mode.
-3. Generation: greedy (``do_sample=False``, a fresh ``GenerationConfig``: no sampling or repetition
-   settings are inherited), KV cache, left padding, batches of ``gen_batch_size`` problems,
-   ``max_new_tokens``, stopping at the model's ``generation_config`` EOS ids, under
-   ``weights_copied_in(params, adapted)`` so the ADAPTED weights generate (restored afterwards).
+2. NLL: mean token NLL of each scored problem's reference solution at the adapted weights (``nll``) and at
+   the loaded weights (``nll_pre``; computed once per problem and shared by its episodes, and for an
+   unadapted episode the same value as ``nll``), one problem per forward, through ``FunctionalLoss.loss``
+   (the ``lora_maml.loss`` code path of training), model in eval mode. ``nll_pre - nll`` is the gain of
+   adaptation on that problem, paired within the row.
+3. Generation (skipped with ``generate=False``, which leaves the generation and grading keys None: NLL-only
+   experiments such as ``benchmarks/meta_vs_sft.py`` on CPU): greedy (``do_sample=False``, a fresh
+   ``GenerationConfig``: no sampling or repetition settings are inherited), KV cache, left padding, batches
+   of ``gen_batch_size`` problems, ``max_new_tokens``, stopping at the model's ``generation_config`` EOS ids,
+   under ``weights_copied_in(params, adapted)`` so the ADAPTED weights generate (restored afterwards).
 4. Grading: ``lora_maml.eval.grading.grade(generation, record["answer"])``: ``correct`` is math-verify's
    verdict, ``strict`` the notational match.
 
@@ -39,12 +45,17 @@ Command line (:func:`main`; ``lora-maml eval`` and ``recipes/evaluate_few_shot.p
 (one method, named ``--name``) or ``--compare NAME=PATH ...``; every method is loaded with
 ``lora_maml.load_trained.load_trained``, evaluated on the one plan and freed before the next.
 
-* Adaptation settings: ``--adapt-lr/--adapt-steps/--adapt-batch-size`` default to the inner loop of the
-  reference checkpoint (``meta.inner_lr``, ``meta.num_inner_steps``, ``meta.inner_batch_size``): the method
-  named ``fomaml`` when it is a run checkpoint, else the first method (in the order given) that is one.
-  Every method adapts with these same settings, so the comparison is fair; ``--flag V`` sets it for all
-  methods, ``--flag NAME=V`` for one. Without any run checkpoint the flags are required (checked before
-  anything is loaded). ``--max-length/--truncation`` default to the reference's ``data.*``.
+* Adaptation settings: ``--adapt-lr/--adapt-steps/--adapt-batch-size/--adapt-optimizer`` default to the
+  inner loop of the reference checkpoint (``meta.inner_lr``, ``meta.num_inner_steps``,
+  ``meta.inner_batch_size``, ``meta.inner_optimizer``): the method named ``fomaml`` when it is a run
+  checkpoint, else the first method (in the order given) that is one. Every method adapts with these same
+  settings, so the comparison is fair; ``--flag V`` sets it for all methods, ``--flag NAME=V`` for one.
+  Without any run checkpoint the lr/steps/batch flags are required (checked before anything is loaded) and
+  the optimizer defaults to ``sgd``. ``--max-length/--truncation`` default to the reference's ``data.*``.
+* Learned rates: a method whose loaded weights carry per-tensor inner rates (``Trained.inner_lrs``, a
+  Meta-SGD run) adapts with them unless ``--adapt-lr V`` or ``--adapt-lr NAME=V`` gives it a rate; its
+  printed line says so and its settings record ``adapt_lr: "learned"`` and the rates
+  (``learned_inner_lrs``).
 * A plain model (base or merged) gets a fresh LoRA (B = 0) shaped like the reference run's ``model.lora``,
   so it adapts the same parameter family as the trained adapters.
 * Models are loaded with activation checkpointing (used by the adaptation only; ``--no-gradient-checkpointing``).
@@ -88,6 +99,7 @@ DEFAULT_MAX_LENGTH = 2048
 DEFAULT_TRUNCATION = "right"
 ROWS_DIR = "rows"
 PLAN_FILE = "plan.json"
+INNER_OPTIMIZERS = ("sgd", "adam")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -276,9 +288,11 @@ def evaluate_model(
     episodes: Sequence[Episode],
     records: Mapping[str, dict],
     *,
-    adapt_lr: float | None,
+    adapt_lr: float | Mapping[str, float] | None,
     adapt_steps: int | None,
     adapt_batch_size: int | None,
+    adapt_optimizer: str = "sgd",
+    generate: bool = True,
     max_new_tokens: int = 1024,
     gen_batch_size: int = 16,
     max_length: int = DEFAULT_MAX_LENGTH,
@@ -290,26 +304,35 @@ def evaluate_model(
 
     ``trained`` has ``model``, ``tokenizer`` and ``params`` (name → the adapted parameters of ``model``),
     as :func:`lora_maml.load_trained.load_trained` returns. ``records`` maps ids to records
-    (:func:`episode_records`). Row keys: task, n, seed, holdout, id, shot_ids, nll, tokens, truncated,
-    generation, gen_tokens, finished, extracted, gold, correct, strict. The loaded parameters and the
-    model's train/eval mode are the same after the call.
+    (:func:`episode_records`). ``adapt_lr`` is one rate or one per parameter name (Meta-SGD's learned
+    rates); ``adapt_optimizer`` is ``sgd`` or ``adam``. ``generate=False`` scores NLL only: the generation
+    and grading keys are None. Row keys: task, n, seed, holdout, id, shot_ids, nll, nll_pre, tokens,
+    truncated, generation, gen_tokens, finished, extracted, gold, correct, strict. ``nll_pre`` is the NLL
+    of the same problem at the loaded (unadapted) weights, so ``nll_pre - nll`` is what adaptation gained
+    on it. The loaded parameters and the model's train/eval mode are the same after the call.
     """
     from tqdm.auto import tqdm
 
     model, tokenizer, params = trained.model, trained.tokenizer, trained.params
     if any(ep.n > 0 for ep in episodes) and adapt_steps != 0:
-        for flag, value in (("--adapt-lr", adapt_lr), ("--adapt-steps", adapt_steps), ("--adapt-batch-size", adapt_batch_size)):
-            if value is None or isinstance(value, bool) or value <= 0:
-                raise ValueError(
-                    f"{flag} must be a positive number to adapt on n > 0 shots, got {value!r} (no run config to take "
-                    "meta.inner_lr / meta.num_inner_steps / meta.inner_batch_size from: give it explicitly)"
-                )
+        lrs = list(adapt_lr.values()) if isinstance(adapt_lr, Mapping) else [adapt_lr]
+        for flag, values in (("--adapt-lr", lrs), ("--adapt-steps", [adapt_steps]),
+                             ("--adapt-batch-size", [adapt_batch_size])):
+            for value in values:
+                if value is None or isinstance(value, bool) or value <= 0:
+                    raise ValueError(
+                        f"{flag} must be a positive number to adapt on n > 0 shots, got {value!r} (no run config to "
+                        "take meta.inner_lr / meta.num_inner_steps / meta.inner_batch_size from: give it explicitly)"
+                    )
+    if adapt_optimizer not in INNER_OPTIMIZERS:
+        raise ValueError(f"--adapt-optimizer must be one of {'|'.join(INNER_OPTIMIZERS)}, got {adapt_optimizer!r}")
     if max_new_tokens < 1 or gen_batch_size < 1:
         raise ValueError(f"--max-new-tokens and --gen-batch-size must be >= 1, got {max_new_tokens}, {gen_batch_size}")
     device = _device_of(model)
     pad_id = _pad_id(tokenizer, model)
     names = list(params)
     fn = FunctionalLoss(model, names)
+    loaded = [p.detach() for p in params.values()]
 
     def encode(record_id: str) -> dict:
         rec = records[record_id]
@@ -320,6 +343,18 @@ def evaluate_model(
 
     references: dict[str, dict] = {}
     prompts: dict[str, list[int]] = {}
+    # NLL at the loaded weights, per problem: the same for every episode, so computed once (an unadapted
+    # episode's own NLL is this value).
+    unadapted_nll: dict[str, tuple[float, int, bool]] = {}
+
+    @torch.no_grad()
+    def score(pid: str, weights: list[torch.Tensor]) -> tuple[float, int, bool]:
+        if pid not in references:
+            references[pid] = encode(pid)
+        ref = references[pid]
+        loss, n_tokens = fn.loss(weights, _to(collate([ref], pad_id, packed=False), device))
+        return float(loss) if int(n_tokens) else float("nan"), int(n_tokens), bool(ref["truncated"])
+
     was_training = model.training
     rows: list[dict] = []
     bar = tqdm(episodes, desc=desc, unit="episode", dynamic_ncols=True)
@@ -334,39 +369,45 @@ def evaluate_model(
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     torch.manual_seed(_rng_seed(ep))
                     # One element = one inner step over ALL micro-batches (token-weighted mean loss).
-                    adapted = adapt(model, params, [micro], adapt_lr, adapt_steps)
+                    adapted = adapt(model, params, [micro], adapt_lr, adapt_steps, optimizer=adapt_optimizer)
             model.eval()
-            weights = [adapted[name] for name in names] if adapted is not None else [p.detach() for p in params.values()]
             nll: dict[str, tuple[float, int, bool]] = {}
-            with torch.no_grad():
-                for pid in ep.test_ids:
-                    if pid not in references:
-                        references[pid] = encode(pid)
-                    ref = references[pid]
-                    loss, n_tokens = fn.loss(weights, _to(collate([ref], pad_id, packed=False), device))
-                    nll[pid] = (float(loss) if int(n_tokens) else float("nan"), int(n_tokens), bool(ref["truncated"]))
             for pid in ep.test_ids:
-                if pid not in prompts:
-                    prompts[pid] = prompt_ids(tokenizer, records[pid]["prompt"])
-            swap = weights_copied_in(params, adapted) if adapted is not None else contextlib.nullcontext()
-            with swap:
-                generations = generate_greedy(
-                    model, tokenizer, [prompts[pid] for pid in ep.test_ids],
-                    max_new_tokens=max_new_tokens, batch_size=gen_batch_size,
-                )
+                if pid not in unadapted_nll:
+                    unadapted_nll[pid] = score(pid, loaded)
+                nll[pid] = unadapted_nll[pid] if adapted is None else score(pid, [adapted[name] for name in names])
+            if generate:
+                for pid in ep.test_ids:
+                    if pid not in prompts:
+                        prompts[pid] = prompt_ids(tokenizer, records[pid]["prompt"])
+                swap = weights_copied_in(params, adapted) if adapted is not None else contextlib.nullcontext()
+                with swap:
+                    generations = generate_greedy(
+                        model, tokenizer, [prompts[pid] for pid in ep.test_ids],
+                        max_new_tokens=max_new_tokens, batch_size=gen_batch_size,
+                    )
+            else:
+                generations = [None] * len(ep.test_ids)
             for pid, gen in zip(ep.test_ids, generations):
                 gold = records[pid]["answer"]
-                verdict = grade(gen["text"], gold, timeout_s=grading_timeout_s)
+                verdict = None if gen is None else grade(gen["text"], gold, timeout_s=grading_timeout_s)
                 loss, n_tokens, truncated = nll[pid]
                 rows.append({
                     "task": ep.task, "n": ep.n, "seed": ep.seed, "holdout": ep.holdout, "id": pid,
-                    "shot_ids": list(ep.shot_ids), "nll": loss, "tokens": n_tokens, "truncated": truncated,
-                    "generation": gen["text"], "gen_tokens": gen["tokens"], "finished": gen["finished"],
-                    "extracted": verdict["extracted"], "gold": gold,
-                    "correct": verdict["math_verify"], "strict": verdict["strict"],
+                    "shot_ids": list(ep.shot_ids), "nll": loss, "nll_pre": unadapted_nll[pid][0],
+                    "tokens": n_tokens, "truncated": truncated,
+                    "generation": None if gen is None else gen["text"],
+                    "gen_tokens": None if gen is None else gen["tokens"],
+                    "finished": None if gen is None else gen["finished"],
+                    "extracted": None if verdict is None else verdict["extracted"], "gold": gold,
+                    "correct": None if verdict is None else verdict["math_verify"],
+                    "strict": None if verdict is None else verdict["strict"],
                 })
-            done = [r["correct"] for r in rows]
-            bar.set_postfix(task=ep.task, n=ep.n, acc=f"{sum(done) / len(done):.3f}")
+            if generate:
+                done = [r["correct"] for r in rows]
+                bar.set_postfix(task=ep.task, n=ep.n, acc=f"{sum(done) / len(done):.3f}")
+            else:
+                bar.set_postfix(task=ep.task, n=ep.n, nll=f"{sum(nll[p][0] for p in ep.test_ids) / len(ep.test_ids):.3f}")
     finally:
         bar.close()
         model.train(was_training)
@@ -374,8 +415,14 @@ def evaluate_model(
 
 
 # --- command line ----------------------------------------------------------------------------
-def _parse_per_method(flag: str, values: Sequence[str] | None, cast, names: Sequence[str]) -> dict[str, Any]:
-    """``--flag V`` (all methods) and/or ``--flag NAME=V`` (one method) → ``{name: value}``."""
+def _inner_optimizer(raw: str) -> str:
+    if raw not in INNER_OPTIMIZERS:
+        raise ValueError(raw)
+    return raw
+
+
+def _parse_per_method(flag: str, values: Sequence[str] | None, cast, names: Sequence[str], kind: str) -> dict[str, Any]:
+    """``--flag V`` (all methods) and/or ``--flag NAME=V`` (one method) → ``{name: value}`` (None: not given)."""
     out: dict[str, Any] = {}
     default = None
     for item in values or ():
@@ -383,7 +430,7 @@ def _parse_per_method(flag: str, values: Sequence[str] | None, cast, names: Sequ
         try:
             value = cast(raw)
         except ValueError:
-            raise ValueError(f"{flag} {item!r}: {raw!r} is not a valid {cast.__name__}") from None
+            raise ValueError(f"{flag} {item!r}: {raw!r} is not a valid {kind}") from None
         if not sep:
             default = value
         elif name not in names:
@@ -453,8 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "seeds (default 3). n=0 always has one episode.")
     p.add_argument("--max-test-per-task", type=int, help="scored problems per task (default: the whole test split)")
     p.add_argument("--seed", type=int, default=0, help="seed of the test subsets, shot draws and bootstrap (default 0)")
-    for flag, kind, what in (("--adapt-lr", "float", "meta.inner_lr"), ("--adapt-steps", "int", "meta.num_inner_steps"),
-                             ("--adapt-batch-size", "int", "meta.inner_batch_size")):
+    for flag, kind, what in (("--adapt-lr", "float", "meta.inner_lr (a Meta-SGD run: its learned per-tensor rates)"),
+                             ("--adapt-steps", "int", "meta.num_inner_steps"),
+                             ("--adapt-batch-size", "int", "meta.inner_batch_size"),
+                             ("--adapt-optimizer", "sgd|adam", "meta.inner_optimizer (sgd when there is none)")):
         p.add_argument(flag, nargs="+", metavar="[NAME=]V",
                        help=f"{kind}; default: the reference checkpoint's {what} for every method; NAME=V for one method")
     p.add_argument("--max-length", type=int, help=f"token cap of shots/references (default: data.max_length or {DEFAULT_MAX_LENGTH})")
@@ -506,18 +555,20 @@ def run(args: argparse.Namespace) -> dict:
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     settings_by_method = {name: {} for name in names}
-    for key, flag, cast in (("adapt_lr", "--adapt-lr", float), ("adapt_steps", "--adapt-steps", int),
-                            ("adapt_batch_size", "--adapt-batch-size", int)):
-        for name, value in _parse_per_method(flag, getattr(args, key), cast, names).items():
+    for key, flag, cast, kind in (("adapt_lr", "--adapt-lr", float, "float"), ("adapt_steps", "--adapt-steps", int, "int"),
+                                  ("adapt_batch_size", "--adapt-batch-size", int, "int"),
+                                  ("adapt_optimizer", "--adapt-optimizer", _inner_optimizer, "optimizer (sgd|adam)")):
+        for name, value in _parse_per_method(flag, getattr(args, key), cast, names, kind).items():
             settings_by_method[name][key] = value
+    explicit_lr = {name for name, settings in settings_by_method.items() if settings["adapt_lr"] is not None}
     seeds: int | list[int] = args.seeds[0] if len(args.seeds) == 1 else args.seeds
     episodes = plan_episodes(args.data_dir, args.tasks, args.n_shots, seeds, args.max_test_per_task, args.seed)
 
     # Every default is settled before the first (slow) load, so a missing setting fails at once.
     ref_name, ref_cfg = _reference(methods)
-    defaults = {} if ref_cfg is None else {
+    defaults = {"adapt_optimizer": "sgd"} if ref_cfg is None else {
         "adapt_lr": ref_cfg.meta.inner_lr, "adapt_steps": ref_cfg.meta.num_inner_steps,
-        "adapt_batch_size": ref_cfg.meta.inner_batch_size,
+        "adapt_batch_size": ref_cfg.meta.inner_batch_size, "adapt_optimizer": ref_cfg.meta.inner_optimizer,
     }
     for name, settings in settings_by_method.items():
         for key, value in defaults.items():
@@ -561,11 +612,23 @@ def run(args: argparse.Namespace) -> dict:
             lora=ref_cfg.model.lora if plain and ref_cfg is not None else None,
             gradient_checkpointing=args.gradient_checkpointing,
         )
-        print(f"[{name}] {methods[name]} ({trained.kind}, {trained.adapter}): adapt lr={settings['adapt_lr']} "
-              f"steps={settings['adapt_steps']} batch={settings['adapt_batch_size']}")
+        adapt_lr = settings["adapt_lr"]
+        learned = trained.inner_lrs
+        if learned is not None and name not in explicit_lr:
+            # A Meta-SGD run adapts with the per-tensor rates it learned, unless --adapt-lr names a rate for it.
+            adapt_lr = learned
+            settings["adapt_lr"] = "learned"
+            settings["learned_inner_lrs"] = dict(learned)
+            rates = sorted(learned.values())
+            lr_text = f"learned per-tensor (Meta-SGD: {len(rates)} rates, {rates[0]:.3g}..{rates[-1]:.3g})"
+        else:
+            lr_text = str(adapt_lr)
+        print(f"[{name}] {methods[name]} ({trained.kind}, {trained.adapter}): adapt {settings['adapt_optimizer']} "
+              f"lr={lr_text} steps={settings['adapt_steps']} batch={settings['adapt_batch_size']}")
         rows = evaluate_model(
             trained, episodes, records,
-            adapt_lr=settings["adapt_lr"], adapt_steps=settings["adapt_steps"], adapt_batch_size=settings["adapt_batch_size"],
+            adapt_lr=adapt_lr, adapt_steps=settings["adapt_steps"], adapt_batch_size=settings["adapt_batch_size"],
+            adapt_optimizer=settings["adapt_optimizer"],
             max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size,
             max_length=settings["max_length"], truncation=settings["truncation"], desc=name,
         )

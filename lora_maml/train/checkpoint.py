@@ -57,6 +57,8 @@ LATEST_FILE = "latest"
 MANIFEST_FILE = "checkpoint_manifest.json"
 TRAINER_STATE_FILE = "trainer_state.json"
 TRAINER_TENSORS_FILE = "trainer_state.safetensors"
+# Meta-SGD's learned inner learning rates, {parameter name: rate}, beside the adapter / model files.
+INNER_LRS_FILE = "inner_lrs.json"
 # Only names this module creates; other files in the run directory are never touched.
 _TEMP_PATTERN = re.compile(r"^(maml_checkpoint_step_\d+\.pt|step_\d+|latest)\.tmp-\d+(-old)?$")
 _TENSOR_REF = "__tensor__"

@@ -281,7 +281,8 @@ class TrainingRecipe:
             support_batches = [self.batch(support[i : i + size]) for i in range(0, len(support), size)]
             test = [data.test[i] for i in test_idx]
             theta = [p.detach() for p in self.params.values()]
-            adapted = adapt(self.model, self.params, support_batches, meta.inner_lr, meta.num_inner_steps)
+            adapted = adapt(self.model, self.params, support_batches, self.inner_lrs(), meta.num_inner_steps,
+                            optimizer=meta.inner_optimizer)
             local[f"eval/{task}/loss_pre"] = self._test_loss(fn, theta, test)
             local[f"eval/{task}/loss_post"] = self._test_loss(fn, [adapted[n] for n in names], test)
         metrics: dict[str, float] = {}
@@ -367,6 +368,14 @@ class TrainingRecipe:
     def load_extra_state(self, state: dict) -> None:
         pass
 
+    def inner_lrs(self) -> float | dict[str, float]:
+        """The inner learning rate(s) the periodic evaluation adapts with (Meta-SGD: the learned ones)."""
+        return self.cfg.meta.inner_lr
+
+    def save_pretrained(self, directory: Path) -> None:
+        """The checkpoint's loadable directory: the PEFT adapter, or the whole model with ``meta.adapter=full``."""
+        self.model.save_pretrained(directory, safe_serialization=True)
+
     def save_checkpoint(self) -> None:
         """Gather every process's RNG state, then rank 0 writes the checkpoint atomically."""
         rng_states = ckpt.gather_rng_states()
@@ -388,7 +397,7 @@ class TrainingRecipe:
                 config=config_to_dict(self.cfg),
                 trainer_state=state,
                 rng_states=rng_states,
-                save_pretrained=lambda d: self.model.save_pretrained(d, safe_serialization=True),
+                save_pretrained=lambda d: self.save_pretrained(Path(d)),
                 pretrained_kind="model" if full else "adapter",
                 max_to_keep=self.cfg.trainer.max_ckpt_to_keep,
             )
@@ -410,12 +419,12 @@ class TrainingRecipe:
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(saved[name])
-        self.optimizer.load_state_dict(state["optimizer_state_dict"])
         trainer_state = state["trainer_state"]
+        self.load_extra_state(trainer_state)  # first: it names a config mismatch the optimizer would not
+        self.optimizer.load_state_dict(state["optimizer_state_dict"])
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         self.nonfinite_in_a_row = trainer_state["nonfinite_in_a_row"]
         self.nonfinite_total = trainer_state["nonfinite_total"]
-        self.load_extra_state(trainer_state)
         rng_states = state["rng_states"]
         if len(rng_states) == self.dist.world_size:
             ckpt.restore_rng_state(rng_states[self.dist.rank])

@@ -6,6 +6,7 @@ and the console shows the guide's line format."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -37,6 +38,7 @@ from lora_maml.config import ConfigError
 from lora_maml.load_trained import load_trained
 from lora_maml.train import checkpoint as ckpt
 from lora_maml.train.distributed import Dist
+from lora_maml.train.recipe import load_run_config
 
 # fp32 sums of the per-task gradients and losses happen in another order across processes.
 CROSS_PROCESS_REL = 1e-6
@@ -351,3 +353,60 @@ def test_console_shows_the_guide_line_format(recipe_inputs, tmp_path, capsys):
         assert (int(match[1]), int(match[2])) == (row["step"], 4)
         assert float(match[3]) == pytest.approx(row["meta/loss"], abs=1e-4)
         assert re.search(r" meta/grad_norm=\S+", line) and "perf/tokens_per_s=" in line
+
+
+# -- Meta-SGD ----------------------------------------------------------------------------------------------
+
+META_SGD_ARGS = ("meta.learn_inner_lr=true", "meta.inner_lr_lr=0.05", "meta.num_inner_steps=2")
+
+
+def saved_log_rates(run_dir: Path, step: int) -> dict[str, float]:
+    return ckpt.load_checkpoint(ckpt.pt_path(run_dir, step))["trainer_state"]["log_inner_lrs"]
+
+
+def test_meta_sgd_rates_are_learned_logged_resumed_and_loaded_for_evaluation(recipe_inputs, tmp_path, monkeypatch):
+    """The learned inner rates move, are logged (mean/min/max), resume bitwise after a stop at step 2
+    of 4, and come back through load_trained from the .pt and from the PEFT adapter directory."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run_in_process(fomaml.main, run_args(recipe_inputs, straight, *META_SGD_ARGS)) == 0
+    train_step = fomaml.FOMAMLRecipe.train_step
+
+    def signalled_train_step(self, step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(self, step)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fomaml.FOMAMLRecipe, "train_step", signalled_train_step)
+        assert run_in_process(fomaml.main, run_args(recipe_inputs, stopped, *META_SGD_ARGS)) == 0
+    assert latest_step(stopped) == 2
+    assert run_in_process(fomaml.main, run_args(recipe_inputs, stopped, *META_SGD_ARGS)) == 0
+    assert max_weight_diff(checkpoint_weights(stopped), checkpoint_weights(straight)) == 0.0
+    assert saved_log_rates(stopped, 4) == saved_log_rates(straight, 4)
+    assert_same_metrics(read_metrics(stopped), read_metrics(straight))
+
+    log_rates = saved_log_rates(straight, 4)
+    initial = math.log(load_run_config(straight).meta.inner_lr)
+    assert min(abs(v - initial) for v in log_rates.values()) > 1e-3  # every rate took Adam steps
+    rows = read_metrics(straight)  # the rates each step's inner loops used (before its outer step)
+    first, last = rows[0], rows[-1]
+    assert first["meta/inner_lr_min"] == pytest.approx(first["meta/inner_lr_max"]) == pytest.approx(math.exp(initial))
+    assert last["meta/inner_lr_min"] < last["meta/inner_lr_max"]
+    rates = {name: math.exp(v) for name, v in log_rates.items()}
+
+    from_pt = load_trained(straight)
+    assert from_pt.inner_lrs == pytest.approx(rates, rel=1e-12)
+    from_adapter = load_trained(straight / "step_4" / "adapter", base=str(recipe_inputs.model_dir))
+    assert from_adapter.inner_lrs == pytest.approx(rates, rel=1e-12)
+    assert load_trained(recipe_inputs.model_dir).inner_lrs is None
+
+
+def test_resuming_a_plain_run_with_meta_sgd_is_refused(recipe_inputs, tmp_path):
+    out = tmp_path / "run"
+    assert run_in_process(fomaml.main, run_args(recipe_inputs, out, "trainer.total_steps=2", "meta.num_inner_steps=2")) == 0
+    with pytest.raises(ConfigError, match="meta.learn_inner_lr"):
+        run_in_process(fomaml.main, run_args(recipe_inputs, out, "trainer.total_steps=4", *META_SGD_ARGS))
+    sgd_run = tmp_path / "meta_sgd"
+    assert run_in_process(fomaml.main, run_args(recipe_inputs, sgd_run, "trainer.total_steps=2", *META_SGD_ARGS)) == 0
+    with pytest.raises(ConfigError, match="meta.learn_inner_lr"):
+        run_in_process(fomaml.main, run_args(recipe_inputs, sgd_run, "trainer.total_steps=4", "meta.num_inner_steps=2"))

@@ -1,0 +1,154 @@
+"""benchmarks/meta_vs_sft.py end to end in --tiny mode (tiny random Qwen3, synthetic suite, 2-step runs):
+every init is scored on the same (episode, problem) set, the statistics are what the saved rows say,
+and a rerun skips what is finished (and retrains only what was removed, identically, in a subprocess)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+INITS = ("base", "fomaml_0", "sft_steps_0", "sft_tokens_0")
+N_SHOTS = (0, 2, 4)
+OVERRIDES = [
+    "data.tasks=[algebra,geometry]", "data.max_length=96", "trainer.total_steps=2", "meta.meta_batch_size=2",
+    "meta.num_inner_steps=2", "meta.inner_batch_size=2", "meta.query_batch_size=2", "meta.inner_optimizer=adam",
+    "meta.inner_lr=0.01", "sft.batch_size=4", "trainer.save_freq=2", "trainer.test_freq=2",
+    "trainer.eval_num_support=2", "trainer.eval_num_test=2", "trainer.logger=[jsonl]",
+]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("_bench_meta_vs_sft", REPO_ROOT / "benchmarks" / "meta_vs_sft.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def argv(out: Path, *extra: str) -> list[str]:
+    return ["--tiny", "--out", str(out), "--seeds", "0", "--n-shots", *map(str, N_SHOTS), "--episodes", "2",
+            "--test-per-episode", "2", "--n-boot", "200", *extra, "--", *OVERRIDES]
+
+
+def rows_of(out: Path, init: str) -> list[dict]:
+    return json.loads((out / "eval" / "rows" / f"{init}.json").read_text())["rows"]
+
+
+def by_key(rows: list[dict]) -> dict[tuple, dict]:
+    return {(r["n"], r["task"], r["seed"], r["id"]): r for r in rows}
+
+
+def checkpoints(out: Path) -> dict[str, int]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in (out / "runs").glob("*/maml_checkpoint_step_*.pt")}
+
+
+@pytest.fixture(scope="module")
+def experiment(bench, tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("meta_vs_sft")
+    assert bench.main(argv(out, "--in-process")) == 0
+    return out
+
+
+def test_every_init_is_scored_on_the_same_episodes_and_problems(experiment):
+    keys = {init: {k: tuple(r["shot_ids"]) for k, r in by_key(rows_of(experiment, init)).items()} for init in INITS}
+    assert all(keys[init] == keys["base"] for init in INITS)
+    plan = json.loads((experiment / "eval" / "plan.json").read_text())["episodes"]
+    assert len(keys["base"]) == sum(len(ep["test_ids"]) for ep in plan) == 2 * (1 + 2 + 2) * 2
+    assert {k[1] for k in keys["base"]} == {"algebra", "geometry"}
+    assert all(len(shots) == k[0] for k, shots in keys["base"].items())
+
+
+def test_nll_pre_is_the_unadapted_init(experiment):
+    for init in INITS:
+        pre: dict[str, float] = {}
+        for row in rows_of(experiment, init):
+            # The init's own weights: the same value for a problem at every n and in every episode.
+            assert pre.setdefault(row["id"], row["nll_pre"]) == row["nll_pre"], (init, row["id"])
+            if row["n"] == 0:
+                assert row["nll"] == row["nll_pre"]
+            else:
+                assert row["nll"] != row["nll_pre"]  # the adaptation moved the weights
+    base = {r["id"]: r["nll_pre"] for r in rows_of(experiment, "base")}
+    fomaml = {r["id"]: r["nll_pre"] for r in rows_of(experiment, "fomaml_0")}
+    assert base.keys() == fomaml.keys() and base != fomaml  # training moved the init away from the base
+
+
+def test_reported_differences_are_the_paired_row_differences(experiment, bench):
+    result = json.loads((experiment / "results.json").read_text())
+    rows = {init: by_key(rows_of(experiment, init)) for init in INITS}
+    gain = {init: {k: r["nll_pre"] - r["nll"] for k, r in table.items()} for init, table in rows.items()}
+    comparisons = {(c["b"], c["n"]): c for c in result["comparisons"]}
+    assert set(comparisons) == {(b, n) for b in ("sft_steps", "sft_tokens") for n in N_SHOTS}
+    for (b, n), c in comparisons.items():
+        keys = [k for k in rows["fomaml_0"] if k[0] == n]
+        post = np.mean([rows["fomaml_0"][k]["nll"] - rows[f"{b}_0"][k]["nll"] for k in keys])
+        gained = np.mean([gain["fomaml_0"][k] - gain[f"{b}_0"][k] for k in keys])
+        assert c["nll_diff"] == pytest.approx(post, abs=1e-12) and c["gain_diff"] == pytest.approx(gained, abs=1e-12)
+        assert c["pairs"] == len(keys)
+        if n == 0:  # one episode per task: no CI, and so no verdict
+            assert c["nll_diff_ci"] == [None, None] and c["verdict"].startswith("no 95% CI")
+            assert c["gain_diff"] == 0
+            continue
+        lo, hi = c["nll_diff_ci"]
+        assert lo <= c["nll_diff"] <= hi and c["gain_diff_ci"][0] <= c["gain_diff"] <= c["gain_diff_ci"][1]
+        assert c["nll_diff_by_seed"] == {"0": pytest.approx(post, abs=1e-12)}  # one seed: its mean is the mean
+        expected = "FOMAML init better" if hi < 0 else "FOMAML init worse" if lo > 0 else "not distinguishable at 95%"
+        assert c["verdict"] == expected
+        disagreeing = c | {"nll_diff_ci": [-2.0, -1.0], "nll_diff_by_seed": {"0": -1.5, "1": +0.5}}
+        assert bench.verdict(disagreeing).startswith("not distinguishable")  # seeds of opposite sign never decide
+        assert bench.verdict(disagreeing | {"nll_diff_by_seed": {"0": -1.5, "1": -0.5}}) == "FOMAML init better"
+    summary = {(s["init"], s["n"]): s for s in result["summary"]}
+    for init in ("base", "fomaml", "fomaml_0", "sft_tokens"):
+        table = rows["base" if init == "base" else init if init.endswith("_0") else f"{init}_0"]
+        for n in N_SHOTS:
+            values = [r for k, r in table.items() if k[0] == n]
+            assert summary[(init, n)]["nll"] == pytest.approx(np.mean([r["nll"] for r in values]), abs=1e-12)
+            assert summary[(init, n)]["gain"] == pytest.approx(np.mean([r["nll_pre"] - r["nll"] for r in values]),
+                                                              abs=1e-12)
+    markdown = (experiment / "results.md").read_text()
+    assert "| FOMAML − SFT (matched tokens) | 4 |" in markdown and all(v in markdown for v in result["verdicts"])
+    assert set(result["timings_s"]) >= {"1/5 base model", "2/5 data", "3/5 training", "4/5 evaluation", "total"}
+
+
+def test_rerun_skips_finished_work_and_retrains_only_what_is_missing(bench, experiment, capsys, monkeypatch):
+    before = checkpoints(experiment)
+    results = json.loads((experiment / "results.json").read_text())
+    capsys.readouterr()
+    assert bench.main(argv(experiment, "--in-process")) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("finished earlier, skipped") == 3 and printed.count("evaluated earlier, skipped") == 4
+    assert "prepared earlier, skipped" in printed and "made earlier, skipped" in printed
+    assert checkpoints(experiment) == before
+    again = json.loads((experiment / "results.json").read_text())
+    assert again["comparisons"] == results["comparisons"] and again["summary"] == results["summary"]
+
+    # Other training arguments for the same --out are refused, not mixed in.
+    assert bench.main([*argv(experiment, "--in-process"), "trainer.total_steps=3"]) == 1
+    assert "was trained with other arguments" in capsys.readouterr().err
+    assert bench.main([*argv(experiment), "trainer.seed=5"]) == 1
+    assert "trainer.seed is managed by this script" in capsys.readouterr().err
+
+    # A removed run is retrained, in a subprocess (the default), identically; only it is evaluated again.
+    removed = experiment / "runs" / "sft_steps_0"
+    old_rows = by_key(rows_of(experiment, "sft_steps_0"))
+    for path in sorted(removed.rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    removed.rmdir()
+    (experiment / "runs" / "sft_steps_0.done.json").unlink()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the same float work as this process's one thread
+    assert bench.main(argv(experiment)) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("finished earlier, skipped") == 2 and "sft_steps_0: trained in" in printed
+    assert printed.count("evaluated earlier, skipped") == 3 and "sft_steps_0: evaluated in" in printed
+    new_rows = by_key(rows_of(experiment, "sft_steps_0"))
+    assert new_rows.keys() == old_rows.keys()
+    for key, row in new_rows.items():
+        assert math.isclose(row["nll"], old_rows[key]["nll"], rel_tol=1e-6), key
+    assert {k: v for k, v in checkpoints(experiment).items() if "sft_steps_0" not in k} == {
+        k: v for k, v in before.items() if "sft_steps_0" not in k}
