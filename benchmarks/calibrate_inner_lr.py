@@ -79,12 +79,8 @@ def draw_problems(args, tokenizer) -> list[tuple[str, list[dict], list[dict]]]:
 
 @torch.no_grad()
 def mean_nll(fn: FunctionalLoss, weights: list[torch.Tensor], examples: list[dict], pad_id: int) -> float:
-    """Token-weighted mean NLL of ``examples`` at ``weights``, one example per forward."""
-    total, tokens = 0.0, 0
-    for ex in examples:
-        loss, n = fn.loss(weights, collate([ex], pad_id, packed=False))
-        total, tokens = total + float(loss) * int(n), tokens + int(n)
-    return total / max(tokens, 1)
+    """Token-weighted mean NLL of ``examples`` at ``weights``: one micro-batch (forward) per example."""
+    return float(fn.loss(weights, [collate([ex], pad_id, packed=False) for ex in examples])[0])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,48 +16,22 @@ from test_meta_gradients import (  # noqa: F401  (exact_fp64 is a fixture)
     K,
     exact_fp64,
     full_logits_copy,
+    inplace_adapt,
     max_err,
     random_tasks,
+    reference,
     tiny_model,
 )
 
 from lora_maml.config import Config, MetaConfig, OptimConfig
 from lora_maml.loss import causal_lm_loss
 from lora_maml.meta import algorithms
-from lora_maml.meta.algorithms import ADAM_BETAS, MetaLearner, adapt
+from lora_maml.meta.algorithms import MetaLearner, adapt
 from lora_maml.meta.diagnostics import InertInnerLoopMonitor
 from lora_maml.optim import build_optimizer, build_scheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ADAM_LR = 0.02
-
-
-def inplace_adapt(model, names, task, steps, lrs, optimizer):
-    """A deep copy of ``model`` after ``steps`` in-place torch.optim steps on the task's support
-    batches, one parameter group (learning rate) per tensor; returns (copy, its adapted parameters)."""
-    m = full_logits_copy(model)
-    own = dict(m.named_parameters())
-    params = [own[n] for n in names]
-    groups = [{"params": [p], "lr": lr} for p, lr in zip(params, lrs)]
-    opt = (torch.optim.Adam(groups, betas=ADAM_BETAS, eps=algorithms.ADAM_EPS) if optimizer == "adam"
-           else torch.optim.SGD(groups))
-    for k in range(steps):
-        opt.zero_grad()
-        causal_lm_loss(m, task.support[k % len(task.support)])[0].backward()
-        opt.step()
-    return m, params
-
-
-def inplace_meta_gradient(model, names, tasks, steps, lrs, optimizer):
-    total = None
-    for task in tasks:
-        m, params = inplace_adapt(model, names, task, steps, lrs, optimizer)
-        for p in params:
-            p.grad = None
-        causal_lm_loss(m, task.query)[0].backward()
-        grads = [p.grad.clone() for p in params]
-        total = grads if total is None else [a + b for a, b in zip(total, grads)]
-    return [g / len(tasks) for g in total]
 
 
 def learner(model, params, **meta):
@@ -74,8 +48,8 @@ def test_fomaml_with_adam_inner_loop_matches_inplace_torch_adam(adapter):
     tasks = random_tasks()
     ours = list(learner(model, params, inner_optimizer="adam", inner_lr=ADAM_LR).meta_gradient(tasks).grads.values())
     names = list(params)
-    ref = inplace_meta_gradient(model, names, tasks, K, [ADAM_LR] * len(names), "adam")
-    sgd = inplace_meta_gradient(model, names, tasks, K, [ADAM_LR] * len(names), "sgd")
+    ref = reference(model, names, tasks, K, ADAM_LR, optimizer="adam")
+    sgd = reference(model, names, tasks, K, ADAM_LR)
     assert max_err(ours, ref) <= 1e-9
     assert max_err(sgd, ref) > 1e-4
 
@@ -247,7 +221,7 @@ def test_meta_sgd_theta_gradient_is_fomaml_at_the_learned_rates_and_the_rates_ta
         meta.log_inner_lrs.add_(torch.linspace(-0.5, 0.5, len(params), dtype=meta.log_inner_lrs.dtype))
     rates = meta.inner_lrs()
     result = meta.meta_gradient(tasks)
-    ref = inplace_meta_gradient(model, list(params), tasks, K, list(rates.values()), "sgd")
+    ref = reference(model, list(params), tasks, K, list(rates.values()))
     assert max_err([result.grads[n] for n in params], ref) <= 1e-9
     assert result.metrics["meta/inner_lr_min"] == pytest.approx(min(rates.values()))
     assert result.metrics["meta/inner_lr_max"] == pytest.approx(max(rates.values()))

@@ -78,23 +78,37 @@ def full_logits_copy(model):
     return m
 
 
-def reference(model, names, tasks, steps, lr, algorithm="fomaml"):
+def inplace_adapt(model, names, task, steps, lr, optimizer="sgd"):
+    """A full-logits copy of ``model`` after ``steps`` in-place torch.optim steps (SGD, or Adam with the
+    inner loop's betas and eps) on the task's support batches; ``lr`` is one rate or one per tensor
+    (a parameter group each). Returns (the copy, its adapted parameters named by ``names``)."""
+    from lora_maml.meta import algorithms
+
+    m = full_logits_copy(model)
+    own = dict(m.named_parameters())
+    params = [own[n] for n in names]
+    lrs = lr if isinstance(lr, (list, tuple)) else [lr] * len(params)
+    groups = [{"params": [p], "lr": rate} for p, rate in zip(params, lrs)]
+    opt = (torch.optim.Adam(groups, betas=algorithms.ADAM_BETAS, eps=algorithms.ADAM_EPS) if optimizer == "adam"
+           else torch.optim.SGD(groups))
+    for k in range(steps):
+        opt.zero_grad()
+        causal_lm_loss(m, task.support[k % len(task.support)])[0].backward()
+        opt.step()
+    return m, params
+
+
+def reference(model, names, tasks, steps, lr, algorithm="fomaml", optimizer="sgd"):
     """Mean over tasks of the in-place FOMAML gradient (or Reptile's θ − φ_K)."""
+    own = dict(model.named_parameters())
     total = None
     for task in tasks:
-        m = full_logits_copy(model)
-        own = dict(m.named_parameters())
-        params = [own[n] for n in names]
-        theta = [p.detach().clone() for p in params]
-        opt = torch.optim.SGD(params, lr=lr)
-        for k in range(steps):
-            opt.zero_grad()
-            causal_lm_loss(m, task.support[k % len(task.support)])[0].backward()
-            opt.step()
+        m, params = inplace_adapt(model, names, task, steps, lr, optimizer)
         if algorithm == "reptile":
-            grads = [t - p.detach() for t, p in zip(theta, params)]
+            grads = [own[n].detach() - p.detach() for n, p in zip(names, params)]
         else:
-            opt.zero_grad()
+            for p in params:
+                p.grad = None
             causal_lm_loss(m, task.query)[0].backward()
             grads = [p.grad.clone() for p in params]
         total = grads if total is None else [a + b for a, b in zip(total, grads)]
@@ -206,13 +220,7 @@ def test_maml_matches_central_finite_differences(exact_fp64, chunk):
                 own[n].add_(eps * d)
         total = 0.0
         for task in tasks:
-            c = copy.deepcopy(m)
-            ps = [dict(c.named_parameters())[n] for n in names]
-            opt = torch.optim.SGD(ps, lr=INNER_LR)
-            for k in range(steps):
-                opt.zero_grad()
-                causal_lm_loss(c, task.support[k % 2])[0].backward()
-                opt.step()
+            c, _ = inplace_adapt(m, names, task, steps, INNER_LR)
             with torch.no_grad():
                 total += causal_lm_loss(c, task.query)[0].item()
         return total / len(tasks)
@@ -286,13 +294,7 @@ def test_adapt_returns_inplace_sgd_weights_and_leaves_model_alone():
     before = {n: p.detach().clone() for n, p in params.items()}
     adapted = adapt(model, params, task.support, INNER_LR, K)
     assert all(torch.equal(before[n], p) for n, p in params.items())
-    m = copy.deepcopy(model)
-    ps = [dict(m.named_parameters())[n] for n in params]
-    opt = torch.optim.SGD(ps, lr=INNER_LR)
-    for k in range(K):
-        opt.zero_grad()
-        causal_lm_loss(m, task.support[k % 2])[0].backward()
-        opt.step()
+    m, ps = inplace_adapt(model, list(params), task, K, INNER_LR)
     assert max_err(adapted.values(), ps) <= 1e-12
     with torch.no_grad():
         with weights_copied_in(params, adapted):

@@ -100,6 +100,9 @@ DEFAULT_TRUNCATION = "right"
 ROWS_DIR = "rows"
 PLAN_FILE = "plan.json"
 INNER_OPTIMIZERS = ("sgd", "adam")
+# What generate=False leaves in a row's generation and grading fields.
+_NOT_GENERATED = {"text": None, "tokens": None, "finished": None}
+_NOT_GRADED = {"extracted": None, "math_verify": None, "strict": None}
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -387,21 +390,18 @@ def evaluate_model(
                         max_new_tokens=max_new_tokens, batch_size=gen_batch_size,
                     )
             else:
-                generations = [None] * len(ep.test_ids)
+                generations = [_NOT_GENERATED] * len(ep.test_ids)
             for pid, gen in zip(ep.test_ids, generations):
                 gold = records[pid]["answer"]
-                verdict = None if gen is None else grade(gen["text"], gold, timeout_s=grading_timeout_s)
+                verdict = grade(gen["text"], gold, timeout_s=grading_timeout_s) if generate else _NOT_GRADED
                 loss, n_tokens, truncated = nll[pid]
                 rows.append({
                     "task": ep.task, "n": ep.n, "seed": ep.seed, "holdout": ep.holdout, "id": pid,
                     "shot_ids": list(ep.shot_ids), "nll": loss, "nll_pre": unadapted_nll[pid][0],
                     "tokens": n_tokens, "truncated": truncated,
-                    "generation": None if gen is None else gen["text"],
-                    "gen_tokens": None if gen is None else gen["tokens"],
-                    "finished": None if gen is None else gen["finished"],
-                    "extracted": None if verdict is None else verdict["extracted"], "gold": gold,
-                    "correct": None if verdict is None else verdict["math_verify"],
-                    "strict": None if verdict is None else verdict["strict"],
+                    "generation": gen["text"], "gen_tokens": gen["tokens"], "finished": gen["finished"],
+                    "extracted": verdict["extracted"], "gold": gold,
+                    "correct": verdict["math_verify"], "strict": verdict["strict"],
                 })
             if generate:
                 done = [r["correct"] for r in rows]

@@ -115,7 +115,11 @@ def inner_loop(
         with torch.set_grad_enabled(second_order):  # foreach ops: one fused kernel per dtype/device group
             if optimizer == "adam":
                 moments, grads = _adam_direction(grads, moments, k + 1)
-            weights = torch._foreach_sub(w, torch._foreach_mul(grads, lrs))
+            if second_order:
+                grads = torch._foreach_mul(grads, lrs)
+            else:  # the gradients are ours: scaled in place, no second model-sized buffer in full mode
+                torch._foreach_mul_(grads, lrs)
+            weights = torch._foreach_sub(w, grads)
     device = weights[0].device
     tokens = torch.stack(counts).sum() if counts else torch.zeros((), dtype=torch.long, device=device)
     return Adapted(weights, losses[0] if losses else None, losses[-1] if losses else None, tokens)

@@ -253,14 +253,9 @@ class TrainingRecipe:
     # -- periodic evaluation -------------------------------------------------------------------
     @torch.no_grad()
     def _test_loss(self, fn: FunctionalLoss, weights: list[torch.Tensor], examples: list[dict]) -> float:
-        """Token-weighted mean NLL over ``examples`` at ``weights``."""
-        total, tokens = 0.0, 0
+        """Token-weighted mean NLL over ``examples`` at ``weights`` (a list of micro-batches is one batch)."""
         size = self.cfg.meta.query_batch_size
-        for i in range(0, len(examples), size):
-            loss, n = fn.loss(weights, self.batch(examples[i : i + size]))
-            total += float(loss) * int(n)
-            tokens += int(n)
-        return total / max(tokens, 1)
+        return float(fn.loss(weights, [self.batch(examples[i : i + size]) for i in range(0, len(examples), size)])[0])
 
     def evaluate(self) -> dict[str, float]:
         """Adapt from the current initialisation on each task's fixed support sample with the training

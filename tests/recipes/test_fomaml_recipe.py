@@ -5,6 +5,7 @@ and the console shows the guide's line format."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -57,6 +58,21 @@ def straight_run(recipe_inputs, tmp_path_factory):
     assert run_in_process(fomaml.main, run_args(recipe_inputs, out, *RESUME_ARGS)) == 0
     assert latest_step(out) == 6
     return out
+
+
+@contextlib.contextmanager
+def sigterm_during_step(monkeypatch, stop_step: int):
+    """In-process runs inside get a SIGTERM while meta-step ``stop_step`` (0-based) runs."""
+    train_step = fomaml.FOMAMLRecipe.train_step
+
+    def signalled_train_step(self, step):
+        if step == stop_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(self, step)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fomaml.FOMAMLRecipe, "train_step", signalled_train_step)
+        yield
 
 
 def saved_world_size(run_dir) -> int:
@@ -137,15 +153,7 @@ def test_stop_at_step_3_and_resume_equals_straight_run(recipe_inputs, straight_r
     metrics.jsonl has the same rows (all keys but perf/*) for every step."""
     out = tmp_path / "run"
     args = run_args(recipe_inputs, out, *RESUME_ARGS)
-    train_step = fomaml.FOMAMLRecipe.train_step
-
-    def signalled_train_step(self, step):
-        if step == 2:  # 0-based: the signal arrives while meta-step 3 runs
-            os.kill(os.getpid(), signal.SIGTERM)
-        return train_step(self, step)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(fomaml.FOMAMLRecipe, "train_step", signalled_train_step)
+    with sigterm_during_step(monkeypatch, 2):  # 0-based: the signal arrives while meta-step 3 runs
         assert run_in_process(fomaml.main, args) == 0
     assert latest_step(out) == 3
     assert not ckpt.checkpoint_problems(out, 3)
@@ -369,15 +377,7 @@ def test_meta_sgd_rates_are_learned_logged_resumed_and_loaded_for_evaluation(rec
     of 4, and come back through load_trained from the .pt and from the PEFT adapter directory."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert run_in_process(fomaml.main, run_args(recipe_inputs, straight, *META_SGD_ARGS)) == 0
-    train_step = fomaml.FOMAMLRecipe.train_step
-
-    def signalled_train_step(self, step):
-        if step == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return train_step(self, step)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(fomaml.FOMAMLRecipe, "train_step", signalled_train_step)
+    with sigterm_during_step(monkeypatch, 1):
         assert run_in_process(fomaml.main, run_args(recipe_inputs, stopped, *META_SGD_ARGS)) == 0
     assert latest_step(stopped) == 2
     assert run_in_process(fomaml.main, run_args(recipe_inputs, stopped, *META_SGD_ARGS)) == 0
