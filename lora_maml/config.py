@@ -11,6 +11,7 @@ Values are parsed as YAML, so ``trainer.logger=[console,jsonl]`` and ``model.qua
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,10 +96,16 @@ class DataConfig(_Section):
             )
         if self.tasks is not None:
             from lora_maml.data import SUBJECTS
+            from lora_maml.data.rules import is_rules_source, task_name
 
-            unknown = sorted(set(self.tasks) - set(SUBJECTS))
+            if is_rules_source(self.source):  # the family's tasks are code_000, code_001, ...
+                unknown = sorted(t for t in self.tasks if not re.fullmatch(r"code_\d{3,}", t))
+                expected = f"names like {task_name(0)}"
+            else:
+                unknown = sorted(set(self.tasks) - set(SUBJECTS))
+                expected = f"a subset of {list(SUBJECTS)}"
             if unknown:
-                raise ValueError(f"tasks: unknown {unknown}; expected a subset of {list(SUBJECTS)}")
+                raise ValueError(f"tasks: unknown {unknown}; expected {expected}")
         return self
 
 
@@ -176,6 +183,7 @@ class TrainerConfig(_Section):
     max_consecutive_nonfinite: int = Field(5, ge=1)
     eval_num_support: int = Field(8, ge=1)
     eval_num_test: int = Field(16, ge=1)
+    eval_max_tasks: int = Field(16, ge=1)
 
     @model_validator(mode="after")
     def _resume_path_given(self) -> "TrainerConfig":

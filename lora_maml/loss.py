@@ -53,6 +53,21 @@ def token_nll_sum(logits: Tensor, labels: Tensor) -> Tensor:
     )
 
 
+def token_nll_and_hits(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-position NLL, greedy hit and label mask, HF shift, each [B, T] (fp32 NLL, bool hits and mask).
+
+    Position t scores ``labels[:, t+1]``; where that label is -100 the NLL is 0 and the mask False.
+    Evaluation uses it for per-token metrics (e.g. of the answer tokens only); training uses the fused
+    sums of :func:`token_nll_sum`.
+    """
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].to(logits.device)
+    mask = shifted != IGNORE_INDEX
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    nll = F.cross_entropy(logits.transpose(1, 2), shifted, ignore_index=IGNORE_INDEX, reduction="none")
+    hits = (logits.argmax(-1) == shifted) & mask
+    return nll, hits, mask
+
+
 def label_token_count(batch: dict[str, Tensor]) -> Tensor:
     """Number of scored tokens (labels after the shift that are not -100), as a 0-d tensor."""
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()

@@ -272,9 +272,9 @@ def test_unadapted_nll_is_computed_once_per_problem(data_dir, evaluated, monkeyp
     calls = []
 
     class CountingLoss(few_shot.FunctionalLoss):
-        def loss(self, *args, **kwargs):
+        def logits(self, *args, **kwargs):
             calls.append(1)
-            return super().loss(*args, **kwargs)
+            return super().logits(*args, **kwargs)
 
     monkeypatch.setattr(few_shot, "FunctionalLoss", CountingLoss)
     plan = plan_episodes(data_dir, ["algebra", "geometry"], [0, 2, 3], 2, 2, seed=0)
@@ -451,3 +451,33 @@ def test_cli_adapts_a_meta_sgd_run_with_its_learned_rates(data_dir, tiny_dir, tm
     methods = json.loads((explicit / "results.json").read_text())["metadata"]["methods"]
     assert methods["fomaml"]["adapt_lr"] == 0.05 and "learned_inner_lrs" not in methods["fomaml"]
     assert min(gains(explicit, "fomaml")) > 1e-3
+
+
+def test_scores_are_the_training_loss_and_the_answer_tokens(evaluated):
+    """``nll`` is the training loss of the reference at the loaded weights (n = 0); ``answer_*`` score exactly
+    the tokens of the final boxed answer, recomputed here from the logits by hand."""
+    from lora_maml.data.tokenize import collate, encode_example
+    from lora_maml.meta.fast_weights import FunctionalLoss
+
+    trained = evaluated.trained
+    fn = FunctionalLoss(trained.model, list(trained.params))
+    weights = [p.detach() for p in trained.params.values()]
+    checked = 0
+    for row in (r for r in evaluated.rows if r["n"] == 0):
+        record = evaluated.records[row["id"]]
+        example = encode_example(trained.tokenizer, record["prompt"], record["response"], max_length=EVAL["max_length"],
+                                 truncation=EVAL["truncation"], answer=record["answer"])
+        batch = collate([example], trained.tokenizer.pad_token_id, packed=False)
+        with torch.no_grad():
+            loss, _ = fn.loss(weights, batch)
+            logits = fn.logits(weights, batch)[0]
+        assert row["nll"] == pytest.approx(float(loss), rel=1e-5)
+        targets = [(t - 1, token) for t, token in enumerate(example["answer_labels"]) if token != -100]
+        text = trained.tokenizer.decode([token for _, token in targets])
+        assert text.replace(" ", "") == record["answer"].replace(" ", "") and row["answer_tokens"] == len(targets)
+        logp = torch.log_softmax(logits.double(), -1)
+        assert row["answer_nll"] == pytest.approx(float(-sum(logp[t, token] for t, token in targets) / len(targets)), rel=1e-4)
+        hits = sum(int(logits[t].argmax()) == token for t, token in targets)
+        assert row["answer_accuracy"] == pytest.approx(hits / len(targets))
+        checked += 1
+    assert checked

@@ -184,13 +184,16 @@ def test_equal_problems_stay_in_one_split_and_cross_task_copies_are_dropped(tmp_
     data = records(10)
     twin = record("algebra", 99, problem="Find 3 times two in algebra.")  # equal to algebra/3 ...
     twin["prompt"] = twin["prompt"].replace("Find", "find  ")  # ... after normalisation
-    copy = record("prealgebra", 98, problem="Find 5 times two in algebra.")  # a copy of algebra/5
-    manifest = run([*data, twin, copy], tmp_path / "out")
+    copy = {**record("algebra", 5), "id": "train/prealgebra/98", "subject": "prealgebra"}  # a copy of algebra/5
+    # The same prompt with another answer is another problem (a family of conflicting tasks asks exactly that).
+    conflict = {**record("algebra", 6), "id": "train/prealgebra/97", "subject": "prealgebra", "answer": "13",
+                "response": "By the other rule: \\boxed{13}"}
+    manifest = run([*data, twin, copy, conflict], tmp_path / "out")
     out = tmp_path / "out"
     where = {r["id"]: part for part in ("support", "query", "test") for r in load_split(out, "algebra", part)}
     assert where["train/algebra/3"] == where["train/algebra/99"]
     assert manifest["dropped"] == {"duplicate_of_other_task": {"count": 1, "examples": ["train/prealgebra/98"]}}
-    assert manifest["counts"]["prealgebra"]["total"] == 10
+    assert manifest["counts"]["prealgebra"]["total"] == 11
     validate(out)
 
 
@@ -333,7 +336,8 @@ def test_validate_catches_a_problem_in_two_splits(tmp_path):
     support = pq.read_table(out / "meta_train/algebra_support.parquet").to_pylist()
     query_path = out / "meta_train/algebra_query.parquet"
     query = pq.read_table(query_path).to_pylist()
-    query[0] = {**query[0], "prompt": support[0]["prompt"].upper()}
+    query[0] = {**query[0], "prompt": support[0]["prompt"].upper(), "response": support[0]["response"],
+                "answer": support[0]["answer"]}
     rewrite(query_path, query)
     expected = r"algebra_(query|support)\.parquet: row \d+ .*same problem as .* in meta_train/algebra_(support|query)"
     with pytest.raises(DataError, match=expected):
@@ -346,7 +350,7 @@ def test_validate_catches_a_problem_shared_by_two_tasks(tmp_path):
     algebra = pq.read_table(out / "few_shot_eval/algebra_test.parquet").to_pylist()
     path = out / "few_shot_eval/geometry_test.parquet"
     geometry = pq.read_table(path).to_pylist()
-    geometry[-1] = {**geometry[-1], "prompt": algebra[0]["prompt"]}
+    geometry[-1] = {**geometry[-1], **{k: algebra[0][k] for k in ("prompt", "response", "answer")}}
     rewrite(path, geometry)
     with pytest.raises(DataError, match=r"geometry_test\.parquet.*same problem"):
         validate(out)

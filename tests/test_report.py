@@ -144,7 +144,7 @@ def test_markdown_has_the_tables_and_the_holdout_section():
     md = render_markdown(result)
     assert "## Meta-training subjects" in md and "## Adaptation to an unseen subject" in md
     assert md.index("| algebra | 0 |") < md.index("## Adaptation to an unseen subject") < md.index("| precalculus | 2 |")
-    assert md.count("### Accuracy (math-verify)") == 2 and md.count("### Paired comparisons") == 2
+    assert md.count("### Accuracy (math-verify") == 2 and md.count("### Paired comparisons") == 2
     assert "| task | n | episodes x problems | base | sft | fomaml |" in md
     assert "| ALL | 2 | 2 x 10 |" in md  # one ALL row per n and section
     assert "without EOS: base 0.0%, sft 0.0%, fomaml 0.0%" in md
@@ -191,3 +191,21 @@ def test_learning_curves_without_known_metrics_writes_nothing(tmp_path):
     assert not (tmp_path / "curves.png").exists()
     with pytest.raises(FileNotFoundError, match="--metrics-jsonl"):
         report.plot_learning_curves([tmp_path / "missing"], tmp_path / "curves.png")
+
+
+def test_many_tasks_show_all_rows_and_answer_metrics_without_generation():
+    tasks = tuple(f"code_{i:03d}" for i in range(report.MAX_TASK_ROWS + 2))
+    rows = make_rows(lambda *a: True, tasks=tasks, holdout=tasks)
+    for r in rows:  # generate=False rows: no generation, no grade; answer-token scores instead
+        r.update(correct=None, strict=None, answer_accuracy=0.25 + 0.5 * (r["n"] > 0), answer_nll=1.0)
+    fomaml = [dict(r, answer_accuracy=r["answer_accuracy"] + 0.125) for r in rows]
+    result = build_report({"sft": rows, "fomaml": fomaml}, n_boot=N_BOOT)
+    by = {(r["task"], r["n"], r["method"]): r for r in result["summary"]}
+    assert math.isnan(by[("ALL", 2, "sft")]["accuracy"])  # never graded: not counted as wrong
+    assert by[("ALL", 2, "sft")]["answer_accuracy"] == 0.75 and by[("ALL", 0, "sft")]["answer_accuracy"] == 0.25
+    sig = {(r["task"], r["n"]): r for r in result["significance"]}
+    assert sig[("ALL", 2)]["answer_accuracy_diff"] == pytest.approx(0.125) and sig[("ALL", 2)]["mcnemar"] is None
+    assert len(result["summary"]) == (len(tasks) + 1) * 2 * 2  # per-task rows are all kept in the report
+    md = render_markdown(result)
+    assert "| ALL | 2 |" in md and "| code_000 |" not in md and f"{len(tasks)} tasks: ALL rows only" in md
+    assert "### Answer-token accuracy" in md and "### Accuracy (math-verify" not in md  # no empty tables

@@ -12,10 +12,10 @@ Splitting, per task: records sorted by id (input order never matters), shuffled 
 ``random.Random(f"{seed}:{task}")``, cut to ``max_samples``, then ``floor(n * support_ratio)`` go to
 support, ``floor(n * query_ratio)`` to query and the rest to test. Held-out tasks go wholly to test.
 
-Leakage guards. Records whose problems are equal after lowercasing and collapsing whitespace are
+Leakage guards. Records whose problems are equal (prompt lowercased, whitespace collapsed, and answer) are
 kept together: inside a task, a group of equal problems goes to one split as a whole (the cut
 points move by at most the group size; MATH train has one such pair, in algebra); across tasks,
-the problem stays with the first task in ``SUBJECTS`` order and its copies in later tasks are
+the problem stays with the first task in task order and its copies in later tasks are
 dropped and listed in the manifest under ``dropped`` (MATH train+test has one such pair).
 
 Reproducibility: the same records and arguments give byte-identical files on the same pyarrow
@@ -29,12 +29,15 @@ the end, so a failed run leaves nothing behind and a reader never sees half a da
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
+import functools
 import hashlib
 import io
 import json
 import math
 import random
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -45,6 +48,7 @@ from lora_maml import __version__
 from lora_maml.boxed import last_boxed
 from lora_maml.data import SUBJECTS
 from lora_maml.data.math import DEFAULT_HUB_DATASET, SPLITS, DataError, load_math_records, normalise_subject
+from lora_maml.data.rules import CHANCE_NLL, is_rules_source, parse_source, rules_records
 
 MANIFEST = "manifest.json"
 SUMMARY = "dataset_summary.csv"
@@ -56,8 +60,14 @@ MAX_REPORTED_IDS = 20
 
 
 def normalise_problem(text: str) -> str:
-    """The key two problems are compared by: lowercased, whitespace collapsed."""
+    """Problem text compared lowercased, whitespace collapsed."""
     return " ".join(text.lower().split())
+
+
+def problem_key(record: dict) -> str:
+    """What makes two records the same problem: the normalised prompt AND the answer. A family of
+    conflicting tasks asks one prompt with a different answer per task: those are different problems."""
+    return f"{normalise_problem(record['prompt'])}\x00{record['answer'].strip()}"
 
 
 def part_path(task: str, part: str) -> str:
@@ -80,9 +90,12 @@ def prepare(
     max_samples: int | None = None,
     source_description: dict,
     overwrite: bool = False,
+    tasks: Sequence[str] = SUBJECTS,
 ) -> dict:
-    """Split ``records`` per subject and write the prepared layout; return the manifest.
+    """Split ``records`` per task and write the prepared layout; return the manifest.
 
+    ``tasks`` are the task names, in their canonical order (the 7 MATH subjects by default; a generated
+    family names its own); every record's ``subject`` must be one of them and each needs records.
     ``source_description`` (JSON-serialisable: source, split, the loader's skip report...) is stored
     as the manifest's ``source``. Raises ``ValueError`` for bad arguments and :class:`DataError`
     for unusable records or an unusable ``output_dir``; nothing is written then.
@@ -94,7 +107,8 @@ def prepare(
         isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
     ):
         raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}")
-    holdout = _check_holdout(holdout_tasks)
+    tasks = _check_tasks(tasks)
+    holdout = _check_holdout(holdout_tasks, tasks)
     try:
         source = json.loads(json.dumps(source_description, sort_keys=True))
     except (TypeError, ValueError) as exc:
@@ -102,9 +116,9 @@ def prepare(
     output_dir = Path(output_dir).expanduser()
     _check_output_dir(output_dir, overwrite)
 
-    by_task, dropped = _group_by_task(records)
+    by_task, dropped = _group_by_task(records, tasks)
     splits: dict[str, dict[str, list[dict]]] = {}
-    for task in SUBJECTS:
+    for task in tasks:
         splits[task] = _split_task(task, by_task[task], support_ratio, query_ratio, seed, max_samples, task in holdout)
 
     manifest: dict[str, Any] = {
@@ -115,15 +129,15 @@ def prepare(
         "support_ratio": support_ratio,
         "query_ratio": query_ratio,
         "max_samples": max_samples,
-        "holdout_tasks": [task for task in SUBJECTS if task in holdout],
+        "holdout_tasks": [task for task in tasks if task in holdout],
         "tasks": {
-            "meta_train": [task for task in SUBJECTS if task not in holdout],
-            "few_shot_eval": list(SUBJECTS),
+            "meta_train": [task for task in tasks if task not in holdout],
+            "few_shot_eval": list(tasks),
         },
         "dropped": dropped,
         "counts": {
             task: {**{part: len(splits[task][part]) for part in PARTS}, "total": sum(map(len, splits[task].values()))}
-            for task in SUBJECTS
+            for task in tasks
         },
         "files": {},
     }
@@ -142,15 +156,26 @@ def _check_ratios(support_ratio: float, query_ratio: float) -> None:
         )
 
 
-def _check_holdout(holdout_tasks: Sequence[str]) -> set[str]:
+_TASK_NAME = re.compile(r"^[a-z0-9_]+$")
+
+
+def _check_tasks(tasks: Sequence[str]) -> list[str]:
+    tasks = list(tasks)
+    bad = [t for t in tasks if not isinstance(t, str) or not _TASK_NAME.match(t)]
+    if not tasks or bad or len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks must be distinct names of lowercase letters, digits and _, got {bad or tasks}")
+    return tasks
+
+
+def _check_holdout(holdout_tasks: Sequence[str], tasks: Sequence[str]) -> set[str]:
     if isinstance(holdout_tasks, str):
         raise ValueError(f"holdout_tasks must be a list of task names, got the string {holdout_tasks!r}")
     holdout = set()
     for name in holdout_tasks:
-        if name not in SUBJECTS:
-            raise ValueError(f"unknown holdout task {name!r}; expected one of {', '.join(SUBJECTS)}")
+        if name not in tasks:
+            raise ValueError(f"unknown holdout task {name!r}; expected one of {_names(tasks)}")
         holdout.add(name)
-    if len(holdout) == len(SUBJECTS):
+    if len(holdout) == len(tasks):
         raise ValueError("all tasks are held out; at least one must remain for meta-training")
     return holdout
 
@@ -171,23 +196,29 @@ def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
             )
 
 
-def _group_by_task(records: Iterable[dict]) -> tuple[dict[str, list[dict]], dict]:
+def _names(tasks: Sequence[str], limit: int = 10) -> str:
+    """Task names for an error message: all of them, or the first ``limit`` and a count."""
+    shown = ", ".join(tasks[:limit])
+    return shown if len(tasks) <= limit else f"{shown}, ... ({len(tasks)} tasks)"
+
+
+def _group_by_task(records: Iterable[dict], tasks: Sequence[str]) -> tuple[dict[str, list[dict]], dict]:
     """Check records, bucket them by subject, drop cross-task copies of a problem (see module doc)."""
-    by_task: dict[str, list[dict]] = {task: [] for task in SUBJECTS}
+    by_task: dict[str, list[dict]] = {task: [] for task in tasks}
     seen_ids: set[str] = set()
     for position, record in enumerate(records):
-        _check_record(record, position)
+        _check_record(record, position, by_task)
         if record["id"] in seen_ids:
             raise DataError(f"record {record['id']!r}: duplicate id")
         seen_ids.add(record["id"])
         by_task[record["subject"]].append({column: record[column] for column in COLUMNS})
     owner: dict[str, str] = {}
     dropped_ids: list[str] = []
-    for task in SUBJECTS:
+    for task in tasks:
         by_task[task].sort(key=lambda record: record["id"])
         kept = []
         for record in by_task[task]:
-            key = normalise_problem(record["prompt"])
+            key = problem_key(record)
             if owner.setdefault(key, task) != task:
                 dropped_ids.append(record["id"])
                 continue
@@ -199,7 +230,7 @@ def _group_by_task(records: Iterable[dict]) -> tuple[dict[str, list[dict]], dict
     return by_task, dropped
 
 
-def _check_record(record: Any, position: int) -> None:
+def _check_record(record: Any, position: int, tasks: dict | Sequence[str]) -> None:
     if not isinstance(record, dict):
         raise DataError(f"record #{position}: expected a dict, got {type(record).__name__}")
     name = f"record {record.get('id', f'#{position}')!r}"
@@ -209,8 +240,8 @@ def _check_record(record: Any, position: int) -> None:
             raise DataError(f"{name}: field {column!r} must be a string, got {type(value).__name__}")
         if not value.strip():
             raise DataError(f"{name}: field {column!r} is empty")
-    if record["subject"] not in SUBJECTS:
-        raise DataError(f"{name}: unknown subject {record['subject']!r}; expected one of {', '.join(SUBJECTS)}")
+    if record["subject"] not in tasks:
+        raise DataError(f"{name}: unknown subject {record['subject']!r}; expected one of {_names(list(tasks))}")
 
 
 def _split_task(
@@ -223,7 +254,7 @@ def _split_task(
     held_out: bool,
 ) -> dict[str, list[dict]]:
     if not records:
-        raise DataError(f"task {task!r} has no records; every one of {', '.join(SUBJECTS)} needs some")
+        raise DataError(f"task {task!r} has no records; every task needs some")
     rng = random.Random(f"{seed}:{task}")
     shuffled = list(records)
     rng.shuffle(shuffled)
@@ -241,7 +272,7 @@ def _split_task(
     # Equal problems travel together; groups keep the order of their first member in the shuffle.
     groups: dict[str, list[dict]] = {}
     for record in shuffled:
-        groups.setdefault(normalise_problem(record["prompt"]), []).append(record)
+        groups.setdefault(problem_key(record), []).append(record)
     pending = list(groups.values())
     parts = {}
     for part, target in (("support", n_support), ("query", n_query)):
@@ -302,9 +333,10 @@ def _summary_csv(counts: dict[str, dict[str, int]]) -> str:
 def _write_layout(root: Path, splits: dict[str, dict[str, list[dict]]], manifest: dict) -> None:
     (root / "meta_train").mkdir()
     (root / "few_shot_eval").mkdir()
-    for task in SUBJECTS:
+    holdout = set(manifest["holdout_tasks"])
+    for task in manifest["tasks"]["few_shot_eval"]:
         for part in PARTS:
-            if part != "test" and task in manifest["holdout_tasks"]:
+            if part != "test" and task in holdout:
                 continue
             relative = part_path(task, part)
             rows = splits[task][part]
@@ -333,9 +365,22 @@ def _write_atomically(output_dir: Path, overwrite: bool, write: Callable[[Path],
 # --- reading ---------------------------------------------------------------------------------
 def read_manifest(data_dir: str | Path) -> dict:
     """The manifest of a prepared directory; :class:`DataError` if it was not prepared."""
+    return copy.deepcopy(_shared_manifest(data_dir))
+
+
+def _shared_manifest(data_dir: str | Path) -> dict:
+    """:func:`read_manifest` without the copy, for readers that do not modify it."""
     path = Path(data_dir).expanduser() / MANIFEST
     if not path.is_file():
         raise DataError(f"{path}: not found; {data_dir} is not a prepared data directory (run `lora-maml prepare`)")
+    stat = path.stat()
+    # A family of hundreds of tasks reads its manifest once per split file: parse it once per version.
+    return _parse_manifest(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_manifest(path_text: str, mtime_ns: int, size: int) -> dict:
+    path = Path(path_text)
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -350,7 +395,7 @@ def read_manifest(data_dir: str | Path) -> dict:
 
 def list_tasks(data_dir: str | Path) -> dict[str, list[str]]:
     """``{"meta_train": [...], "few_shot_eval": [...], "holdout": [...]}`` of a prepared directory."""
-    manifest = read_manifest(data_dir)
+    manifest = _shared_manifest(data_dir)
     return {
         "meta_train": list(manifest["tasks"]["meta_train"]),
         "few_shot_eval": list(manifest["tasks"]["few_shot_eval"]),
@@ -360,7 +405,7 @@ def list_tasks(data_dir: str | Path) -> dict[str, list[str]]:
 
 def load_split(data_dir: str | Path, task: str, part: str) -> list[dict]:
     """Records of ``task``'s ``part`` (``support``, ``query`` or ``test``) of a prepared directory."""
-    manifest = read_manifest(data_dir)
+    manifest = _shared_manifest(data_dir)
     relative = part_path(task, part)
     if relative not in manifest["files"]:
         if task in manifest["holdout_tasks"]:
@@ -415,7 +460,7 @@ def validate(data_dir: str | Path) -> None:
             if row["id"] in id_owner:
                 raise DataError(f"{where}: id also used in {id_owner[row['id']]}")
             id_owner[row["id"]] = relative
-            key = normalise_problem(row["prompt"])
+            key = problem_key(row)
             owner = problem_owner.setdefault(key, (relative, row["id"]))
             if owner[0] != relative:
                 raise DataError(
@@ -433,31 +478,54 @@ def validate(data_dir: str | Path) -> None:
 
 
 # --- summary and command line ----------------------------------------------------------------
-def print_summary(manifest: dict, file: TextIO | None = None) -> None:
-    """Print the subjects found and a task/support/query/test/total table."""
+def print_summary(manifest: dict, file: TextIO | None = None, max_rows: int = 20) -> None:
+    """Print the tasks found and a task/support/query/test/total table.
+
+    With more than ``max_rows`` tasks the table has one row per group (meta-training, held out) with the
+    sums and the per-task range; ``dataset_summary.csv`` always lists every task.
+    """
     out = file or sys.stdout
     counts = manifest["counts"]
     holdout = set(manifest["holdout_tasks"])
-    found = ", ".join(f"{task} ({row['total']})" for task, row in counts.items())
-    print(f"Found {len(counts)} subjects: {found}", file=out)
+    if len(counts) <= max_rows:
+        found = ", ".join(f"{task} ({row['total']})" for task, row in counts.items())
+        print(f"Found {len(counts)} subjects: {found}", file=out)
+    else:
+        print(f"Found {len(counts)} tasks ({len(holdout)} held out); every task is in {SUMMARY}", file=out)
     skipped = manifest["source"].get("skipped", {}) if isinstance(manifest["source"], dict) else {}
     for reason, entry in {**skipped, **manifest["dropped"]}.items():
         examples = ", ".join(entry["examples"][:3])
         print(f"Skipped {entry['count']} record(s): {reason.replace('_', ' ')} (e.g. {examples})", file=out)
-    width = max(len("task"), *(len(task) + 2 for task in counts))
-    header = f"{'task':<{width}} {'support':>8} {'query':>8} {'test':>8} {'total':>8}"
+    keys = (*PARTS, "total")
+    if len(counts) <= max_rows:
+        rows = [(f"{task} *" if task in holdout else task, {k: str(row[k]) for k in keys}) for task, row in counts.items()]
+    else:
+        rows = []
+        for label, group in (("meta-training tasks", [t for t in counts if t not in holdout]),
+                             ("held-out tasks *", [t for t in counts if t in holdout])):
+            if group:
+                cells = {}
+                for k in keys:
+                    values = [counts[t][k] for t in group]
+                    cells[k] = f"{sum(values)} ({min(values)}-{max(values)})" if min(values) != max(values) else \
+                        f"{sum(values)} ({values[0]} each)"
+                rows.append((f"{len(group)} {label}", cells))
+    width = max(len("task"), *(len(label) for label, _ in rows))
+    cell = max(8, *(len(v) for _, cells in rows for v in cells.values()))
+    header = f"{'task':<{width}} " + " ".join(f"{k:>{cell}}" for k in keys)
     print(header, file=out)
     print("-" * len(header), file=out)
-    totals = dict.fromkeys((*PARTS, "total"), 0)
-    for task, row in counts.items():
-        label = f"{task} *" if task in holdout else task
-        print(f"{label:<{width}} " + " ".join(f"{row[key]:>8}" for key in totals), file=out)
-        for key in totals:
-            totals[key] += row[key]
+    for label, cells in rows:
+        print(f"{label:<{width}} " + " ".join(f"{cells[k]:>{cell}}" for k in keys), file=out)
     print("-" * len(header), file=out)
-    print(f"{'total':<{width}} " + " ".join(f"{totals[key]:>8}" for key in totals), file=out)
+    totals = {k: str(sum(row[k] for row in counts.values())) for k in keys}
+    print(f"{'total':<{width}} " + " ".join(f"{totals[k]:>{cell}}" for k in keys), file=out)
     if holdout:
         print("* held out: all records in few_shot_eval, none in meta_train", file=out)
+    chance = manifest["source"].get("chance_nll_per_answer_token") if isinstance(manifest["source"], dict) else None
+    if chance is not None:
+        print(f"Tasks conflict: without adapting, no model beats {chance:.3f} nats per answer letter "
+              f"(log {round(math.exp(chance))}) or accuracy {1 / math.exp(chance):.3f}", file=out)
 
 
 def add_prepare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -466,7 +534,9 @@ def add_prepare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "--source",
         required=True,
         help=f"MATH directory, .tar/.tar.gz, .jsonl or .parquet file, hub id (e.g. {DEFAULT_HUB_DATASET}), "
-        "or 'synthetic' for the generated suite",
+        "'synthetic' for the generated 7-domain suite, or 'synthetic-rules[:tasks=440,unseen=40,per_task=40,"
+        "digits=5,named=0]' for the family of hidden digit codes (lora_maml/data/rules.py; its unseen codes are "
+        "held out)",
     )
     parser.add_argument("--output-dir", required=True, type=Path, help="directory to create")
     parser.add_argument(
@@ -489,21 +559,41 @@ def add_prepare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
+def read_source(
+    source: str, *, seed: int, split: str = "train", synthetic_per_task: int = 200, holdout_tasks: Sequence[str] = ()
+) -> tuple[list[dict], list[str], list[str], dict]:
+    """``(records, tasks, holdout, description)`` of a ``prepare --source``: MATH (directory, archive,
+    jsonl/parquet, hub id), ``synthetic`` or ``synthetic-rules[:...]``. ``holdout_tasks`` are checked
+    against the source's tasks; a rules family adds its own unseen tasks to them."""
+    tasks: list[str] = list(SUBJECTS)
+    names = list(holdout_tasks)
+    if source == "synthetic":
+        from lora_maml.data.synthetic import synthetic_records
+
+        records = synthetic_records(synthetic_per_task, seed)
+        description = {"source": "synthetic", "n_per_task": synthetic_per_task, "seed": seed}
+    elif is_rules_source(source):
+        records, unseen = rules_records(source, seed)
+        tasks = list(dict.fromkeys(r["subject"] for r in records))
+        names = [*unseen, *names]
+        description = {"source": source, **parse_source(source), "seed": seed, "chance_nll_per_answer_token": CHANCE_NLL}
+    else:
+        # The loader's report (source, split, read, kept, skipped) describes the source.
+        records, description = load_math_records(source, split=split)
+    if not is_rules_source(source):
+        names = [normalise_subject(name, where="--holdout-tasks") for name in names]
+    return records, tasks, list(dict.fromkeys(names)), description
+
+
 def run_prepare(args: argparse.Namespace) -> int:
     """Run ``prepare`` for parsed arguments; errors go to stderr and give exit code 1."""
     try:
-        names = [name for name in args.holdout_tasks.split(",") if name.strip()]
-        holdout = [normalise_subject(name, where="--holdout-tasks") for name in names]
         # Fail before the (slow) read when the output directory is going to be refused anyway.
         _check_output_dir(args.output_dir.expanduser(), args.overwrite)
-        if args.source == "synthetic":
-            from lora_maml.data.synthetic import synthetic_records
-
-            records = synthetic_records(args.synthetic_per_task, args.seed)
-            source = {"source": "synthetic", "n_per_task": args.synthetic_per_task, "seed": args.seed}
-        else:
-            # The loader's report (source, split, read, kept, skipped) describes the source.
-            records, source = load_math_records(args.source, split=args.source_split)
+        records, tasks, holdout, source = read_source(
+            args.source, seed=args.seed, split=args.source_split, synthetic_per_task=args.synthetic_per_task,
+            holdout_tasks=[name for name in args.holdout_tasks.split(",") if name.strip()],
+        )
         manifest = prepare(
             records,
             args.output_dir,
@@ -514,6 +604,7 @@ def run_prepare(args: argparse.Namespace) -> int:
             max_samples=args.max_samples,
             source_description=source,
             overwrite=args.overwrite,
+            tasks=tasks,
         )
         print_summary(manifest)
         print(f"Wrote {args.output_dir}")

@@ -51,10 +51,21 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return list(out)
 
 
+def answer_span(response: str, answer: str) -> tuple[int, int] | None:
+    """Character span of ``answer`` inside the LAST ``\\boxed{...}`` of ``response`` (None when it is not there)."""
+    box = response.rfind("\\boxed")
+    start = response.find(answer, box) if box >= 0 and answer else -1
+    return None if start < 0 else (start, start + len(answer))
+
+
 def encode_example(
-    tokenizer, prompt: str, response: str, *, max_length: int, truncation: Truncation
+    tokenizer, prompt: str, response: str, *, max_length: int, truncation: Truncation, answer: str | None = None
 ) -> dict:
     """Chat-templated prompt + response + EOS → ``{"input_ids", "labels", "truncated"}``.
+
+    With ``answer`` (the record's final answer), also ``answer_labels``: ``labels`` kept only on the
+    response tokens that overlap the answer's characters in the last ``\\boxed{}`` (-100 elsewhere; all
+    -100 when the answer is not found there), for metrics on the answer tokens alone.
 
     ``truncation`` (``data.truncation``) applies when the example is longer than ``max_length``
     (``data.max_length``): ``error`` raises ``ValueError``; ``right`` keeps the first ``max_length`` tokens
@@ -70,9 +81,17 @@ def encode_example(
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos_token: cannot mark the end of a response")
 
     prompt_token_ids = prompt_ids(tokenizer, prompt)
-    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [eos_id]
+    encoded = tokenizer(response, add_special_tokens=False, return_offsets_mapping=answer is not None)
+    response_ids = list(encoded["input_ids"]) + [eos_id]
     input_ids = prompt_token_ids + response_ids
     labels = [IGNORE_INDEX] * len(prompt_token_ids) + response_ids
+    answer_labels = None
+    if answer is not None:
+        span = answer_span(response, answer)
+        in_answer = [span is not None and start < span[1] and end > span[0] for start, end in encoded["offset_mapping"]]
+        answer_labels = [IGNORE_INDEX] * len(prompt_token_ids) + [
+            token if inside else IGNORE_INDEX for token, inside in zip(response_ids, [*in_answer, False])
+        ]
 
     truncated = len(input_ids) > max_length
     if truncated:
@@ -81,11 +100,13 @@ def encode_example(
                 f"example has {len(input_ids)} tokens (prompt {len(prompt_token_ids)} + response {len(response_ids) - 1}"
                 f" + EOS) > data.max_length={max_length}; raise data.max_length or set data.truncation=left|right"
             )
-        if truncation == "right":
-            input_ids, labels = input_ids[:max_length], labels[:max_length]
-        else:
-            input_ids, labels = input_ids[-max_length:], labels[-max_length:]
-    return {"input_ids": input_ids, "labels": labels, "truncated": truncated}
+        cut = slice(None, max_length) if truncation == "right" else slice(-max_length, None)
+        input_ids, labels = input_ids[cut], labels[cut]
+        answer_labels = None if answer_labels is None else answer_labels[cut]
+    example = {"input_ids": input_ids, "labels": labels, "truncated": truncated}
+    if answer_labels is not None:
+        example["answer_labels"] = answer_labels
+    return example
 
 
 def encode_records(

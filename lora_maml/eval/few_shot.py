@@ -28,11 +28,12 @@ Per episode (:func:`evaluate_model`), starting from the loaded weights every tim
    (padded layout) and the step's loss is the token-weighted mean over all of them. The model is in train
    mode here, as in the meta-training inner loop (LoRA dropout of the run's config, activation
    checkpointing); the torch RNG is seeded per episode, so dropout draws are reproducible.
-2. NLL: mean token NLL of each scored problem's reference solution at the adapted weights (``nll``) and at
-   the loaded weights (``nll_pre``; computed once per problem and shared by its episodes, and for an
-   unadapted episode the same value as ``nll``), one problem per forward, through ``FunctionalLoss.loss``
-   (the ``lora_maml.loss`` code path of training), model in eval mode. ``nll_pre - nll`` is the gain of
-   adaptation on that problem, paired within the row.
+2. Scores, one forward per scored problem (``FunctionalLoss.logits`` at the adapted weights, model in eval
+   mode, ``lora_maml.loss.token_nll_and_hits``): the mean token NLL of the reference solution (``nll``) and,
+   on the tokens of its final boxed answer alone, their mean NLL (``answer_nll``) and the fraction of them
+   the model ranks first (``answer_accuracy``; teacher forcing, so it needs no generation). The same at the
+   loaded weights (``nll_pre``, ``answer_nll_pre``; computed once per problem and shared by its episodes;
+   an unadapted episode's own values). ``nll_pre - nll`` is the gain of adaptation on that problem.
 3. Generation (skipped with ``generate=False``, which leaves the generation and grading keys None: NLL-only
    experiments such as ``benchmarks/meta_vs_sft.py`` on CPU): greedy (``do_sample=False``, a fresh
    ``GenerationConfig``: no sampling or repetition settings are inherited), KV cache, left padding, batches
@@ -83,12 +84,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from lora_maml.atomic import write_text_atomic
 from lora_maml.data.prepare import MANIFEST, list_tasks, load_split
 from lora_maml.data.tokenize import prompt_ids, collate, encode_example
 from lora_maml.eval.grading import DEFAULT_TIMEOUT_S, grade
 from lora_maml.meta.algorithms import adapt
+from lora_maml.loss import IGNORE_INDEX, token_nll_and_hits
 from lora_maml.meta.fast_weights import FunctionalLoss, weights_copied_in
 from lora_maml.train.metrics import METRICS_FILE
 
@@ -309,10 +312,12 @@ def evaluate_model(
     as :func:`lora_maml.load_trained.load_trained` returns. ``records`` maps ids to records
     (:func:`episode_records`). ``adapt_lr`` is one rate or one per parameter name (Meta-SGD's learned
     rates); ``adapt_optimizer`` is ``sgd`` or ``adam``. ``generate=False`` scores NLL only: the generation
-    and grading keys are None. Row keys: task, n, seed, holdout, id, shot_ids, nll, nll_pre, tokens,
-    truncated, generation, gen_tokens, finished, extracted, gold, correct, strict. ``nll_pre`` is the NLL
-    of the same problem at the loaded (unadapted) weights, so ``nll_pre - nll`` is what adaptation gained
-    on it. The loaded parameters and the model's train/eval mode are the same after the call.
+    and grading keys are None. Row keys: task, n, seed, holdout, id, shot_ids, nll, tokens, answer_nll,
+    answer_accuracy, answer_tokens, truncated, nll_pre, answer_nll_pre, generation, gen_tokens, finished,
+    extracted, gold, correct, strict. ``answer_*`` score the tokens of the reference's final boxed answer
+    alone (teacher forcing: ``answer_accuracy`` is the fraction the model ranks first). ``*_pre`` are the
+    same problem's values at the loaded (unadapted) weights, so ``nll_pre - nll`` is what adaptation
+    gained on it. The loaded parameters and the model's train/eval mode are the same after the call.
     """
     from tqdm.auto import tqdm
 
@@ -340,23 +345,35 @@ def evaluate_model(
     def encode(record_id: str) -> dict:
         rec = records[record_id]
         try:
-            return encode_example(tokenizer, rec["prompt"], rec["response"], max_length=max_length, truncation=truncation)
+            return encode_example(tokenizer, rec["prompt"], rec["response"], max_length=max_length,
+                                  truncation=truncation, answer=rec["answer"])
         except ValueError as err:
             raise ValueError(f"record {record_id}: {err}") from err
 
     references: dict[str, dict] = {}
     prompts: dict[str, list[int]] = {}
-    # NLL at the loaded weights, per problem: the same for every episode, so computed once (an unadapted
-    # episode's own NLL is this value).
-    unadapted_nll: dict[str, tuple[float, int, bool]] = {}
+    # Scores at the loaded weights, per problem: the same for every episode, so computed once (an
+    # unadapted episode's own scores are these).
+    unadapted: dict[str, dict] = {}
 
     @torch.no_grad()
-    def score(pid: str, weights: list[torch.Tensor]) -> tuple[float, int, bool]:
+    def score(pid: str, weights: list[torch.Tensor]) -> dict:
+        """NLL of the reference solution (token mean) and, on its final answer's tokens alone, the NLL and
+        the fraction of tokens the model ranks first (teacher forcing: one forward, no generation)."""
         if pid not in references:
             references[pid] = encode(pid)
         ref = references[pid]
-        loss, n_tokens = fn.loss(weights, _to(collate([ref], pad_id, packed=False), device))
-        return float(loss) if int(n_tokens) else float("nan"), int(n_tokens), bool(ref["truncated"])
+        batch = _to(collate([ref], pad_id, packed=False), device)
+        nll, hits, mask = token_nll_and_hits(fn.logits(weights, batch), batch["labels"])
+        answer_mask = (F.pad(torch.tensor([ref["answer_labels"]]), (0, 1), value=IGNORE_INDEX)[:, 1:] != IGNORE_INDEX).to(device)
+        n_tokens, n_answer = int(mask.sum()), int(answer_mask.sum())
+        nan = float("nan")
+        return {
+            "nll": float(nll.sum() / n_tokens) if n_tokens else nan, "tokens": n_tokens,
+            "answer_nll": float(nll[answer_mask].mean()) if n_answer else nan,
+            "answer_accuracy": float(hits[answer_mask].float().mean()) if n_answer else nan,
+            "answer_tokens": n_answer, "truncated": bool(ref["truncated"]),
+        }
 
     was_training = model.training
     rows: list[dict] = []
@@ -374,11 +391,11 @@ def evaluate_model(
                     # One element = one inner step over ALL micro-batches (token-weighted mean loss).
                     adapted = adapt(model, params, [micro], adapt_lr, adapt_steps, optimizer=adapt_optimizer)
             model.eval()
-            nll: dict[str, tuple[float, int, bool]] = {}
+            scores: dict[str, dict] = {}
             for pid in ep.test_ids:
-                if pid not in unadapted_nll:
-                    unadapted_nll[pid] = score(pid, loaded)
-                nll[pid] = unadapted_nll[pid] if adapted is None else score(pid, [adapted[name] for name in names])
+                if pid not in unadapted:
+                    unadapted[pid] = score(pid, loaded)
+                scores[pid] = unadapted[pid] if adapted is None else score(pid, [adapted[name] for name in names])
             if generate:
                 for pid in ep.test_ids:
                     if pid not in prompts:
@@ -394,11 +411,10 @@ def evaluate_model(
             for pid, gen in zip(ep.test_ids, generations):
                 gold = records[pid]["answer"]
                 verdict = grade(gen["text"], gold, timeout_s=grading_timeout_s) if generate else _NOT_GRADED
-                loss, n_tokens, truncated = nll[pid]
                 rows.append({
                     "task": ep.task, "n": ep.n, "seed": ep.seed, "holdout": ep.holdout, "id": pid,
-                    "shot_ids": list(ep.shot_ids), "nll": loss, "nll_pre": unadapted_nll[pid][0],
-                    "tokens": n_tokens, "truncated": truncated,
+                    "shot_ids": list(ep.shot_ids), **scores[pid], "nll_pre": unadapted[pid]["nll"],
+                    "answer_nll_pre": unadapted[pid]["answer_nll"],
                     "generation": gen["text"], "gen_tokens": gen["tokens"], "finished": gen["finished"],
                     "extracted": verdict["extracted"], "gold": gold,
                     "correct": verdict["math_verify"], "strict": verdict["strict"],
@@ -407,7 +423,7 @@ def evaluate_model(
                 done = [r["correct"] for r in rows]
                 bar.set_postfix(task=ep.task, n=ep.n, acc=f"{sum(done) / len(done):.3f}")
             else:
-                bar.set_postfix(task=ep.task, n=ep.n, nll=f"{sum(nll[p][0] for p in ep.test_ids) / len(ep.test_ids):.3f}")
+                bar.set_postfix(task=ep.task, n=ep.n, nll=f"{sum(scores[p]['nll'] for p in ep.test_ids) / len(ep.test_ids):.3f}")
     finally:
         bar.close()
         model.train(was_training)
@@ -494,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapt without activation checkpointing (faster, more memory; generation never uses it)")
     p.add_argument("--data-dir", required=True, help="prepared data directory (lora-maml prepare)")
     p.add_argument("--tasks", nargs="+", help="tasks to evaluate (default: all few_shot_eval tasks, held-out included)")
+    p.add_argument("--holdout-only", action="store_true",
+                   help="evaluate the held-out tasks only (tasks never seen in meta-training; e.g. a family's unseen tasks)")
     p.add_argument("--n-shots", nargs="+", type=int, default=list(DEFAULT_N_SHOTS), help="shot counts (default 0 5 10 25 50)")
     p.add_argument("--seeds", nargs="+", type=int, default=[3],
                    help="ONE value K: K episodes per n>0 with episode seeds 0..K-1; SEVERAL values: those episode "
@@ -509,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help=f"token cap of shots/references (default: data.max_length or {DEFAULT_MAX_LENGTH})")
     p.add_argument("--truncation", choices=["error", "left", "right"], help="default: data.truncation or right")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="generation budget per problem (default 1024)")
+    p.add_argument("--no-generate", dest="generate", action="store_false",
+                   help="score NLL and answer-token metrics only (teacher forcing); no generation, no graded accuracy")
     p.add_argument("--gen-batch-size", type=int, default=16, help="problems generated together (default 16)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--metrics-jsonl", nargs="+", default=[], metavar="PATH",
@@ -562,7 +582,14 @@ def run(args: argparse.Namespace) -> dict:
             settings_by_method[name][key] = value
     explicit_lr = {name for name, settings in settings_by_method.items() if settings["adapt_lr"] is not None}
     seeds: int | list[int] = args.seeds[0] if len(args.seeds) == 1 else args.seeds
-    episodes = plan_episodes(args.data_dir, args.tasks, args.n_shots, seeds, args.max_test_per_task, args.seed)
+    tasks = args.tasks
+    if args.holdout_only:
+        if tasks:
+            raise ValueError("give --tasks or --holdout-only, not both")
+        tasks = list_tasks(args.data_dir)["holdout"]
+        if not tasks:
+            raise ValueError(f"--holdout-only: {args.data_dir} has no held-out tasks (prepare --holdout-tasks)")
+    episodes = plan_episodes(args.data_dir, tasks, args.n_shots, seeds, args.max_test_per_task, args.seed)
 
     # Every default is settled before the first (slow) load, so a missing setting fails at once.
     ref_name, ref_cfg = _reference(methods)
@@ -628,7 +655,7 @@ def run(args: argparse.Namespace) -> dict:
         rows = evaluate_model(
             trained, episodes, records,
             adapt_lr=adapt_lr, adapt_steps=settings["adapt_steps"], adapt_batch_size=settings["adapt_batch_size"],
-            adapt_optimizer=settings["adapt_optimizer"],
+            adapt_optimizer=settings["adapt_optimizer"], generate=args.generate,
             max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size,
             max_length=settings["max_length"], truncation=settings["truncation"], desc=name,
         )

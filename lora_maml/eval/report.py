@@ -54,7 +54,18 @@ from lora_maml.train.metrics import METRICS_FILE
 log = logging.getLogger(__name__)
 
 CONFIDENCE = 0.95
-COMPARISONS = (("fomaml", "sft"), ("fomaml", "base"), ("sft", "base"))
+# A vs B pairs reported when both methods are present (maml / metasgd: the same demo with those flags).
+COMPARISONS = (("fomaml", "sft"), ("fomaml", "base"), ("sft", "base"), ("maml", "sft"), ("metasgd", "sft"),
+               ("maml", "fomaml"), ("metasgd", "fomaml"))
+# Per-row metrics: (row key, report name, title). ``correct``/``strict`` come from generation (None when it
+# was skipped); ``answer_*`` score the reference's final-answer tokens under teacher forcing.
+METRICS = (("correct", "accuracy", "Accuracy (math-verify, generated answer)"),
+           ("strict", "strict_accuracy", "Strict accuracy (generated answer)"),
+           ("nll", "nll", "Reference NLL (lower is better)"),
+           ("answer_accuracy", "answer_accuracy", "Answer-token accuracy (teacher forcing)"),
+           ("answer_nll", "answer_nll", "Answer-token NLL (lower is better)"))
+# A section with more tasks than this shows its ALL rows only in results.md (results.json has every row).
+MAX_TASK_ROWS = 10
 ALL = "ALL"
 SECTIONS = (("meta_train", "Meta-training subjects"), ("holdout", "Adaptation to an unseen subject (held out of meta-training)"))
 
@@ -144,7 +155,7 @@ def _cells(rows: Sequence[dict]) -> dict[tuple[str, int], dict]:
             )
         e_of, p_of = {s: i for i, s in enumerate(seeds)}, {pid: i for i, pid in enumerate(ids)}
         cell: dict[str, Any] = {"seeds": seeds, "ids": ids, "holdout": bool(group[0].get("holdout", False)), "shots": {}}
-        for key in ("correct", "strict", "nll"):
+        for key, _, _ in METRICS:
             cell[key] = np.full((len(seeds), len(ids)), np.nan)
         filled = np.zeros((len(seeds), len(ids)), dtype=bool)
         for r in group:
@@ -153,9 +164,9 @@ def _cells(rows: Sequence[dict]) -> dict[tuple[str, int], dict]:
                 raise ValueError(f"task {task!r}, n={n}, seed {r['seed']}: problem {r['id']!r} appears twice")
             filled[i, j] = True
             cell["shots"].setdefault(int(r["seed"]), tuple(r.get("shot_ids", ())))
-            cell["correct"][i, j] = float(bool(r["correct"]))
-            cell["strict"][i, j] = float(bool(r["strict"]))
-            cell["nll"][i, j] = math.nan if r.get("nll") is None else float(r["nll"])
+            for key, _, _ in METRICS:  # None (not generated, no answer token) stays NaN: left out of means
+                value = r.get(key)
+                cell[key][i, j] = math.nan if value is None else float(value)
         cells[(task, n)] = cell
     return cells
 
@@ -217,7 +228,7 @@ def build_report(rows_by_method: Mapping[str, Sequence[dict]], *, n_boot: int = 
                     cells = [cells_by_method[method][k] for k in keys]
                     row = {"section": section, "task": task, "n": n, "method": method,
                            "episodes": max(len(c["seeds"]) for c in cells), "problems": sum(len(c["ids"]) for c in cells)}
-                    for key, name in (("correct", "accuracy"), ("strict", "strict_accuracy"), ("nll", "nll")):
+                    for key, name, _ in METRICS:
                         stat = bootstrap_mean([c[key] for c in cells], n_boot=n_boot, rng=_rng(seed, section, task, n, key))
                         row[name], row[f"{name}_ci"] = stat["mean"], stat["ci"]
                     summary.append(row)
@@ -226,12 +237,14 @@ def build_report(rows_by_method: Mapping[str, Sequence[dict]], *, n_boot: int = 
                     cb = [cells_by_method[b][k] for k in keys]
                     row = {"section": section, "task": task, "n": n, "a": a, "b": b,
                            "pairs": sum(c["correct"].size for c in ca)}
-                    for key, name in (("correct", "accuracy"), ("nll", "nll")):
+                    for key, name, _ in METRICS:
                         stat = paired_bootstrap([x[key] - y[key] for x, y in zip(ca, cb)], n_boot=n_boot,
                                                 rng=_rng(seed, section, task, n, key))
                         row[f"{name}_diff"], row[f"{name}_diff_ci"], row[f"{name}_p"] = stat["diff"], stat["ci"], stat["p"]
-                    row["mcnemar"] = mcnemar_exact(np.concatenate([x["correct"].ravel() for x in ca]) > 0.5,
-                                                   np.concatenate([y["correct"].ravel() for y in cb]) > 0.5)
+                    graded_a = np.concatenate([x["correct"].ravel() for x in ca])
+                    graded_b = np.concatenate([y["correct"].ravel() for y in cb])
+                    both = np.isfinite(graded_a) & np.isfinite(graded_b)
+                    row["mcnemar"] = mcnemar_exact(graded_a[both] > 0.5, graded_b[both] > 0.5) if both.any() else None
                     significance.append(row)
     # Diagnostics: a generation cut at max_new_tokens usually has no final answer; a truncated reference
     # has an NLL over part of its solution only.
@@ -259,18 +272,28 @@ def _fmt_p(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def _present(report: dict) -> list[tuple[str, str]]:
+    """(name, title) of the metrics with at least one value (e.g. no generation: no accuracy)."""
+    return [(name, title) for _, name, title in METRICS
+            if any(r[name] is not None and math.isfinite(r[name]) for r in report["summary"])]
+
+
 def render_markdown(report: dict) -> str:
-    """``results.md``: per section, accuracy / NLL / strict tables and the paired comparisons."""
+    """``results.md``: per section, one table per metric and the paired comparisons; a section with more
+    than :data:`MAX_TASK_ROWS` tasks shows its ALL rows only (every row is in results.json)."""
     methods = report["methods"]
     pct = int(round(report["confidence"] * 100))
+    metrics = _present(report)
     lines = [
         "# Few-shot evaluation",
         "",
         f"Methods: {', '.join(methods)}. Every method is evaluated on the same episodes. Cells: mean "
         f"[{pct}% CI], two-way bootstrap over episodes and problems (B = {report['n_boot']}, seed {report['seed']}). "
-        "Accuracy: math-verify equivalence of the last boxed answer; strict: notational match; NLL: mean token "
-        "negative log-likelihood of the reference solution at the adapted weights. ALL pools the section's tasks "
-        "(every episode x problem weighs the same).",
+        "Accuracy: math-verify equivalence of the last boxed answer of a greedy generation; strict: notational "
+        "match; NLL: mean token negative log-likelihood of the reference solution at the adapted weights; "
+        "answer-token accuracy / NLL: the tokens of the reference's final boxed answer alone, under teacher "
+        "forcing (accuracy = the model ranks the reference token first). ALL pools the section's tasks (every "
+        "episode x problem weighs the same).",
         "",
         "Generations cut at --max-new-tokens without EOS: "
         + ", ".join(f"{m} {100 * report['diagnostics'][m]['unfinished_generations']:.1f}%" for m in methods)
@@ -281,31 +304,33 @@ def render_markdown(report: dict) -> str:
         rows = [r for r in report["summary"] if r["section"] == section]
         if not rows:
             continue
+        tasks = {r["task"] for r in rows} - {ALL}
+        shown = (lambda task: True) if len(tasks) <= MAX_TASK_ROWS else (lambda task: task == ALL)
         lines += ["", f"## {title}"]
+        if len(tasks) > MAX_TASK_ROWS:
+            lines += ["", f"{len(tasks)} tasks: ALL rows only (per-task rows in results.json)."]
         by_cell: dict[tuple, dict[str, dict]] = {}
         for r in rows:
-            by_cell.setdefault((r["task"], r["n"]), {})[r["method"]] = r
-        for name, title_ in (("accuracy", "Accuracy (math-verify)"), ("nll", "Reference NLL (lower is better)"),
-                             ("strict_accuracy", "Strict accuracy")):
+            if shown(r["task"]):
+                by_cell.setdefault((r["task"], r["n"]), {})[r["method"]] = r
+        for name, title_ in metrics:
             lines += ["", f"### {title_}", "", "| task | n | episodes x problems | " + " | ".join(methods) + " |",
                       "|---|---:|---:|" + "---:|" * len(methods)]
             for (task, n), per_method in by_cell.items():
                 first = per_method[methods[0]]
                 cells = [_fmt(per_method[m][name], per_method[m][f"{name}_ci"]) for m in methods]
                 lines.append(f"| {task} | {n} | {first['episodes']} x {first['problems']} | " + " | ".join(cells) + " |")
-        sig = [r for r in report["significance"] if r["section"] == section]
+        sig = [r for r in report["significance"] if r["section"] == section and shown(r["task"])]
         if sig:
-            lines += ["", "### Paired comparisons (A − B on the same episode x problem pairs)", "",
-                      f"| task | n | A vs B | Δ accuracy [{pct}% CI] | p (bootstrap) | McNemar A-only / B-only | p (McNemar) "
-                      f"| Δ NLL [{pct}% CI] | p (bootstrap) |",
-                      "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+            lines += ["", "### Paired comparisons (A − B on the same episode x problem pairs; p: paired bootstrap)", "",
+                      "| task | n | A vs B | " + " | ".join(f"Δ {t.split(' (')[0]} [{pct}% CI] | p" for _, t in metrics)
+                      + " | McNemar A-only / B-only, p |",
+                      "|---|---:|---|" + "---:|---:|" * len(metrics) + "---:|"]
             for r in sig:
                 mc = r["mcnemar"]
-                lines.append(
-                    f"| {r['task']} | {r['n']} | {r['a']} vs {r['b']} | {_fmt(r['accuracy_diff'], r['accuracy_diff_ci'])} "
-                    f"| {_fmt_p(r['accuracy_p'])} | {mc['a_only']} / {mc['b_only']} | {_fmt_p(mc['p'])} "
-                    f"| {_fmt(r['nll_diff'], r['nll_diff_ci'])} | {_fmt_p(r['nll_p'])} |"
-                )
+                cells = [f"{_fmt(r[f'{name}_diff'], r[f'{name}_diff_ci'])} | {_fmt_p(r[f'{name}_p'])}" for name, _ in metrics]
+                mcnemar = "–" if mc is None else f"{mc['a_only']} / {mc['b_only']}, {_fmt_p(mc['p'])}"
+                lines.append(f"| {r['task']} | {r['n']} | {r['a']} vs {r['b']} | " + " | ".join(cells) + f" | {mcnemar} |")
     return "\n".join(lines) + "\n"
 
 
@@ -329,10 +354,12 @@ def _save_figure(fig, path: Path) -> None:
 
 
 def plot_few_shot_curve(report: dict, path: str | Path) -> Path:
-    """Accuracy and NLL vs n (ALL rows), one line per method with its CI band; held-out tasks dashed."""
+    """Every metric with values vs n (ALL rows), one line per method with its CI band; held-out tasks dashed."""
     plt = _pyplot()
     path = Path(path)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    metrics = [(name, title) for name, title in _present(report) if name != "strict_accuracy"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), layout="constrained", squeeze=False)
+    axes = axes[0]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     shots = sorted({r["n"] for r in report["summary"]})
     for (section, _), style in zip(SECTIONS, ("-", "--")):
@@ -343,14 +370,14 @@ def plot_few_shot_curve(report: dict, path: str | Path) -> Path:
                 continue
             x = [r["n"] for r in rows]
             label = method if section == "meta_train" else f"{method} (held-out)"
-            for ax, name in zip(axes, ("accuracy", "nll")):
+            for ax, (name, _) in zip(axes, metrics):
                 y = [r[name] for r in rows]
                 lo = [r[f"{name}_ci"][0] for r in rows]
                 hi = [r[f"{name}_ci"][1] for r in rows]
                 color = colors[i % len(colors)]
                 ax.plot(x, y, style, marker="o", color=color, label=label)
                 ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
-    for ax, title in zip(axes, ("Accuracy (math-verify)", "Reference NLL")):
+    for ax, (_, title) in zip(axes, metrics):
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xticks(shots)
         ax.set_xticklabels([str(n) for n in shots])
@@ -385,26 +412,38 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
-def _series(records: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
-    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+TOKENS_AXIS = "train/label_tokens"  # cumulative training label tokens, logged by every training recipe
+
+
+def _xy(records: Sequence[dict], key: str, x: str = "step") -> tuple[list[int], list[float]]:
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    points = [(r[x], r[key]) for r in records if number(r.get(key)) and number(r.get(x))]
     return [s for s, _ in points], [v for _, v in points]
 
 
 def plot_learning_curves(paths: Sequence[str | Path] | Mapping[str, str | Path], path: str | Path) -> Path | None:
     """Training curves of the runs' ``metrics.jsonl`` (files or run dirs; a mapping gives each run's label,
-    else the run dir's name); None (nothing written) when they hold none of the curves."""
+    else the run dir's name); None (nothing written) when they hold none of the curves.
+
+    The x axis is the cumulative training label tokens (``train/label_tokens``) when every run logs them,
+    so that a FOMAML run and an SFT run matched in tokens end at the same x; else the step.
+    """
     if not isinstance(paths, Mapping):
         paths = {((Path(p) if Path(p).is_dir() else Path(p).parent).name or str(p)): p for p in paths}
     runs = [(label, read_metrics(p)) for label, p in paths.items()]
+    x = TOKENS_AXIS if all(any(TOKENS_AXIS in r for r in recs) for _, recs in runs) else "step"
+
     panels: list[tuple[str, list[tuple[str, list[int], list[float], str]]]] = []
-    loss = [(f"{label} {key}", *_series(recs, key), "-") for label, recs in runs for key in ("meta/loss", "sft/loss")]
-    gap = [(label, *_series(recs, "meta/avg_adaptation_gap"), "-") for label, recs in runs]
+    loss = [(f"{label} {key}", *_xy(recs, key, x), "-") for label, recs in runs for key in ("meta/loss", "sft/loss")]
+    gap = [(label, *_xy(recs, "meta/avg_adaptation_gap", x), "-") for label, recs in runs]
     query = [
-        (f"{label} {key.split('/')[0]}", *_series(recs, key), "-")
+        (f"{label} {key.split('/')[0]}", *_xy(recs, key, x), "-")
         for label, recs in runs
         for key in sorted({k for r in recs for k in r if k.endswith("/query_loss") and not k.startswith(("meta/", "eval/"))})
     ]
-    evals = [(f"{label} {key}", *_series(recs, f"eval/{key}"), style)
+    evals = [(f"{label} {key}", *_xy(recs, f"eval/{key}", x), style)
              for label, recs in runs for key, style in (("loss_pre", "--"), ("loss_post", "-"))]
     for title, lines in (("training loss (meta/loss = query loss after adaptation; sft/loss)", loss),
                          ("meta/avg_adaptation_gap (query − support loss)", gap),
@@ -424,7 +463,7 @@ def plot_learning_curves(paths: Sequence[str | Path] | Mapping[str, str | Path],
         for label, steps, values, style in lines:
             ax.plot(steps, values, style, label=label, linewidth=1)
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("step")
+        ax.set_xlabel("training label tokens" if x == TOKENS_AXIS else "step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(panels):]:

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from lora_maml.loss import causal_lm_loss_tensors, label_token_count
+from lora_maml.loss import MODEL_INPUT_KEYS, causal_lm_loss_tensors, label_token_count
 
 Batch = dict[str, Tensor]
 # One batch, or micro-batches that together make one (gradient accumulation inside one step).
@@ -105,6 +105,17 @@ class FunctionalLoss:
     def loss(self, weights: Sequence[Tensor], batch: Batches) -> tuple[Tensor, Tensor]:
         """Token-mean loss and token count at ``weights``, no gradient taken (e.g. under no_grad)."""
         return self._call(weights, batch, [], False)[:2]
+
+    def logits(self, weights: Sequence[Tensor], batch: Batch) -> Tensor:
+        """Logits [B, T, V] of ``model`` at ``weights`` (no gradient taken: call under no_grad)."""
+        if len(weights) != len(self._keys):
+            raise ValueError(f"expected {len(self._keys)} fast weights, got {len(weights)}")
+        # The alias keys are relative to the wrapper ("model.<name>"); here the model itself is called.
+        mapping = {k.removeprefix("model."): w for keys, w in zip(self._keys, weights) for k in keys}
+        inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+        out = torch.func.functional_call(self.model, mapping, (), {**inputs, "use_cache": False},
+                                         tie_weights=False, strict=False)
+        return out.logits
 
     def _call(self, weights, batch, wrt, create_graph):
         if len(weights) != len(self._keys):

@@ -106,6 +106,7 @@ class TrainingRecipe:
         self.total_steps = cfg.trainer.total_steps
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        self.label_tokens_seen = 0  # cumulative training label tokens: the x axis that matches FOMAML and SFT
         logging.basicConfig(
             level=logging.INFO if self.dist.is_main else logging.WARNING,
             format="%(asctime)s %(levelname)s %(message)s",
@@ -217,8 +218,13 @@ class TrainingRecipe:
         """A fixed support sample and a fixed test sample per task for the periodic evaluation."""
         cfg = self.cfg.trainer
         self.eval_set = {}
+        # At most trainer.eval_max_tasks tasks (a fixed draw): a family of hundreds of tasks would
+        # otherwise run hundreds of adaptations per evaluation.
+        picked = set(np.random.default_rng([cfg.seed, 7907]).permutation(len(self.task_names))[: cfg.eval_max_tasks])
         for i, task in enumerate(self.task_names):
             data = self.tasks[task]
+            if i not in picked:
+                continue
             if not data.test or not data.support:
                 continue
             rng = np.random.default_rng([cfg.seed, 7919, i])
@@ -341,6 +347,9 @@ class TrainingRecipe:
         tokens = input_tokens(batches)
         metrics |= self.perf_metrics(tokens, time.perf_counter() - started, mean_seq_len(batches))
         metrics[f"{prefix}/nonfinite_total"] = self.nonfinite_total
+        counted = ("meta/support_tokens", "meta/query_tokens") if prefix == "meta" else (f"{prefix}/tokens",)
+        self.label_tokens_seen += sum(int(metrics[key]) for key in counted)
+        metrics["train/label_tokens"] = self.label_tokens_seen
         self.progress.update(1, tokens * self.dist.world_size, metrics[f"{prefix}/loss"])
         periodic_eval = self.step % cfg.test_freq == 0 or self.step == self.total_steps
         if periodic_eval:
@@ -380,6 +389,7 @@ class TrainingRecipe:
                 "scheduler": self.scheduler.state_dict(),
                 "nonfinite_in_a_row": self.nonfinite_in_a_row,
                 "nonfinite_total": self.nonfinite_total,
+                "label_tokens_seen": self.label_tokens_seen,
                 "world_size": self.dist.world_size,
                 "kind": self.kind,
                 **self.extra_state(),
@@ -420,6 +430,7 @@ class TrainingRecipe:
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         self.nonfinite_in_a_row = trainer_state["nonfinite_in_a_row"]
         self.nonfinite_total = trainer_state["nonfinite_total"]
+        self.label_tokens_seen = trainer_state.get("label_tokens_seen", 0)  # absent in older checkpoints
         rng_states = state["rng_states"]
         if len(rng_states) == self.dist.world_size:
             ckpt.restore_rng_state(rng_states[self.dist.rank])

@@ -1,10 +1,10 @@
-"""benchmarks/meta_vs_sft.py end to end in --tiny mode (tiny random Qwen3, synthetic suite, 2-step runs):
-every init is scored on the same (episode, problem) set, the statistics are what the saved rows say,
-and a rerun skips what is finished (and retrains only what was removed, identically, in a subprocess)."""
+"""lora_maml/experiment.py (recipes/meta_vs_sft.py) end to end in --tiny mode (tiny random Qwen3, synthetic
+suite, 2-step runs): every init is scored on the same (episode, problem) set, the statistics are what the
+saved rows say, and a rerun skips what is finished (and retrains only what was removed, identically, in a
+subprocess)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -25,10 +25,9 @@ OVERRIDES = [
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("_bench_meta_vs_sft", REPO_ROOT / "benchmarks" / "meta_vs_sft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from lora_maml import experiment
+
+    return experiment
 
 
 def argv(out: Path, *extra: str) -> list[str]:
@@ -89,14 +88,18 @@ def test_reported_differences_are_the_paired_row_differences(experiment, bench):
         keys = [k for k in rows["fomaml_0"] if k[0] == n]
         post = np.mean([rows["fomaml_0"][k]["nll"] - rows[f"{b}_0"][k]["nll"] for k in keys])
         gained = np.mean([gain["fomaml_0"][k] - gain[f"{b}_0"][k] for k in keys])
-        assert c["nll_diff"] == pytest.approx(post, abs=1e-12) and c["gain_diff"] == pytest.approx(gained, abs=1e-12)
+        assert c["nll_diff"] == pytest.approx(post, abs=1e-12) and c["nll_gain_diff"] == pytest.approx(gained, abs=1e-12)
+        answer = np.nanmean([np.nanmean([rows["fomaml_0"][k]["answer_accuracy"] - rows[f"{b}_0"][k]["answer_accuracy"]
+                                         for k in keys if k[2] == e and k[1] == t])
+                             for t in {k[1] for k in keys} for e in {k[2] for k in keys}])
+        assert c["answer_accuracy_diff"] == pytest.approx(answer, abs=1e-12)
         assert c["pairs"] == len(keys)
         if n == 0:  # one episode per task: no CI, and so no verdict
             assert c["nll_diff_ci"] == [None, None] and c["verdict"].startswith("no 95% CI")
-            assert c["gain_diff"] == 0
+            assert c["nll_gain_diff"] == 0
             continue
         lo, hi = c["nll_diff_ci"]
-        assert lo <= c["nll_diff"] <= hi and c["gain_diff_ci"][0] <= c["gain_diff"] <= c["gain_diff_ci"][1]
+        assert lo <= c["nll_diff"] <= hi and c["nll_gain_diff_ci"][0] <= c["nll_gain_diff"] <= c["nll_gain_diff_ci"][1]
         assert c["nll_diff_by_seed"] == {"0": pytest.approx(post, abs=1e-12)}  # one seed: its mean is the mean
         expected = "FOMAML init better" if hi < 0 else "FOMAML init worse" if lo > 0 else "not distinguishable at 95%"
         assert c["verdict"] == expected
@@ -109,11 +112,11 @@ def test_reported_differences_are_the_paired_row_differences(experiment, bench):
         for n in N_SHOTS:
             values = [r for k, r in table.items() if k[0] == n]
             assert summary[(init, n)]["nll"] == pytest.approx(np.mean([r["nll"] for r in values]), abs=1e-12)
-            assert summary[(init, n)]["gain"] == pytest.approx(np.mean([r["nll_pre"] - r["nll"] for r in values]),
+            assert summary[(init, n)]["nll_gain"] == pytest.approx(np.mean([r["nll_pre"] - r["nll"] for r in values]),
                                                               abs=1e-12)
     markdown = (experiment / "results.md").read_text()
     assert "| FOMAML − SFT (matched tokens) | 4 |" in markdown and all(v in markdown for v in result["verdicts"])
-    assert set(result["timings_s"]) >= {"1/5 base model", "2/5 data", "3/5 training", "4/5 evaluation", "total"}
+    assert set(result["timings_s"]) >= {"1/6 base model", "2/6 data", "4/6 training", "5/6 evaluation", "total"}
 
 
 def test_rerun_skips_finished_work_and_retrains_only_what_is_missing(bench, experiment, capsys, monkeypatch):

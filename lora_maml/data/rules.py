@@ -1,0 +1,126 @@
+"""A family of hundreds of conflicting tasks ("synthetic-rules"): each task is a hidden digit code.
+
+Why it exists: on the 7 MATH subjects the test tasks are the training tasks, so multi-task SFT can
+learn all of them and adaptation has little left to do. Meta-learning earns its keep when tasks
+*conflict* and the test tasks are *new*. Here a task is a secret substitution code, a random bijection
+from the digits 0-9 to the letters a-j, drawn from ``random.Random(f"rules-code:{seed}:{task}")``.
+Every task asks the same kind of question::
+
+    prompt   (MATH instruction) + "Encode 4 7 1 2 5 with the secret code."
+    response "Replace each digit by its code letter: \\boxed{h c a b e}."
+
+so the same prompt has a different answer under every task. Without adapting to a task, no model can
+do better than chance on the answer letters: each digit's letter is uniform over the 10 letters across
+codes, a floor of ``log 10 = 2.303`` nats per answer letter and an accuracy of 0.1 (:data:`CHANCE_NLL`,
+:data:`CHANCE_ACCURACY`). A few shots determine the rule: 5 shots show 25 digits, and a digit is missing
+from all of them with probability 0.9^25 = 7%.
+
+Tasks ``code_000 .. code_{T-1}`` are meta-training tasks; the last ``unseen`` of them are meta-test
+tasks (``prepare`` holds them out: every record in ``few_shot_eval``, none in ``meta_train``), so
+few-shot evaluation adapts to codes never seen in training.
+
+``named=K`` writes the text a *competent base* is pretrained on: the first K meta-training codes only,
+with the code's name in the prompt ("... with the secret code 3."), so that the base learns to route each digit to
+its answer position and look its letter up (what a pretrained LLM brings to a new task); meta-learning
+then has to learn an initialisation from which a few gradient steps write a NEW code. A base trained on
+unnamed codes learns no such lookup (it can only learn the letters' uniform marginal), and nothing
+meta-learns on top of it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+
+from lora_maml.data.math import DataError, make_prompt
+
+DIGITS = "0123456789"
+LETTERS = "abcdefghij"
+CHANCE_NLL = math.log(len(LETTERS))  # nats per answer letter without knowing the code
+CHANCE_ACCURACY = 1 / len(LETTERS)
+SOURCE_NAME = "synthetic-rules"
+DEFAULTS = {"tasks": 440, "unseen": 40, "per_task": 40, "digits": 5, "named": 0}
+_SOURCE = re.compile(rf"^{SOURCE_NAME}(?::(.*))?$")
+
+
+def is_rules_source(source: str) -> bool:
+    """Whether ``source`` (``data.source`` / ``prepare --source``) names this family."""
+    return bool(_SOURCE.match(str(source)))
+
+
+def parse_source(source: str) -> dict[str, int]:
+    """``synthetic-rules[:key=value,...]`` → the family's settings (:data:`DEFAULTS` for what is not given).
+
+    Keys: ``tasks`` (all codes, meta-test included), ``unseen`` (meta-test codes), ``per_task`` (records per
+    code), ``digits`` (per problem), ``named`` (pretraining text: the first ``named`` codes, named).
+    Raises :class:`DataError` naming the bad key or value.
+    """
+    match = _SOURCE.match(str(source))
+    if not match:
+        raise DataError(f"source {source!r}: expected {SOURCE_NAME}[:key=value,...]")
+    settings = dict(DEFAULTS)
+    for item in filter(None, (match.group(1) or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in DEFAULTS or not value.isdigit():
+            raise DataError(
+                f"source {source!r}: {item!r} is not key=integer with key one of {', '.join(DEFAULTS)}"
+            )
+        settings[key] = int(value)
+    if settings["tasks"] - settings["unseen"] < 1 or settings["unseen"] < 0:
+        raise DataError(f"source {source!r}: need 0 <= unseen < tasks, got {settings['unseen']} of {settings['tasks']}")
+    if not 1 <= settings["digits"] <= 10 or settings["per_task"] < 2:
+        raise DataError(f"source {source!r}: need 1 <= digits <= 10 and per_task >= 2")
+    if settings["named"] > settings["tasks"] - settings["unseen"]:
+        raise DataError(f"source {source!r}: named={settings['named']} exceeds the meta-training codes")
+    if settings["per_task"] > len(DIGITS) ** settings["digits"] // 2:
+        raise DataError(f"source {source!r}: per_task={settings['per_task']} distinct problems need more digits")
+    return settings
+
+
+def task_name(index: int) -> str:
+    return f"code_{index:03d}"
+
+
+def code(seed: int, task: str) -> dict[str, str]:
+    """The hidden rule of ``task``: digit → letter (a bijection)."""
+    letters = list(LETTERS)
+    random.Random(f"rules-code:{seed}:{task}").shuffle(letters)
+    return dict(zip(DIGITS, letters))
+
+
+def rules_records(source: str, seed: int) -> tuple[list[dict], list[str]]:
+    """Records of the family described by ``source`` (see :func:`parse_source`) and its unseen tasks.
+
+    Records are MATH-shaped (``id``, ``prompt``, ``response``, ``answer``, ``subject`` = the task,
+    ``level``); deterministic in (``source``, ``seed``); no problem repeats within a task. With
+    ``named=K`` only the first K codes are written, named, and none is unseen.
+    """
+    settings = parse_source(source)
+    n_train = settings["tasks"] - settings["unseen"]
+    named = settings["named"]
+    indices = range(named) if named else range(settings["tasks"])
+    records = []
+    for index in indices:
+        task = task_name(index)
+        rule = code(seed, task)
+        rng = random.Random(f"rules-problems:{seed}:{task}")
+        seen: set[str] = set()
+        while len(seen) < settings["per_task"]:
+            digits = [rng.choice(DIGITS) for _ in range(settings["digits"])]
+            key = " ".join(digits)
+            if key in seen:
+                continue
+            seen.add(key)
+            which = f"the secret code {index}" if named else "the secret code"
+            answer = " ".join(rule[d] for d in digits)
+            records.append({
+                "id": f"rules/{task}/{len(seen) - 1}",
+                "prompt": make_prompt(f"Encode {key} with {which}."),
+                "response": f"Replace each digit by its code letter: \\boxed{{{answer}}}.",
+                "answer": answer,
+                "subject": task,
+                "level": f"Level {settings['digits']}",
+            })
+    unseen = [] if named else [task_name(i) for i in range(n_train, settings["tasks"])]
+    return records, unseen
