@@ -14,11 +14,13 @@ Measured side by side on one small random Qwen3 (medians after warm-up):
 
     python benchmarks/bench_meta_step.py                      # CPU, fp32, small
     python benchmarks/bench_meta_step.py --device cuda --dtype bf16 --seq 1024 --batch 8
+    python benchmarks/bench_meta_step.py --hidden 32 --layers 1 --vocab 128 --seq 16 --repeats 1   # seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import resource
 import statistics
@@ -27,6 +29,7 @@ import time
 import psutil
 import torch
 
+from lora_maml.atomic import write_text_atomic
 from lora_maml.config import LoraConfig, MetaConfig, OptimConfig
 from lora_maml.loss import causal_lm_loss_tensors
 from lora_maml.meta.algorithms import MetaLearner, TaskBatch, inner_loop
@@ -54,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=9, help="measured rounds")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--out", default=None, help="write the rows as JSON")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     return args
@@ -127,9 +131,10 @@ def timings(args) -> list[dict[str, float]]:
             p.grad = None
 
     theta = [p.detach() for p in params.values()]
+    lrs = [learner.cfg.inner_lr] * len(theta)
 
     def functional_step():
-        inner_loop(learner.fn, theta, [batch], 1e-4, 1)
+        inner_loop(learner.fn, theta, [batch], lrs, 1)
 
     def meta_step(pre):
         return lambda: learner.step(tasks, optimizer, scheduler, clip, diagnostics=pre)
@@ -174,7 +179,7 @@ def memory(args, adapter):
     return result
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_grad_enabled(True)
     print(
@@ -197,14 +202,19 @@ def main(argv=None):
         text = "" if r is None else f"{r:7.3f}"
         g = "" if goal is None else f"<={goal:.2f} {'ok' if r <= goal else 'MISSED'}"
         print(f"{name:45s} {sec * 1e3:10.2f} {text:>7s} {g}")
+    results = {"args": vars(args), "timings": [dict(zip(("name", "seconds", "ratio", "goal"), row)) for row in rows]}
     if not args.skip_memory:
         print()
-        results = {adapter: memory(args, adapter) for adapter in ("lora", "full")}
-        method = results["lora"][2]
-        for adapter, (before, peak, _) in results.items():
+        memory_rows = {adapter: memory(args, adapter) for adapter in ("lora", "full")}
+        method = memory_rows["lora"][2]
+        for adapter, (before, peak, _) in memory_rows.items():
             print(f"{adapter:5s} meta-step peak above the {before / 2**20:8.1f} MiB held before it: {peak / 2**20:8.1f} MiB")
-        print(f"(memory: {method}; full ÷ lora = {results['full'][1] / max(results['lora'][1], 1):.2f})")
+        print(f"(memory: {method}; full ÷ lora = {memory_rows['full'][1] / max(memory_rows['lora'][1], 1):.2f})")
+        results["memory"] = {a: {"before_bytes": b, "peak_above_bytes": p, "method": m} for a, (b, p, m) in memory_rows.items()}
+    if args.out:
+        write_text_atomic(args.out, json.dumps(results, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
