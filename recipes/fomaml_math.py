@@ -33,9 +33,8 @@ class FOMAMLRecipe(TrainingRecipe):
 
     def setup(self) -> None:
         cfg = self.cfg
-        self.ensure_inputs()
-        self.setup_model()
-        if self.sharded:  # every process runs every task, on its share of each batch's examples
+        if cfg.model.fsdp_config.enabled and cfg.meta.adapter == "full":
+            # Every weight sharded: every process runs every task, on its share of each batch's examples.
             if cfg.meta.learn_inner_lr or cfg.meta.algorithm != "fomaml":
                 raise ConfigError(
                     "model.fsdp_config.enabled=true with meta.adapter=full runs first-order FOMAML on the shards: "
@@ -46,6 +45,8 @@ class FOMAMLRecipe(TrainingRecipe):
             self.check_even_share(cfg.meta.query_batch_size, "meta.query_batch_size")
         else:
             self.check_even_share(cfg.meta.meta_batch_size, "meta.meta_batch_size")
+        self.ensure_inputs()
+        self.setup_model()
         self.setup_data()
         self.setup_eval_set()
         self.sampler = EpisodeSampler(

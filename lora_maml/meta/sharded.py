@@ -113,7 +113,7 @@ class ShardedLoss:
         loss = None
         for b in micro:
             part_loss, n_tokens = causal_lm_loss_tensors(self.model, b)
-            part = part_loss * (n_tokens / total.clamp(min=1))
+            part = part_loss * (n_tokens.to(part_loss.dtype) / total.clamp(min=1).to(part_loss.dtype))
             if grads:  # FSDP2 divides the reduce-scatter by the world size: undo it for the sum
                 (part * self._world).backward()
             part = part.detach()
