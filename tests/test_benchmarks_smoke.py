@@ -178,12 +178,13 @@ def test_meta_step_memory_rows():
     """The memory workers, run here rather than in spawned processes (seconds of imports each)."""
     bench = _load("bench_meta_step")
     args = bench.parse_args(TINY_META_STEP)
-    for adapter in ("lora", "full"):
+    assert bench.MEMORY_ROWS == ("lora", "full", "full-fsdp")
+    for adapter in bench.MEMORY_ROWS:
         results = queue.Queue()
         bench._memory_worker(args, adapter, results)
-        before, peak, method = results.get_nowait()
+        before, peak, method, took = results.get_nowait()
         # in-process, ru_maxrss is the test process's peak: only the shape of the row is checked
-        assert before > 0 and isinstance(peak, int) and "RSS" in method, adapter
+        assert before > 0 and isinstance(peak, int) and "RSS" in method and _finite_positive(took), adapter
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +232,20 @@ def test_calibrate_inner_lr_on_the_tiny_model(cpu_throughput_workdir, tmp_path, 
     for row in rows.values():
         assert len(row["per_draw"]) == 4 and all(math.isfinite(v) for v in row["per_draw"])
     assert rows[("full", "sgd", 0.1)]["inner_progress"] > 0  # a real step on the shots lowers their loss
+
+
+def test_qwen3_4b_memory_plan_tiny(qwen_bench, tmp_path, capsys):
+    """The start-up memory estimate for the tiny architecture: every model-sized item is a quarter on
+    4 FSDP processes, and the whole plan is smaller there."""
+    out = tmp_path / "plan.json"
+    config = REPO_ROOT / "recipes" / "configs" / "qwen3_4b_math_guide.yaml"
+    assert qwen_bench.main(["--tiny", "--memory-plan", str(config), "--gpus", "4", "--out", str(out)]) == 0
+    assert "memory estimate per process (4 processes, FSDP-sharded)" in capsys.readouterr().out
+    plan = json.loads(out.read_text())
+    fsdp, one = plan["fsdp"], plan["one_process"]
+    assert fsdp["world_size"] == 4 and one["world_size"] == 1
+    for item in ("master weights", "AdamW moments (2)", "meta-gradient", "gradient of one step"):
+        assert fsdp["items_gib"][item] == pytest.approx(one["items_gib"][item] / 4, rel=1e-3), item
+    assert fsdp["items_gib"]["saved θ"] == fsdp["items_gib"]["master weights"]
+    assert 0 < fsdp["total_gib"] < one["total_gib"]
+    assert fsdp["total_gib"] == pytest.approx(sum(fsdp["items_gib"].values()))

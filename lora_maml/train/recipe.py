@@ -41,6 +41,7 @@ from lora_maml.train.distributed import (
     shard_model,
     shard_optimizer_state,
 )
+from lora_maml.train.memory import describe, free_device_memory, full_mode_estimate
 from lora_maml.train.metrics import MetricLogger, ProgressBar, flops_per_token, mfu, peak_flops
 
 log = logging.getLogger("lora_maml")
@@ -198,6 +199,12 @@ class TrainingRecipe:
         n_trainable = sum(p.numel() for p in self.params.values())
         self.param_counts = (n_frozen, n_trainable)
         log.info("model: %s frozen + %s meta-learned parameters", f"{n_frozen:,}", f"{n_trainable:,}")
+        if master:
+            log.info(describe(full_mode_estimate(model, cfg, self.dist.world_size), self.dist.world_size,
+                              cfg.model.fsdp_config.enabled))
+            free = free_device_memory(self.dist.device)
+            if free:
+                log.info(free)
 
     def setup_data(self) -> None:
         """Encode the support / query / test splits of the meta-training tasks."""
