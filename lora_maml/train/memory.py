@@ -71,11 +71,12 @@ def full_mode_estimate(model: nn.Module, cfg: Config, world_size: int) -> dict[s
 
 
 def describe(plan: dict[str, int], world_size: int, sharded: bool) -> str:
-    """One log line: the total and every item in GiB."""
+    """One log line: the total and every item, in GiB (MiB below 1 GiB in total)."""
     total = sum(plan.values())
-    items = ", ".join(f"{k} {v / GiB:.2f}" for k, v in plan.items())
+    unit, size = ("GiB", GiB) if total >= GiB else ("MiB", 2**20)
+    items = ", ".join(f"{k} {v / size:.2f}" for k, v in plan.items())
     where = f"{world_size} processes, FSDP-sharded" if sharded else "1 process, unsharded"
-    return f"memory estimate per process ({where}): {total / GiB:.1f} GiB = {items} (GiB)"
+    return f"memory estimate per process ({where}): {total / size:.1f} {unit} = {items} ({unit})"
 
 
 def free_device_memory(device: torch.device) -> str | None:
