@@ -7,7 +7,9 @@ token-weighted batch); L(w; B) = token-mean NLL of batch B at weights w (``lora_
 K = ``meta.num_inner_steps``; α_i = the inner learning rate of tensor i (``meta.inner_lr`` for every
 tensor, or meta-learned per tensor with ``meta.learn_inner_lr``: Meta-SGD, α_i = exp(λ_i)).
 
-Inner loop (on fast weights; the model's own parameters are never written):
+Inner loop (first order: on fast weights φ, a copy of θ updated in place, so the model's own parameters
+are never written; on FSDP2 shards, ``lora_maml.meta.sharded``, φ is written into the shards and θ
+restored after the task; MAML: new tensors per step, in the graph):
     φ_0 = θ,    g_k = ∇L(φ_k; S_{k mod m}),    φ_{k+1,i} = φ_{k,i} − α_i u_{k,i}
     sgd:  u_k = g_k
     adam: u_k = m̂_k / (√v̂_k + ε), Adam's bias-corrected moments of g_0..g_k, started at 0 for every
@@ -30,7 +32,9 @@ Distribution: each process runs :meth:`MetaLearner.meta_gradient` on its own tas
 gradients and metric sums into ONE flat buffer [gradients | task count, metric sums]; the
 ``all_reduce`` hook (identity by default; e.g. ``functools.partial(torch.distributed.all_reduce,
 op=ReduceOp.SUM)``) sums that buffer across processes in place; the sum is divided by the global task
-count it carries (= meta.meta_batch_size when the processes share out one meta-batch). The ``meta/*``
+count it carries (= meta.meta_batch_size when the processes share out one meta-batch). With every
+weight FSDP2-sharded (``fn`` a ``ShardedLoss``) every process runs every task on its share of the
+examples, the gradients come reduce-scattered, and nothing is left to all-reduce. The ``meta/*``
 metrics are thus global. The per-task ``{task}/*`` metrics are those of
 this process's tasks; a trainer that wants all of them logs them after ``all_gather_object``.
 
