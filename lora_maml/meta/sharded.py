@@ -37,12 +37,7 @@ from torch import Tensor, nn
 
 from lora_maml.loss import causal_lm_loss_tensors, label_token_count
 from lora_maml.meta.fast_weights import Batches
-
-
-def _all_reduce(t: Tensor) -> Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+from lora_maml.train.distributed import all_reduce_sum
 
 
 class ShardedLoss:
@@ -109,7 +104,7 @@ class ShardedLoss:
         micro = [batch] if isinstance(batch, dict) else list(batch)
         if not micro:
             raise ValueError("an empty list of micro-batches")
-        total = _all_reduce(torch.stack([label_token_count(b) for b in micro]).sum())
+        total = all_reduce_sum(torch.stack([label_token_count(b) for b in micro]).sum())
         loss = None
         for b in micro:
             part_loss, n_tokens = causal_lm_loss_tensors(self.model, b)
@@ -118,7 +113,7 @@ class ShardedLoss:
                 (part * self._world).backward()
             part = part.detach()
             loss = part if loss is None else loss + part
-        loss = _all_reduce(loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss)
+        loss = all_reduce_sum(loss)  # the token-mean NLL is fp32 (fp64 on an fp64 model) whatever model.dtype
         if not grads:
             return loss, total, ()
         out = []

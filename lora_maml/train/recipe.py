@@ -163,11 +163,11 @@ class TrainingRecipe:
         model, self.tokenizer = load_base(cfg.model)
         if cfg.meta.adapter == "lora":
             model = add_lora(model, cfg.model)
+        model.to(self.dist.device)
         compute = torch_dtype(cfg.model.dtype)
         master = self.kind == "fomaml" and cfg.meta.adapter == "full"
-        if master:
+        if master:  # upcast on the device: the host holds one model.dtype copy per process, not an fp32 one
             model.to(torch.promote_types(compute, torch.float32))
-        model.to(self.dist.device)
         if cfg.model.compile:
             compile_decoder(model)  # training only: load_base (evaluation, export, generation) never compiles
         self.params = adapted_parameters(model, cfg.meta.adapter)

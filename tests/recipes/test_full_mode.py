@@ -94,7 +94,9 @@ from lora_maml.train.distributed import full_tensor, shard_model
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
-model, _ = tiny_model("full", tie=True)  # fp64, seeded: the same model on every process
+# fp64, seeded: the same model on every process; activation checkpointing as in the guide config
+# (each layer's recomputation re-gathers its shards inside the backward)
+model, _ = tiny_model("full", tie=True, checkpointing=True)
 shard_model(model, cpu_offload=False, reshard_after_forward=True)
 params = dict(model.named_parameters())
 share = lambda batch: {k: v[rank::world] for k, v in batch.items()}  # this process's rows of a batch
@@ -111,8 +113,8 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 def test_fsdp_meta_gradient_equals_one_process_and_inplace_sgd(tmp_path):
-    """2 processes, every weight an FSDP2 shard, each process holding one row of every batch (the
-    padded row on one of them): the meta-gradient equals the 1-process functional one and the
+    """2 processes, every weight an FSDP2 shard, activation checkpointing on, each process holding one
+    row of every batch (the padded row on one of them): the meta-gradient equals the 1-process functional one and the
     in-place SGD reference (tied embeddings included), and θ's shards are restored after each task."""
     tests_dir = str(REPO_ROOT / "tests")
     sys.path.insert(0, tests_dir)
