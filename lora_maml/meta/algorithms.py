@@ -50,6 +50,7 @@ import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +59,9 @@ from lora_maml.config import MetaConfig
 from lora_maml.meta.fast_weights import Batches, FunctionalLoss, gradient_for
 from lora_maml.models import decoder_compiled, gradient_checkpointing_on
 from lora_maml.optim import apply_gradients
+
+if TYPE_CHECKING:
+    from lora_maml.meta.sharded import ShardedLoss
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 # Per-task sums carried next to the gradients in the flat buffer (the all-reduced part).
@@ -184,7 +188,7 @@ class MetaLearner:
         meta_cfg: MetaConfig,
         *,
         all_reduce: Callable[[Tensor], object] | None = None,
-        fn: FunctionalLoss | None = None,
+        fn: FunctionalLoss | ShardedLoss | None = None,
     ):
         if meta_cfg.algorithm == "maml" and gradient_checkpointing_on(model):
             raise ValueError("meta.algorithm=maml needs model.enable_gradient_checkpointing=false")
