@@ -7,31 +7,42 @@ Measured side by side on one small random Qwen3 (medians after warm-up):
   (ii)  one whole meta-step (inner loops, query gradients, flat-buffer reduction, outer AdamW step)
         ÷ ((K+1) × tasks × plain forward+backward); goal <= 1.10, with and without the
         pre-adaptation query loss (one extra no-grad forward per task: expect ~+1/(3(K+1)))
-  (iii) peak memory of a lora vs a full meta-step, each in a fresh process. CUDA:
+  (iii) peak memory (and time) of a lora, a full and a full FSDP2 meta-step (``full-fsdp``: every weight
+        an fp32 FSDP2 shard of a 1-process group, compute in --dtype, ``lora_maml.meta.sharded``),
+        each in a fresh process. CUDA:
         torch.cuda.max_memory_allocated minus the allocation before the step. CPU: peak RSS
         (getrusage ru_maxrss) minus the RSS before the step — an upper bound that includes
         allocator slack, not an exact tensor count.
 
     python benchmarks/bench_meta_step.py                      # CPU, fp32, small
     python benchmarks/bench_meta_step.py --device cuda --dtype bf16 --seq 1024 --batch 8
+    python benchmarks/bench_meta_step.py --hidden 32 --layers 1 --vocab 128 --seq 16 --repeats 1   # seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
+import os
 import resource
+import socket
 import statistics
 import time
 
 import psutil
 import torch
 
+from lora_maml.atomic import write_text_atomic
 from lora_maml.config import LoraConfig, MetaConfig, OptimConfig
 from lora_maml.loss import causal_lm_loss_tensors
 from lora_maml.meta.algorithms import MetaLearner, TaskBatch, inner_loop
+from lora_maml.meta.sharded import ShardedLoss
 from lora_maml.models import DTYPES, add_lora, adapted_parameters, enable_gradient_checkpointing
 from lora_maml.optim import build_optimizer, build_scheduler
+from lora_maml.train.distributed import shard_model
+
+MEMORY_ROWS = ("lora", "full", "full-fsdp")
 
 
 def parse_args(argv=None):
@@ -54,6 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=9, help="measured rounds")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--out", default=None, help="write the rows as JSON")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     return args
@@ -75,8 +87,11 @@ def build(args, adapter: str):
     if adapter == "lora":
         model.requires_grad_(False)
         model = add_lora(model, LoraConfig(r=args.lora_r, alpha=2 * args.lora_r))
+    if adapter == "full-fsdp":  # fp32 master shards; FSDP2's all-gather casts to --dtype
+        model.to(torch.promote_types(DTYPES[args.dtype], torch.float32))
+        shard_model(model, compute_dtype=DTYPES[args.dtype], cpu_offload=False, reshard_after_forward=True)
     model.train()
-    return model, adapted_parameters(model, adapter)
+    return model, adapted_parameters(model, "lora" if adapter == "lora" else "full")
 
 
 def make_tasks(args):
@@ -105,11 +120,11 @@ def seconds(fn, device) -> float:
     return time.perf_counter() - start
 
 
-def meta_setup(model, params, args, algorithm="fomaml"):
+def meta_setup(model, params, args, algorithm="fomaml", fn=None):
     meta = MetaConfig(algorithm=algorithm, inner_optimizer="sgd", inner_lr=1e-4, num_inner_steps=args.inner_steps,
                       meta_batch_size=args.tasks, outer_lr=1e-5)
     optim_cfg = OptimConfig(lr_scheduler="constant")
-    learner = MetaLearner(model, params, meta)
+    learner = MetaLearner(model, params, meta, fn=fn)
     optimizer = build_optimizer(params, meta.outer_lr, optim_cfg)
     return learner, optimizer, build_scheduler(optimizer, optim_cfg, 10**6), optim_cfg.clip_grad
 
@@ -126,10 +141,11 @@ def timings(args) -> list[dict[str, float]]:
         for p in params.values():
             p.grad = None
 
-    theta = [p.detach() for p in params.values()]
+    lrs = [learner.cfg.inner_lr] * len(params)
 
-    def functional_step():
-        inner_loop(learner.fn, theta, [batch], 1e-4, 1)
+    def functional_step():  # φ = a copy of θ, one SGD step on it in place
+        with learner.fn.fast_weights(learner.fn.weights()) as (_, phi):
+            inner_loop(learner.fn, phi, [batch], lrs, 1)
 
     def meta_step(pre):
         return lambda: learner.step(tasks, optimizer, scheduler, clip, diagnostics=pre)
@@ -146,22 +162,40 @@ def timings(args) -> list[dict[str, float]]:
 
 
 def _memory_worker(args, adapter, queue):
-    model, params = build(args, adapter)
-    tasks = make_tasks(args)
-    learner, optimizer, scheduler, clip = meta_setup(model, params, args)
-    learner.step(tasks, optimizer, scheduler, clip)  # optimizer state and buffers exist from here on
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        learner.step(tasks, optimizer, scheduler, clip)
-        torch.cuda.synchronize()
-        queue.put((before, torch.cuda.max_memory_allocated() - before, "cuda max_memory_allocated"))
-    else:
-        before = psutil.Process().memory_info().rss
-        learner.step(tasks, optimizer, scheduler, clip)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        queue.put((before, peak - before, "cpu peak RSS (ru_maxrss) - RSS before"))
+    """Peak memory above what is held before a (second) meta-step, and that step's seconds."""
+    fsdp = adapter == "full-fsdp"
+    if fsdp:  # a 1-process group: FSDP2 needs one
+        import torch.distributed as dist
+
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo", rank=0, world_size=1)
+    try:
+        model, params = build(args, adapter)
+        tasks = make_tasks(args)
+        learner, optimizer, scheduler, clip = meta_setup(model, params, args, fn=ShardedLoss(model, params) if fsdp else None)
+        learner.step(tasks, optimizer, scheduler, clip)  # optimizer state and buffers exist from here on
+        step = lambda: learner.step(tasks, optimizer, scheduler, clip)  # noqa: E731
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            took = seconds(step, args.device)
+            queue.put((before, torch.cuda.max_memory_allocated() - before, "cuda max_memory_allocated", took))
+        else:
+            before = psutil.Process().memory_info().rss
+            took = seconds(step, args.device)
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+            queue.put((before, peak - before, "cpu peak RSS (ru_maxrss) - RSS before", took))
+    finally:
+        if fsdp:
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def memory(args, adapter):
@@ -174,7 +208,7 @@ def memory(args, adapter):
     return result
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_grad_enabled(True)
     print(
@@ -197,14 +231,21 @@ def main(argv=None):
         text = "" if r is None else f"{r:7.3f}"
         g = "" if goal is None else f"<={goal:.2f} {'ok' if r <= goal else 'MISSED'}"
         print(f"{name:45s} {sec * 1e3:10.2f} {text:>7s} {g}")
+    results = {"args": vars(args), "timings": [dict(zip(("name", "seconds", "ratio", "goal"), row)) for row in rows]}
     if not args.skip_memory:
         print()
-        results = {adapter: memory(args, adapter) for adapter in ("lora", "full")}
-        method = results["lora"][2]
-        for adapter, (before, peak, _) in results.items():
-            print(f"{adapter:5s} meta-step peak above the {before / 2**20:8.1f} MiB held before it: {peak / 2**20:8.1f} MiB")
-        print(f"(memory: {method}; full ÷ lora = {results['full'][1] / max(results['lora'][1], 1):.2f})")
+        memory_rows = {adapter: memory(args, adapter) for adapter in MEMORY_ROWS}
+        method = memory_rows["lora"][2]
+        for adapter, (before, peak, _, took) in memory_rows.items():
+            print(f"{adapter:9s} meta-step peak above the {before / 2**20:8.1f} MiB held before it: "
+                  f"{peak / 2**20:8.1f} MiB, {took * 1e3:9.2f} ms")
+        print(f"(memory: {method}; full ÷ lora = {memory_rows['full'][1] / max(memory_rows['lora'][1], 1):.2f})")
+        results["memory"] = {a: {"before_bytes": b, "peak_above_bytes": p, "method": m, "seconds": t}
+                             for a, (b, p, m, t) in memory_rows.items()}
+    if args.out:
+        write_text_atomic(args.out, json.dumps(results, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -103,9 +103,12 @@ def parse_args(argv=None):
                    help="torch.set_num_threads (default 1 with --tiny: on a shared CPU more threads than free "
                         "cores make every op spin-wait; torch's default otherwise)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON (rewritten after every config)")
+    p.add_argument("--memory-plan", type=Path, default=None, metavar="CONFIG",
+                   help="only print the per-process memory estimate of full-parameter FOMAML under the recipe config "
+                        "CONFIG for this architecture, FSDP on --gpus processes and unsharded on 1 (no GPU needed)")
     args = p.parse_args(argv)
     args.device = "cpu" if args.tiny else "cuda"
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available() and args.memory_plan is None:
         p.error("no CUDA device: run on a GPU, or pass --tiny for the CPU end-to-end check")
     args.dtype = args.dtype or ("fp32" if args.tiny else "bf16")
     args.arch = TINY if args.tiny else QWEN3_4B
@@ -407,8 +410,33 @@ def write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def memory_plan(args) -> dict:
+    """lora_maml.train.memory's estimate (logged by the recipe at start-up) for this architecture, built
+    on the meta device (no memory), under the config ``args.memory_plan`` with and without FSDP."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from lora_maml.config import load_config
+    from lora_maml.train.memory import GiB, describe, full_mode_estimate
+
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(Qwen3Config(**args.arch))
+    plans = {}
+    for world, fsdp in ((args.gpus, True), (1, False)):
+        cfg = load_config(args.memory_plan, ["meta.adapter=full", f"model.fsdp_config.enabled={str(fsdp).lower()}"])
+        plan = full_mode_estimate(model, cfg, world)
+        print(describe(plan, world, fsdp))
+        plans["fsdp" if fsdp else "one_process"] = {"world_size": world, "total_gib": sum(plan.values()) / GiB,
+                                                    "items_gib": {k: v / GiB for k, v in plan.items()}}
+    return plans
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.memory_plan is not None:
+        plans = memory_plan(args)
+        if args.out is not None:
+            write_json(args.out, {"memory_plan": str(args.memory_plan), **plans})
+        return 0
     clock = Clock(args.budget_s)
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -33,7 +33,18 @@ class FOMAMLRecipe(TrainingRecipe):
 
     def setup(self) -> None:
         cfg = self.cfg
-        self.check_even_share(cfg.meta.meta_batch_size, "meta.meta_batch_size")
+        if cfg.model.fsdp_config.enabled and cfg.meta.adapter == "full":
+            # Every weight sharded: every process runs every task, on its share of each batch's examples.
+            if cfg.meta.learn_inner_lr or cfg.meta.algorithm != "fomaml":
+                raise ConfigError(
+                    "model.fsdp_config.enabled=true with meta.adapter=full runs first-order FOMAML on the shards: "
+                    f"meta.algorithm={cfg.meta.algorithm} and meta.learn_inner_lr={cfg.meta.learn_inner_lr} are not "
+                    "supported there; use meta.algorithm=fomaml and meta.learn_inner_lr=false"
+                )
+            self.check_even_share(cfg.meta.inner_batch_size, "meta.inner_batch_size")
+            self.check_even_share(cfg.meta.query_batch_size, "meta.query_batch_size")
+        else:
+            self.check_even_share(cfg.meta.meta_batch_size, "meta.meta_batch_size")
         self.ensure_inputs()
         self.setup_model()
         self.setup_data()
@@ -46,7 +57,9 @@ class FOMAMLRecipe(TrainingRecipe):
             query_batch_size=cfg.meta.query_batch_size,
             seed=cfg.trainer.seed,
         )
-        self.learner = MetaLearner(self.model, self.params, cfg.meta, all_reduce=all_reduce_sum)
+        # Sharded: the reduce-scatter already sums every process's share of a task; nothing left to reduce.
+        self.learner = MetaLearner(self.model, self.params, cfg.meta, all_reduce=None if self.sharded else all_reduce_sum,
+                                   fn=self.fast)
         # Meta-SGD: the log inner learning rates get their own Adam rate and no weight decay.
         learned_rates = [] if self.learner.log_inner_lrs is None else [
             {"params": [self.learner.log_inner_lrs], "lr": cfg.meta.inner_lr_lr, "weight_decay": 0.0}
@@ -84,19 +97,24 @@ class FOMAMLRecipe(TrainingRecipe):
         with torch.no_grad():
             self.learner.log_inner_lrs.copy_(torch.tensor(list(saved.values()), dtype=torch.float64))
 
-    def save_pretrained(self, directory: Path) -> None:
-        super().save_pretrained(directory)
+    def save_pretrained(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        super().save_pretrained(directory, state_dict)
         if self.learner.log_inner_lrs is not None:  # read back by lora_maml.load_trained for evaluation
             write_text_atomic(directory / INNER_LRS_FILE, json.dumps(self.learner.inner_lrs(), indent=1))
 
     def episodes(self, step: int) -> list[TaskBatch]:
-        """This process's share of the meta-batch drawn for ``step``, collated on the device."""
-        draws = local_share(self.sampler.sample(step), self.dist.rank, self.dist.world_size)
+        """This process's share of the meta-batch drawn for ``step``, collated on the device: its share
+        of the tasks or, with sharded weights, every task and its share of each batch's examples."""
+        rank, world = self.dist.rank, self.dist.world_size
+        draws = self.sampler.sample(step)
+        if not self.sharded:
+            draws = local_share(draws, rank, world)
+        share = (lambda idx: local_share(idx, rank, world)) if self.sharded else list
         episodes = []
         for draw in draws:
             data = self.tasks[draw.task]
-            support = [self.batch([data.support[i] for i in batch]) for batch in draw.support_batches]
-            query = self.batch([data.query[i] for i in draw.query_indices])
+            support = [self.batch([data.support[i] for i in share(batch)]) for batch in draw.support_batches]
+            query = self.batch([data.query[i] for i in share(draw.query_indices)])
             episodes.append(TaskBatch(draw.task, support, query))
         return episodes
 

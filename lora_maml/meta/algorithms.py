@@ -7,7 +7,9 @@ token-weighted batch); L(w; B) = token-mean NLL of batch B at weights w (``lora_
 K = ``meta.num_inner_steps``; α_i = the inner learning rate of tensor i (``meta.inner_lr`` for every
 tensor, or meta-learned per tensor with ``meta.learn_inner_lr``: Meta-SGD, α_i = exp(λ_i)).
 
-Inner loop (on fast weights; the model's own parameters are never written):
+Inner loop (first order: on fast weights φ, a copy of θ updated in place, so the model's own parameters
+are never written; on FSDP2 shards, ``lora_maml.meta.sharded``, φ is written into the shards and θ
+restored after the task; MAML: new tensors per step, in the graph):
     φ_0 = θ,    g_k = ∇L(φ_k; S_{k mod m}),    φ_{k+1,i} = φ_{k,i} − α_i u_{k,i}
     sgd:  u_k = g_k
     adam: u_k = m̂_k / (√v̂_k + ε), Adam's bias-corrected moments of g_0..g_k, started at 0 for every
@@ -30,7 +32,9 @@ Distribution: each process runs :meth:`MetaLearner.meta_gradient` on its own tas
 gradients and metric sums into ONE flat buffer [gradients | task count, metric sums]; the
 ``all_reduce`` hook (identity by default; e.g. ``functools.partial(torch.distributed.all_reduce,
 op=ReduceOp.SUM)``) sums that buffer across processes in place; the sum is divided by the global task
-count it carries (= meta.meta_batch_size when the processes share out one meta-batch). The ``meta/*``
+count it carries (= meta.meta_batch_size when the processes share out one meta-batch). With every
+weight FSDP2-sharded (``fn`` a ``ShardedLoss``) every process runs every task on its share of the
+examples, the gradients come reduce-scattered, and nothing is left to all-reduce. The ``meta/*``
 metrics are thus global. The per-task ``{task}/*`` metrics are those of
 this process's tasks; a trainer that wants all of them logs them after ``all_gather_object``.
 
@@ -42,17 +46,22 @@ at all?). Both ≈ 0 means the inner loop is inert: FOMAML is then plain SFT on 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from lora_maml.config import MetaConfig
-from lora_maml.meta.fast_weights import Batches, FunctionalLoss, loss_and_grads
+from lora_maml.meta.fast_weights import Batches, FunctionalLoss, gradient_for
 from lora_maml.models import decoder_compiled, gradient_checkpointing_on
 from lora_maml.optim import apply_gradients
+
+if TYPE_CHECKING:
+    from lora_maml.meta.sharded import ShardedLoss
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 # Per-task sums carried next to the gradients in the flat buffer (the all-reduced part).
@@ -95,9 +104,10 @@ def inner_loop(
     optimizer: str = "sgd",
     second_order: bool = False,
 ) -> Adapted:
-    """K steps from ``weights`` with one learning rate per tensor (``lrs``). First order: each step
-    starts from detached leaves, no graph is kept. Second order: ``weights`` must be the parameters
-    themselves (and ``lrs`` may be tensors in the graph, for Meta-SGD); the graph is kept."""
+    """K steps from ``weights`` with one learning rate per tensor (``lrs``). First order: ``weights``
+    are fast weights (``fn.fast_weights``), updated in place, no graph kept. Second order: ``weights``
+    must be the parameters themselves (and ``lrs`` may be tensors in the graph, for Meta-SGD); each
+    step makes new tensors and the graph is kept."""
     if steps > 0 and not support:
         raise ValueError(f"{steps} inner steps need at least one support batch, got none")
     if optimizer not in ("sgd", "adam"):
@@ -108,18 +118,17 @@ def inner_loop(
     moments = None
     losses, counts = [], []
     for k in range(steps):
-        w = weights if second_order else [t.detach().requires_grad_() for t in weights]
-        loss, n_tokens, grads = fn.loss_and_grads(w, support[k % len(support)], create_graph=second_order)
+        loss, n_tokens, grads = fn.loss_and_grads(weights, support[k % len(support)], create_graph=second_order)
         losses.append(loss.detach())
         counts.append(n_tokens)
         with torch.set_grad_enabled(second_order):  # foreach ops: one fused kernel per dtype/device group
             if optimizer == "adam":
                 moments, grads = _adam_direction(grads, moments, k + 1)
             if second_order:
-                grads = torch._foreach_mul(grads, lrs)
-            else:  # the gradients are ours: scaled in place, no second model-sized buffer in full mode
+                weights = torch._foreach_sub(weights, torch._foreach_mul(grads, lrs))
+            else:  # in place: φ is the one model-sized buffer; the gradients are ours to scale
                 torch._foreach_mul_(grads, lrs)
-            weights = torch._foreach_sub(w, grads)
+                torch._foreach_sub_(weights, grads)
     device = weights[0].device
     tokens = torch.stack(counts).sum() if counts else torch.zeros((), dtype=torch.long, device=device)
     return Adapted(weights, losses[0] if losses else None, losses[-1] if losses else None, tokens)
@@ -152,16 +161,20 @@ def adapt(
     ``params`` at ``inner_lr`` (one rate, or one per parameter name: Meta-SGD's learned rates); returns
     the adapted fast weights by name. ``model`` and ``params`` are not modified. Use them with
     ``torch.func.functional_call`` or ``fast_weights.weights_copied_in``."""
-    if isinstance(inner_lr, Mapping):
-        missing = sorted(set(params) - set(inner_lr))
-        if missing:
-            raise KeyError(f"no inner learning rate for {len(missing)} adapted parameters, e.g. {missing[:3]}")
-        lrs = [float(inner_lr[name]) for name in params]
-    else:
-        lrs = [float(inner_lr)] * len(params)
     fn = FunctionalLoss(model, list(params))
-    adapted = inner_loop(fn, [p.detach() for p in params.values()], support_batches, lrs, steps, optimizer=optimizer)
+    with fn.fast_weights([p.detach() for p in params.values()]) as (_, phi):
+        adapted = inner_loop(fn, phi, support_batches, per_tensor(inner_lr, list(params)), steps, optimizer=optimizer)
     return {name: w.detach() for name, w in zip(params, adapted.weights)}
+
+
+def per_tensor(inner_lr: float | Mapping[str, float], names: Sequence[str]) -> list[float]:
+    """One inner learning rate per name: ``inner_lr`` itself, or looked up by name (Meta-SGD's rates)."""
+    if not isinstance(inner_lr, Mapping):
+        return [float(inner_lr)] * len(names)
+    missing = sorted(set(names) - set(inner_lr))
+    if missing:
+        raise KeyError(f"no inner learning rate for {len(missing)} adapted parameters, e.g. {missing[:3]}")
+    return [float(inner_lr[name]) for name in names]
 
 
 class MetaLearner:
@@ -175,6 +188,7 @@ class MetaLearner:
         meta_cfg: MetaConfig,
         *,
         all_reduce: Callable[[Tensor], object] | None = None,
+        fn: FunctionalLoss | ShardedLoss | None = None,
     ):
         if meta_cfg.algorithm == "maml" and gradient_checkpointing_on(model):
             raise ValueError("meta.algorithm=maml needs model.enable_gradient_checkpointing=false")
@@ -186,7 +200,10 @@ class MetaLearner:
             raise ValueError("meta.learn_inner_lr needs meta.algorithm=fomaml or maml (Reptile has no query gradient)")
         self.model, self.cfg = model, meta_cfg
         self.names, self.params = list(params), list(params.values())
-        self.fn = FunctionalLoss(model, self.names)
+        # The fast weights: functional (default), or in place on FSDP2 shards (lora_maml.meta.sharded).
+        self.fn = fn or FunctionalLoss(model, self.names)
+        if self.fn.names != self.names:
+            raise ValueError("fn must stand for the same parameter names as params, in the same order")
         self._all_reduce = all_reduce or (lambda flat: None)
         device = self.params[0].device
         acc_dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
@@ -195,10 +212,12 @@ class MetaLearner:
         if meta_cfg.learn_inner_lr:
             init = torch.full((len(self.params),), math.log(meta_cfg.inner_lr), dtype=acc_dtype, device=device)
             self.log_inner_lrs = nn.Parameter(init)
-        numels = [p.numel() for p in self.meta_parameters]
+        # g lives in θ's layout as fn sees it (this process's shards under FSDP).
+        shapes = [t.shape for t in self.fn.weights()] + ([self.log_inner_lrs.shape] if self.log_inner_lrs is not None else [])
+        numels = [math.prod(shape) for shape in shapes]
         self._n = sum(numels)
         self._flat = torch.zeros(self._n + len(_SLOTS), dtype=acc_dtype, device=device)
-        self._grads = [v.view_as(p) for v, p in zip(self._flat[: self._n].split(numels), self.meta_parameters)]
+        self._grads = [v.view(shape) for v, shape in zip(self._flat[: self._n].split(numels), shapes)]
 
     @property
     def meta_parameters(self) -> list[Tensor]:
@@ -218,38 +237,41 @@ class MetaLearner:
         pre = zero
         if diagnostics:
             with torch.no_grad():
-                pre = loss_and_grads(self.model, task.query, ())[0]
+                pre = self.fn.loss(self.fn.weights(), task.query)[0]
         second_order = cfg.algorithm == "maml"
-        theta = self.params if second_order else [p.detach() for p in self.params]
         if self.log_inner_lrs is None:
-            lrs = [cfg.inner_lr] * len(theta)
+            lrs = [cfg.inner_lr] * len(self.params)
         else:
             lrs = list(self.log_inner_lrs.exp().unbind()) if second_order else self.log_inner_lrs.exp().tolist()
-        adapted = inner_loop(
-            self.fn, theta, task.support, lrs, cfg.num_inner_steps, optimizer=cfg.inner_optimizer,
-            second_order=second_order,
-        )
-        if cfg.algorithm == "reptile":
-            with torch.no_grad():
-                query_loss, query_tokens = self.fn.loss(adapted.weights, task.query)
-                grads = torch._foreach_sub(theta, adapted.weights)
-        else:
-            weights = adapted.weights if second_order else [w.detach().requires_grad_() for w in adapted.weights]
-            wrt = self.meta_parameters if second_order else weights
-            query_loss, query_tokens, grads = self.fn.loss_and_grads(weights, task.query, wrt=wrt)
-            if self.log_inner_lrs is not None and not second_order:
+        # MAML differentiates through the inner loop from the parameters; first order runs it on a copy
+        # (or, on FSDP shards, in place with θ restored on leaving).
+        fast = contextlib.nullcontext((self.params, self.params)) if second_order else self.fn.fast_weights(self.fn.weights())
+        with fast as (theta, phi):
+            adapted = inner_loop(
+                self.fn, phi, task.support, lrs, cfg.num_inner_steps, optimizer=cfg.inner_optimizer,
+                second_order=second_order,
+            )
+            if cfg.algorithm == "reptile":
                 with torch.no_grad():
-                    steps = torch._foreach_sub(theta, weights)  # θ_i − φ_K,i = α_i Σ_k u_k,i
-                    hyper = -torch.stack([(g * s).sum() for g, s in zip(grads, steps)])
-                grads = [*grads, hyper]
+                    query_loss, query_tokens = self.fn.loss(adapted.weights, task.query)
+                    grads = torch._foreach_sub(theta, adapted.weights)
+            else:
+                weights = adapted.weights if second_order else [w.detach().requires_grad_() for w in adapted.weights]
+                wrt = self.meta_parameters if second_order else weights
+                query_loss, query_tokens, grads = self.fn.loss_and_grads(weights, task.query, wrt=wrt)
+                if self.log_inner_lrs is not None and not second_order:
+                    with torch.no_grad():
+                        steps = torch._foreach_sub(theta, weights)  # θ_i − φ_K,i = α_i Σ_k u_k,i
+                        hyper = -torch.stack([(g * s).sum() for g, s in zip(grads, steps)])
+                    grads = [*grads, hyper]
+            progress = zero
+            if diagnostics and adapted.first_support_loss is not None:
+                with torch.no_grad():
+                    first = self.fn.loss(adapted.weights, task.support[0])[0]
+                    progress = 1 - first / adapted.first_support_loss.clamp(min=1e-12)
         query_loss = query_loss.detach()
         support_loss = zero if adapted.support_loss is None else adapted.support_loss
         gap = zero if adapted.support_loss is None else query_loss - support_loss
-        progress = zero
-        if diagnostics and adapted.first_support_loss is not None:
-            with torch.no_grad():
-                first = task.support[0]
-                progress = 1 - self.fn.loss(adapted.weights, first)[0] / adapted.first_support_loss.clamp(min=1e-12)
         row = [zero + 1, query_loss, support_loss, gap, pre, progress, adapted.support_tokens, query_tokens]
         return list(grads), torch.stack([v.detach().to(self._flat) for v in row])
 
@@ -309,7 +331,7 @@ class MetaLearner:
         (``optim.apply_gradients``). A non-finite gradient skips both steps (``meta/skipped_step`` = 1)
         so that NaNs never reach θ, λ or Adam's moments; ``meta/grad_norm`` is θ's norm before clipping."""
         for p, g in zip(self.meta_parameters, self._grads):
-            p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
+            p.grad = gradient_for(p, g)
         unclipped = [self.log_inner_lrs] if self.log_inner_lrs is not None else []
         update = apply_gradients(self.params, optimizer, scheduler, clip_grad, unclipped=unclipped)
         return {f"meta/{key}": value for key, value in update.items()}

@@ -8,6 +8,13 @@ recomputation silently uses the module's own weights and the gradient is wrong (
 to 8e-1 measured on tiny Qwen3s; pinned by tests/test_meta_gradients.py). :class:`FunctionalLoss`
 therefore wraps "loss + ``torch.autograd.grad``" in one ``nn.Module.forward`` and functional-calls
 that wrapper. The chunked loss (``model.loss_chunk_size``) checkpoints its logit chunks the same way.
+
+Master weights: with ``compute_dtype`` (full mode on a bf16 model), the fast weights are fp32 and each
+call casts them to ``compute_dtype`` on the way in; autograd casts their gradients back to fp32. The
+inner loop's updates and the meta-gradient are therefore fp32 while forward and backward run in bf16.
+
+The same interface (``weights``, ``fast_weights``, ``loss_and_grads``, ``loss``) is implemented on
+FSDP2 shards, in place, by :class:`lora_maml.meta.sharded.ShardedLoss`.
 """
 
 from __future__ import annotations
@@ -78,9 +85,10 @@ class FunctionalLoss:
     every call.
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str]):
+    def __init__(self, model: nn.Module, names: Sequence[str], *, compute_dtype: torch.dtype | None = None):
         self.model = model
         self.names = list(names)
+        self.compute_dtype = compute_dtype
         self._wrapper = _LossAndGrad(model)
         aliases: dict[int, list[str]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
@@ -90,6 +98,18 @@ class FunctionalLoss:
         if missing:
             raise KeyError(f"fast weights {missing[:5]} are not parameters of {type(model).__name__}")
         self._keys = [["model." + k for k in aliases[id(own[n])]] for n in self.names]
+        self._params = [own[n] for n in self.names]
+
+    def weights(self) -> list[Tensor]:
+        """θ: the parameters standing for :attr:`names`, detached."""
+        return [p.detach() for p in self._params]
+
+    @contextlib.contextmanager
+    def fast_weights(self, theta: Sequence[Tensor]) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
+        """``(θ, φ_0)``: φ_0 is a copy of ``theta`` (leaves that require grad) that a first-order inner
+        loop updates in place; ``theta`` and the model are left alone."""
+        theta = list(theta)
+        yield theta, [t.detach().clone().requires_grad_() for t in theta]
 
     def loss_and_grads(
         self,
@@ -120,10 +140,23 @@ class FunctionalLoss:
     def _call(self, weights, batch, wrt, create_graph):
         if len(weights) != len(self._keys):
             raise ValueError(f"expected {len(self._keys)} fast weights, got {len(weights)}")
+        if self.compute_dtype is not None:  # differentiable: the gradients come back in the weights' dtype
+            weights = [w.to(self.compute_dtype) for w in weights]
         mapping = {k: w for keys, w in zip(self._keys, weights) for k in keys}
         return torch.func.functional_call(
             self._wrapper, mapping, (batch, wrt, create_graph), tie_weights=False, strict=False
         )
+
+
+def gradient_for(param: Tensor, grad: Tensor) -> Tensor:
+    """``grad`` (in the layout :meth:`FunctionalLoss.weights` gives, this process's shard under FSDP2)
+    as a ``.grad`` for ``param``: cast to its dtype, wrapped as a DTensor like it when it is one."""
+    grad = grad.to(param.dtype)
+    if type(param).__name__ == "DTensor":
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(grad, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+    return grad
 
 
 @contextlib.contextmanager

@@ -1,9 +1,10 @@
-"""Task parallelism: which process runs which task, one flat all-reduce, FSDP2 for the frozen base.
+"""Task parallelism: which process runs which task, one flat all-reduce, FSDP2 sharding.
 
 Meta-learning is parallel over tasks, not over examples: each process runs whole inner loops of its
 tasks with no communication, and the meta-gradient is summed once per meta-step. DDP is not used:
 it averages the gradients of ``.backward()`` on module parameters, while the meta-gradient lives on
-fast weights and is formed by hand.
+fast weights and is formed by hand. (Full-parameter FOMAML under FSDP2 is the exception: there all
+processes run one task at a time, see ``lora_maml.meta.sharded``.)
 
 The launcher (``accelerate launch`` or ``torchrun``) sets RANK/WORLD_SIZE/LOCAL_RANK; a plain
 ``python`` run is one process. We read them with torch.distributed directly rather than through
@@ -89,22 +90,74 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shard_frozen_base(
-    model: nn.Module, replicated: Sequence[nn.Parameter], *, cpu_offload: bool, reshard_after_forward: bool
+def shard_model(
+    model: nn.Module,
+    *,
+    replicated: Sequence[nn.Parameter] = (),
+    compute_dtype: torch.dtype | None = None,
+    cpu_offload: bool,
+    reshard_after_forward: bool,
 ) -> nn.Module:
-    """Shard the frozen base with FSDP2, one unit per decoder layer plus the root.
+    """Shard ``model`` with FSDP2, one unit per decoder layer plus the root.
 
     ``replicated`` (the LoRA weights) are left out of the shards: every process keeps a full copy, so
     the inner loop's fast weights are plain tensors and the meta-gradient all-reduce stays one buffer.
+    ``compute_dtype`` (full mode: fp32 master shards, ``model.dtype`` compute): the all-gather casts the
+    shards to it and gradients are reduce-scattered in the shards' dtype (fp32), FSDP2's
+    ``MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=float32)``.
     """
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     ignored = set(replicated)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    mixed = MixedPrecisionPolicy()
+    master = next(p for p in model.parameters() if p not in ignored).dtype
+    if compute_dtype is not None and compute_dtype != master:
+        mixed = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=master)
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     if not layers:
         raise ValueError(f"FSDP: found no *DecoderLayer modules to shard in {type(model).__name__}")
+    kwargs = dict(reshard_after_forward=reshard_after_forward, offload_policy=offload, mp_policy=mixed,
+                  ignored_params=ignored)
     for layer in layers:
-        fully_shard(layer, reshard_after_forward=reshard_after_forward, offload_policy=offload, ignored_params=ignored)
-    fully_shard(model, reshard_after_forward=reshard_after_forward, offload_policy=offload, ignored_params=ignored)
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
     return model
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole of ``t`` on every process (a collective for an FSDP2 shard), on CPU."""
+    return (t.full_tensor() if type(t).__name__ == "DTensor" else t).detach().cpu()
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``full`` laid out as ``like`` (a DTensor shard; else ``full`` itself), in
+    ``like``'s dtype and device. Every process holds ``full``: no communication."""
+    full = full.to(dtype=like.dtype, device=like.device)
+    if type(like).__name__ != "DTensor":
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def consolidated_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with whole tensors on CPU (collective for sharded parameters): the
+    layout a 1-process run saves, one tensor gathered at a time."""
+    state = optimizer.state_dict()
+    state["state"] = {i: {k: full_tensor(v) if torch.is_tensor(v) else v for k, v in s.items()}
+                      for i, s in state["state"].items()}
+    return state
+
+
+def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """Inverse of :func:`consolidated_optimizer_state`: the per-parameter tensors of a consolidated
+    ``state`` cut to this process's shards, ready for ``optimizer.load_state_dict``."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    out = dict(state)
+    out["state"] = {
+        i: {k: shard_like(v, params[int(i)]) if torch.is_tensor(v) and v.shape == params[int(i)].shape else v
+            for k, v in s.items()}
+        for i, s in state["state"].items()
+    }
+    return out

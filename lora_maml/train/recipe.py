@@ -23,19 +23,25 @@ import torch.distributed as dist
 from lora_maml.config import Config, ConfigError, config_to_dict, load_config, resolve_config_path
 from lora_maml.data import prepare
 from lora_maml.data.tokenize import collate, encode_records
-from lora_maml.meta.algorithms import adapt
+from lora_maml.meta.algorithms import inner_loop, per_tensor
 from lora_maml.meta.fast_weights import FunctionalLoss
-from lora_maml.models import add_lora, adapted_parameters, compile_decoder, load_base
+from lora_maml.meta.sharded import ShardedLoss
+from lora_maml.models import add_lora, adapted_parameters, compile_decoder, load_base, torch_dtype
 from lora_maml.train import checkpoint as ckpt
 from lora_maml.train.distributed import (
     Dist,
     all_gather_objects,
     barrier,
+    consolidated_optimizer_state,
     destroy_distributed,
+    full_tensor,
     init_distributed,
     local_share,
-    shard_frozen_base,
+    shard_like,
+    shard_model,
+    shard_optimizer_state,
 )
+from lora_maml.train.memory import describe, free_device_memory, full_mode_estimate
 from lora_maml.train.metrics import MetricLogger, ProgressBar, flops_per_token, mfu, peak_flops
 
 log = logging.getLogger("lora_maml")
@@ -146,30 +152,47 @@ class TrainingRecipe:
         barrier()
 
     def setup_model(self) -> None:
-        """Frozen base (+ LoRA), the meta-learned parameters, optional FSDP2 of the base."""
+        """Frozen base (+ LoRA), the meta-learned parameters, optional FSDP2, the fast weights (``self.fast``).
+
+        FOMAML in full mode keeps fp32 master weights whatever ``model.dtype``: the module's parameters
+        (and so AdamW's moments, the meta-gradient and the inner loop's updates) are fp32, while forward
+        and backward run in ``model.dtype`` (the fast weights are cast on the way in; under FSDP2 the
+        all-gather casts). Updates of ~1e-5 on weights of ~1e-2 would round away in bf16.
+        """
         cfg = self.cfg
         torch.manual_seed(cfg.trainer.seed)  # same LoRA init on every process, whatever the world size
         model, self.tokenizer = load_base(cfg.model)
         if cfg.meta.adapter == "lora":
             model = add_lora(model, cfg.model)
         model.to(self.dist.device)
+        compute = torch_dtype(cfg.model.dtype)
+        master = self.kind == "fomaml" and cfg.meta.adapter == "full"
+        if master:  # upcast on the device: the host holds one model.dtype copy per process, not an fp32 one
+            model.to(torch.promote_types(compute, torch.float32))
         if cfg.model.compile:
             compile_decoder(model)  # training only: load_base (evaluation, export, generation) never compiles
         self.params = adapted_parameters(model, cfg.meta.adapter)
+        self.sharded = cfg.model.fsdp_config.enabled and cfg.meta.adapter == "full"
         if cfg.model.fsdp_config.enabled:
-            if cfg.meta.adapter == "full":
+            if self.sharded and not master:
                 raise ConfigError(
-                    "model.fsdp_config.enabled=true with meta.adapter=full is not supported yet: fast weights "
-                    "of sharded parameters need a gathered copy per inner step; use meta.adapter=lora"
+                    f"model.fsdp_config.enabled=true with meta.adapter=full is supported by the FOMAML recipe only, "
+                    f"not by {self.kind}: use meta.adapter=lora"
                 )
-            shard_frozen_base(
+            shard_model(
                 model,
-                list(self.params.values()),
+                replicated=[] if self.sharded else list(self.params.values()),
+                compute_dtype=compute if master else None,
                 cpu_offload=cfg.model.fsdp_config.cpu_offload,
                 reshard_after_forward=cfg.model.fsdp_config.reshard_after_forward,
             )
+            self.params = adapted_parameters(model, cfg.meta.adapter)  # fully_shard replaced them by shards
         model.train()  # activation checkpointing is active in train mode only; dropout is the config's
         self.model = model
+        if self.sharded:
+            self.fast = ShardedLoss(model, self.params)
+        else:
+            self.fast = FunctionalLoss(model, list(self.params), compute_dtype=compute if master else None)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
@@ -177,6 +200,12 @@ class TrainingRecipe:
         n_trainable = sum(p.numel() for p in self.params.values())
         self.param_counts = (n_frozen, n_trainable)
         log.info("model: %s frozen + %s meta-learned parameters", f"{n_frozen:,}", f"{n_trainable:,}")
+        if master:
+            log.info(describe(full_mode_estimate(model, cfg, self.dist.world_size), self.dist.world_size,
+                              cfg.model.fsdp_config.enabled))
+            free = free_device_memory(self.dist.device)
+            if free:
+                log.info(free)
 
     def setup_data(self) -> None:
         """Encode the support / query / test splits of the meta-training tasks."""
@@ -258,7 +287,7 @@ class TrainingRecipe:
 
     # -- periodic evaluation -------------------------------------------------------------------
     @torch.no_grad()
-    def _test_loss(self, fn: FunctionalLoss, weights: list[torch.Tensor], examples: list[dict]) -> float:
+    def _test_loss(self, fn: FunctionalLoss | ShardedLoss, weights: list[torch.Tensor], examples: list[dict]) -> float:
         """Token-weighted mean NLL over ``examples`` at ``weights`` (a list of micro-batches is one batch)."""
         size = self.cfg.meta.query_batch_size
         return float(fn.loss(weights, [self.batch(examples[i : i + size]) for i in range(0, len(examples), size)])[0])
@@ -267,8 +296,8 @@ class TrainingRecipe:
         """Adapt from the current initialisation on each task's fixed support sample with the training
         inner loop; log the fixed test sample's loss before (``loss_pre``) and after (``loss_post``)."""
         meta = self.cfg.meta
-        names = list(self.params)
-        fn = FunctionalLoss(self.model, names)
+        fn = self.fast
+        lrs = per_tensor(self.inner_lrs(), fn.names)
         # Under FSDP every forward all-gathers the base's shards, so every process must run the same
         # forwards; the tasks' sample sizes may differ, so each process then evaluates every task.
         fsdp = self.cfg.model.fsdp_config.enabled
@@ -281,11 +310,10 @@ class TrainingRecipe:
             size = meta.inner_batch_size
             support_batches = [self.batch(support[i : i + size]) for i in range(0, len(support), size)]
             test = [data.test[i] for i in test_idx]
-            theta = [p.detach() for p in self.params.values()]
-            adapted = adapt(self.model, self.params, support_batches, self.inner_lrs(), meta.num_inner_steps,
-                            optimizer=meta.inner_optimizer)
-            local[f"eval/{task}/loss_pre"] = self._test_loss(fn, theta, test)
-            local[f"eval/{task}/loss_post"] = self._test_loss(fn, [adapted[n] for n in names], test)
+            local[f"eval/{task}/loss_pre"] = self._test_loss(fn, fn.weights(), test)
+            with fn.fast_weights(fn.weights()) as (_, phi):
+                adapted = inner_loop(fn, phi, support_batches, lrs, meta.num_inner_steps, optimizer=meta.inner_optimizer)
+                local[f"eval/{task}/loss_post"] = self._test_loss(fn, adapted.weights, test)
         metrics: dict[str, float] = {}
         for part in [local] if fsdp else all_gather_objects(local):
             metrics.update(part)
@@ -376,13 +404,19 @@ class TrainingRecipe:
         """The inner learning rate(s) the periodic evaluation adapts with (Meta-SGD: the learned ones)."""
         return self.cfg.meta.inner_lr
 
-    def save_pretrained(self, directory: Path) -> None:
-        """The checkpoint's loadable directory: the PEFT adapter, or the whole model with ``meta.adapter=full``."""
-        self.model.save_pretrained(directory, safe_serialization=True)
+    def save_pretrained(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """The checkpoint's loadable directory: the PEFT adapter, or the whole model with ``meta.adapter=full``
+        (``state_dict``: the whole weights when the module holds FSDP shards)."""
+        extra = {} if state_dict is None else {"state_dict": state_dict}
+        self.model.save_pretrained(directory, safe_serialization=True, **extra)
 
     def save_checkpoint(self) -> None:
-        """Gather every process's RNG state, then rank 0 writes the checkpoint atomically."""
+        """Gather every process's RNG state (and, with sharded weights, the whole weights and optimizer
+        state, a tensor at a time), then rank 0 writes the checkpoint atomically. The files are those
+        of a 1-process run either way (consolidated), so a run resumes on any number of processes."""
         rng_states = ckpt.gather_rng_states()
+        weights = {n: full_tensor(p) for n, p in self.params.items()} if self.sharded else None
+        optimizer_state = consolidated_optimizer_state(self.optimizer) if self.sharded else None
         if self.dist.is_main:
             full = self.cfg.meta.adapter == "full"
             state = {
@@ -397,12 +431,12 @@ class TrainingRecipe:
             ckpt.save_checkpoint(
                 self.out_dir,
                 self.step,
-                model_state_dict={n: p.detach() for n, p in self.params.items()},
-                optimizer_state_dict=self.optimizer.state_dict(),
+                model_state_dict=weights or {n: p.detach() for n, p in self.params.items()},
+                optimizer_state_dict=optimizer_state or self.optimizer.state_dict(),
                 config=config_to_dict(self.cfg),
                 trainer_state=state,
                 rng_states=rng_states,
-                save_pretrained=lambda d: self.save_pretrained(Path(d)),
+                save_pretrained=lambda d: self.save_pretrained(Path(d), weights),
                 pretrained_kind="model" if full else "adapter",
                 max_to_keep=self.cfg.trainer.max_ckpt_to_keep,
             )
@@ -423,10 +457,11 @@ class TrainingRecipe:
             )
         with torch.no_grad():
             for name, p in self.params.items():
-                p.copy_(saved[name])
+                p.copy_(shard_like(saved[name], p))
         trainer_state = state["trainer_state"]
         self.load_extra_state(trainer_state)  # first: it names a config mismatch the optimizer would not
-        self.optimizer.load_state_dict(state["optimizer_state_dict"])
+        optimizer_state = state["optimizer_state_dict"]
+        self.optimizer.load_state_dict(shard_optimizer_state(optimizer_state, self.optimizer) if self.sharded else optimizer_state)
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         self.nonfinite_in_a_row = trainer_state["nonfinite_in_a_row"]
         self.nonfinite_total = trainer_state["nonfinite_total"]
