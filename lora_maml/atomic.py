@@ -39,6 +39,10 @@ def write_text_atomic(path: str | Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.filename is None:  # a failed flush / fsync (e.g. a full disk) does not name the file
+            raise OSError(err.errno, err.strerror, str(tmp)) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)

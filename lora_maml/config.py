@@ -17,16 +17,22 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lora_maml.errors import LoraMamlError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "recipes" / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(LoraMamlError, ValueError):
     """A config file or override that does not fit the schema; the message names the key."""
+
+    exit_code = 2
 
 
 class _Section(BaseModel):
     # extra="forbid" turns typos into errors; validate_assignment keeps programmatic edits checked.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: every rate, beta, epsilon and scale must be a finite number (an infinite
+    # meta.outer_lr would turn every weight into NaN after one step).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class LoraConfig(_Section):

@@ -18,6 +18,7 @@ import sys
 import torch
 
 from lora_maml.data.episodes import MixedBatchSampler
+from lora_maml.errors import run_main
 from lora_maml.loss import causal_lm_loss_tensors
 from lora_maml.optim import apply_gradients, build_optimizer, build_scheduler
 from lora_maml.train.distributed import all_reduce_sum, local_share
@@ -124,4 +125,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, sys.argv[1:]))

@@ -379,7 +379,11 @@ def _read_parquet(path: Path) -> list[dict]:
     except Exception as exc:  # pyarrow raises several unrelated types for a bad file
         raise DataError(f"{path}: cannot read as parquet: {exc}") from exc
     if tuple(table.column_names) != COLUMNS or not table.schema.equals(_schema(), check_metadata=False):
-        raise DataError(f"{path}: columns {table.schema} do not match the expected {', '.join(COLUMNS)} (all strings)")
+        missing = [c for c in COLUMNS if c not in table.column_names]
+        extra = [c for c in table.column_names if c not in COLUMNS]
+        problem = f"missing column(s) {missing}" if missing else f"unexpected column(s) {extra}" if extra else (
+            f"columns {table.schema} are not the expected ones in this order")
+        raise DataError(f"{path}: {problem}; expected {', '.join(COLUMNS)} (all strings)")
     return table.to_pylist()
 
 

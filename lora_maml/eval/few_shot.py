@@ -87,6 +87,7 @@ import torch
 from lora_maml.atomic import write_text_atomic
 from lora_maml.data.prepare import MANIFEST, list_tasks, load_split
 from lora_maml.data.tokenize import prompt_ids, collate, encode_example
+from lora_maml.errors import run_main
 from lora_maml.eval.grading import DEFAULT_TIMEOUT_S, grade
 from lora_maml.meta.algorithms import adapt
 from lora_maml.meta.fast_weights import FunctionalLoss, weights_copied_in
@@ -649,14 +650,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``lora-maml eval ...`` / ``python recipes/evaluate_few_shot.py ...``."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    from lora_maml.train.checkpoint import CheckpointError
+    """``lora-maml eval ...`` / ``python recipes/evaluate_few_shot.py ...``; a user error is one ``error:``
+    line and exit code 1."""
+    return run_main(_eval_command, sys.argv[1:] if argv is None else argv)
 
-    try:
-        run(args)
-    except (ValueError, OSError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+
+def _eval_command(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    run(build_parser().parse_args(argv))
     return 0

@@ -46,8 +46,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
 
 from lora_maml.atomic import fsync_dir, write_text_atomic
+from lora_maml.errors import LoraMamlError, write_failure
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ _REQUIRED_PRETRAINED_FILES = {
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(LoraMamlError, RuntimeError):
     """A checkpoint that is missing, incomplete, corrupt or cannot be written; the message names it."""
 
 
@@ -386,6 +388,8 @@ def save_checkpoint(
                 f"{final_pt}: the payload cannot be pickled ({err}); {allowed} so it loads with "
                 "torch.load(weights_only=True)"
             ) from None
+        except (OSError, RuntimeError) as err:  # torch's writer reports a full disk as a RuntimeError
+            raise CheckpointError(write_failure(tmp_pt, err) + "; the previous checkpoints are kept") from None
         del payload
         try:  # mmap reads only the pickle: this proves loadability without reading the tensors
             torch.load(tmp_pt, map_location="cpu", weights_only=True, mmap=True)
@@ -394,16 +398,12 @@ def save_checkpoint(
                 f"{final_pt}: the payload would not load with torch.load(weights_only=True); {allowed}: {err}"
             ) from None
 
-        tmp_dir.mkdir()
-        if save_pretrained is not None:
-            export_dir = tmp_dir / pretrained_kind
-            save_pretrained(export_dir)
-            _check_pretrained_export(export_dir, pretrained_kind, final_dir / pretrained_kind)
-        (tmp_dir / TRAINER_STATE_FILE).write_text(state_text, encoding="utf-8")
-        if tensors:
-            from safetensors.torch import save_file
-
-            save_file(tensors, str(tmp_dir / TRAINER_TENSORS_FILE))
+        try:
+            _write_step_dir(tmp_dir, save_pretrained, pretrained_kind, final_dir, state_text, tensors)
+        except CheckpointError:
+            raise
+        except (OSError, RuntimeError, SafetensorError) as err:  # e.g. a full disk
+            raise CheckpointError(write_failure(tmp_dir, err) + "; the previous checkpoints are kept") from None
         manifest = {
             "format_version": FORMAT_VERSION,
             "step": step,
@@ -440,6 +440,20 @@ def save_checkpoint(
     if max_to_keep is not None:
         _prune(out_dir, step, max_to_keep)
     return final_pt
+
+
+def _write_step_dir(tmp_dir: Path, save_pretrained, kind: str, final_dir: Path, state_text: str,
+                    tensors: dict[str, torch.Tensor]) -> None:
+    tmp_dir.mkdir()
+    if save_pretrained is not None:
+        export_dir = tmp_dir / kind
+        save_pretrained(export_dir)
+        _check_pretrained_export(export_dir, kind, final_dir / kind)
+    (tmp_dir / TRAINER_STATE_FILE).write_text(state_text, encoding="utf-8")
+    if tensors:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(tmp_dir / TRAINER_TENSORS_FILE))
 
 
 def _check_pretrained_export(export_dir: Path, kind: str, shown_as: Path) -> None:

@@ -42,17 +42,15 @@ log = logging.getLogger("lora_maml")
 
 
 def parse_recipe_args(argv: list[str] | None, description: str) -> Config:
-    """``--config PATH | --config-name NAME`` followed by dotted overrides (``meta.inner_lr=1e-3``)."""
+    """``--config PATH | --config-name NAME`` followed by dotted overrides (``meta.inner_lr=1e-3``); raises
+    :class:`ConfigError` (the command line prints it as one ``error:`` line, exit code 2)."""
     parser = argparse.ArgumentParser(description=description)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--config", help="YAML config file")
     group.add_argument("--config-name", help="a config in recipes/configs/, e.g. qwen3_4b_math")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. trainer.total_steps=10")
     args = parser.parse_args(argv)
-    try:
-        return load_config(resolve_config_path(args.config, args.config_name), args.overrides)
-    except ConfigError as err:
-        parser.exit(2, f"error: {err}\n")
+    return load_config(resolve_config_path(args.config, args.config_name), args.overrides)
 
 
 @dataclass
