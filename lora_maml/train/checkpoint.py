@@ -350,6 +350,12 @@ def save_checkpoint(
         raise ValueError(f"pretrained_kind must be 'adapter' or 'model', got {pretrained_kind!r}")
     if not isinstance(config, Mapping):
         raise CheckpointError(f"config must be a plain dict, got {type(config).__name__}")
+    nonfinite = [n for n, t in model_state_dict.items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if nonfinite:
+        raise CheckpointError(
+            f"{pt_path(out_dir, step)}: refusing to save non-finite weights ({len(nonfinite)} tensors, e.g. "
+            f"{nonfinite[:3]}); the previous checkpoints are kept"
+        )
     # Fail on bad trainer_state before touching the directory.
     tensors: dict[str, torch.Tensor] = {}
     state_json = {
@@ -523,10 +529,11 @@ def find_resume_checkpoint(trainer_cfg: Any) -> Path | None:
       * ``path`` - ``trainer_cfg.resume_from_path`` (a ``.pt`` or a ``step_N`` dir); raises
         :class:`CheckpointError` when it is missing, misnamed or incomplete.
       * ``auto`` - in ``trainer_cfg.default_local_dir``: the checkpoint named by ``latest`` when it
-        is complete, else the newest complete one before it (with a warning); without a readable
-        ``latest``, the newest complete checkpoint; None when there is none. Checkpoints newer than
-        ``latest`` were never committed (killed before ``latest`` was written, or left by a run
-        that resumed an older checkpoint) and are skipped.
+        is complete; checkpoints newer than it were never committed (killed before ``latest`` was
+        written, or left by a run that resumed an older checkpoint) and are skipped. When ``latest``
+        is absent, unreadable or names a step that is not complete, it is not trusted: the newest
+        complete checkpoint (with a warning naming what was wrong). None only when the directory
+        holds no complete checkpoint, so a fresh start never overwrites one.
     """
     mode = trainer_cfg.resume_mode
     if mode == "disable":
@@ -541,17 +548,23 @@ def find_resume_checkpoint(trainer_cfg: Any) -> Path | None:
     out_dir = Path(trainer_cfg.default_local_dir)
     steps = sorted(_scan_steps(out_dir), reverse=True)
     latest = read_latest(out_dir)
-    if latest is not None:
+    if latest is not None and not checkpoint_problems(out_dir, latest):
         newer = [s for s in steps if s > latest]
         if newer:
             logger.warning(
                 "%s: ignoring checkpoint steps %s newer than 'latest' (step_%d): never committed",
                 out_dir, sorted(newer), latest,
             )
-        steps = [s for s in steps if s <= latest]
+        return pt_path(out_dir, latest)
+    if latest is not None:
+        problems = checkpoint_problems(out_dir, latest)
+        logger.warning("%s/latest names step_%d, which is not a complete checkpoint (%s): not trusting it",
+                       out_dir, latest, "; ".join(problems))
     for s in steps:
         problems = checkpoint_problems(out_dir, s)
         if not problems:
+            if latest is not None:
+                logger.warning("%s: resuming from the newest complete checkpoint, step %d", out_dir, s)
             return pt_path(out_dir, s)
         logger.warning("skipping incomplete checkpoint step %d: %s", s, "; ".join(problems))
     if steps or latest is not None:
