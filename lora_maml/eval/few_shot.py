@@ -287,6 +287,59 @@ def generate_greedy(
     return out
 
 
+def _encode_plan(tokenizer, model, episodes: Sequence[Episode], records: Mapping[str, dict], *, max_length: int,
+                 truncation: str, max_new_tokens: int | None) -> tuple[dict[str, dict], dict[str, list[int]], set[str]]:
+    """Encode every shot and scored problem of ``episodes`` (:func:`encode_example`) and, when
+    ``max_new_tokens`` is given, every generation prompt, within the lengths the model can take.
+    Returns the examples and the prompts by record id, and the ids of the prompts that were cut.
+
+    Shots and references are cut to ``min(max_length, max_position_embeddings)`` tokens as training
+    cuts them (``truncation``). A prompt may take ``max_position_embeddings - max_new_tokens`` tokens
+    (and at most ``max_length``); a longer one keeps its LAST tokens (the end of the problem and the
+    assistant turn the model answers in), or with ``truncation=error`` raises ``ValueError`` naming the
+    record. Truncations are counted in one warning; without these caps a 100k-token problem would be
+    fed to the model whole.
+    """
+    positions = getattr(model.config, "max_position_embeddings", None)
+    cap = max_length if positions is None else min(max_length, positions)
+    if cap < max_length:
+        log.warning("--max-length %d exceeds the model's max_position_embeddings: shots and references are cut "
+                    "to %d tokens", max_length, cap)
+    wanted = list(dict.fromkeys(i for ep in episodes for i in (*ep.shot_ids, *ep.test_ids)))
+    encoded = {}
+    for rid in wanted:
+        try:
+            encoded[rid] = encode_example(tokenizer, records[rid]["prompt"], records[rid]["response"],
+                                          max_length=cap, truncation=truncation)
+        except ValueError as err:
+            raise ValueError(f"record {rid}: {err}") from None
+    prompts: dict[str, list[int]] = {}
+    cut_prompts: set[str] = set()
+    if max_new_tokens is not None:
+        prompt_cap = cap if positions is None else min(cap, positions - max_new_tokens)
+        if prompt_cap < 1:
+            raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt within the model's "
+                             f"max_position_embeddings={positions}")
+        for rid in dict.fromkeys(i for ep in episodes for i in ep.test_ids):
+            ids = prompt_ids(tokenizer, records[rid]["prompt"])
+            if len(ids) > prompt_cap:
+                if truncation == "error":
+                    raise ValueError(
+                        f"record {rid}: its prompt has {len(ids)} tokens > {prompt_cap} (min of --max-length and the "
+                        f"model's max_position_embeddings={positions} - --max-new-tokens {max_new_tokens}); "
+                        "set --truncation left|right to cut it"
+                    )
+                ids = ids[-prompt_cap:]
+                cut_prompts.add(rid)
+            prompts[rid] = ids
+    cut = sum(ex["truncated"] for ex in encoded.values())
+    if cut or cut_prompts:
+        log.warning("%d of %d shots / references cut to %d tokens (%s truncation); %d of %d generation prompts cut "
+                    "to their last %s tokens", cut, len(encoded), cap, truncation, len(cut_prompts),
+                    len(prompts), prompt_cap if max_new_tokens is not None else "-")
+    return encoded, prompts, cut_prompts
+
+
 def evaluate_model(
     trained,
     episodes: Sequence[Episode],
@@ -311,7 +364,8 @@ def evaluate_model(
     (:func:`episode_records`). ``adapt_lr`` is one rate or one per parameter name (Meta-SGD's learned
     rates); ``adapt_optimizer`` is ``sgd`` or ``adam``. ``generate=False`` scores NLL only: the generation
     and grading keys are None. Row keys: task, n, seed, holdout, id, shot_ids, nll, nll_pre, tokens,
-    truncated, generation, gen_tokens, finished, extracted, gold, correct, strict. ``nll_pre`` is the NLL
+    truncated, prompt_truncated, generation, gen_tokens, finished, extracted, gold, correct, strict.
+    Lengths are checked before the first episode (:func:`_encode_plan`). ``nll_pre`` is the NLL
     of the same problem at the loaded (unadapted) weights, so ``nll_pre - nll`` is what adaptation gained
     on it. The loaded parameters and the model's train/eval mode are the same after the call.
     """
@@ -337,25 +391,16 @@ def evaluate_model(
     names = list(params)
     fn = FunctionalLoss(model, names)
     loaded = [p.detach() for p in params.values()]
-
-    def encode(record_id: str) -> dict:
-        rec = records[record_id]
-        try:
-            return encode_example(tokenizer, rec["prompt"], rec["response"], max_length=max_length, truncation=truncation)
-        except ValueError as err:
-            raise ValueError(f"record {record_id}: {err}") from err
-
-    references: dict[str, dict] = {}
-    prompts: dict[str, list[int]] = {}
+    # Every shot, reference and prompt is encoded and length-checked here, before the first episode.
+    encoded, prompts, cut_prompts = _encode_plan(tokenizer, model, episodes, records, max_length=max_length,
+                                                 truncation=truncation, max_new_tokens=max_new_tokens if generate else None)
     # NLL at the loaded weights, per problem: the same for every episode, so computed once (an unadapted
     # episode's own NLL is this value).
     unadapted_nll: dict[str, tuple[float, int, bool]] = {}
 
     @torch.no_grad()
     def score(pid: str, weights: list[torch.Tensor]) -> tuple[float, int, bool]:
-        if pid not in references:
-            references[pid] = encode(pid)
-        ref = references[pid]
+        ref = encoded[pid]
         loss, n_tokens = fn.loss(weights, _to(collate([ref], pad_id, packed=False), device))
         return float(loss) if int(n_tokens) else float("nan"), int(n_tokens), bool(ref["truncated"])
 
@@ -366,7 +411,7 @@ def evaluate_model(
         for ep in bar:
             adapted = None
             if ep.n > 0 and adapt_steps > 0:
-                shots = [encode(i) for i in ep.shot_ids]
+                shots = [encoded[i] for i in ep.shot_ids]
                 micro = [_to(collate(shots[i : i + adapt_batch_size], pad_id, packed=False), device)
                          for i in range(0, len(shots), adapt_batch_size)]
                 model.train()
@@ -381,9 +426,6 @@ def evaluate_model(
                     unadapted_nll[pid] = score(pid, loaded)
                 nll[pid] = unadapted_nll[pid] if adapted is None else score(pid, [adapted[name] for name in names])
             if generate:
-                for pid in ep.test_ids:
-                    if pid not in prompts:
-                        prompts[pid] = prompt_ids(tokenizer, records[pid]["prompt"])
                 swap = weights_copied_in(params, adapted) if adapted is not None else contextlib.nullcontext()
                 with swap:
                     generations = generate_greedy(
@@ -399,7 +441,7 @@ def evaluate_model(
                 rows.append({
                     "task": ep.task, "n": ep.n, "seed": ep.seed, "holdout": ep.holdout, "id": pid,
                     "shot_ids": list(ep.shot_ids), "nll": loss, "nll_pre": unadapted_nll[pid][0],
-                    "tokens": n_tokens, "truncated": truncated,
+                    "tokens": n_tokens, "truncated": truncated, "prompt_truncated": pid in cut_prompts,
                     "generation": gen["text"], "gen_tokens": gen["tokens"], "finished": gen["finished"],
                     "extracted": verdict["extracted"], "gold": gold,
                     "correct": verdict["math_verify"], "strict": verdict["strict"],
