@@ -42,7 +42,8 @@ def describe(err: BaseException) -> str:
         if err.errno == errno.ENOSPC:
             text += " (disk full: free space or write elsewhere)"
         return text
-    return " ".join(str(err).split()) or type(err).__name__
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]  # e.g. one line per config key
+    return " ".join([lines[0], "; ".join(lines[1:])]).strip() if lines else type(err).__name__
 
 
 def write_failure(path: str | Path, err: BaseException) -> str:
