@@ -77,17 +77,20 @@ def replace_dir(tmp: Path, output_dir: Path) -> None:
 
 
 def check_writable_dir(path: str | Path, what: str) -> None:
-    """Create directory ``path`` if needed and prove it writable with a temporary file, so that a bad
-    output path fails before any slow work. Raises :class:`LoraMamlError` naming ``what`` (a flag or
-    config key) and the path."""
-    path = Path(path).expanduser()
+    """Check that directory ``path`` can be created (or exists) and written to, creating nothing: its
+    nearest existing ancestor must be a directory that takes a temporary file. A bad output path then
+    fails before any slow work. Raises :class:`LoraMamlError` naming ``what`` (a flag or config key)."""
+    path = Path(path).expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LoraMamlError(f"{what}={path}: not a writable directory ({existing} is a file)")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
-        reason = "it is a file" if path.is_file() else err.strerror or str(err)
-        raise LoraMamlError(f"{what}={path}: not a writable directory ({reason})") from None
+        raise LoraMamlError(f"{what}={path}: not a writable directory ({existing}: {err.strerror or err})") from None
 
 
 def _pid_alive(pid: int) -> bool:

@@ -79,7 +79,7 @@ class SFTRecipe(TrainingRecipe):
         return getattr(self.tasks[task], part)[index]
 
     def extra_state(self) -> dict:
-        return {"sampler": self.sampler.state_dict(), "total_steps": self.total_steps}
+        return {"sampler": self.sampler.state_dict()}
 
     def load_extra_state(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])

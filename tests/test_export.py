@@ -259,7 +259,7 @@ def test_an_unwritable_output_fails_before_loading(fp32_run, tmp_path, capsys):
                         str(blocker / "merged")])
     assert code == 1
     assert one_error_line(capsys.readouterr().err) == (
-        f"error: --output (its parent)={blocker}: not a writable directory (it is a file)")
+        f"error: --output (its parent)={blocker}: not a writable directory ({blocker} is a file)")
 
 
 def test_leftovers_of_a_killed_merge_are_swept_by_the_next(fp32_run, tmp_path):
