@@ -493,8 +493,9 @@ def add_prepare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
-def run_prepare(args: argparse.Namespace) -> int:
-    """Run ``prepare`` for parsed arguments; errors go to stderr and give exit code 1."""
+def run_prepare(args: argparse.Namespace, *, report_errors: bool = True) -> int:
+    """Run ``prepare`` for parsed arguments; errors go to stderr and give exit code 1 (raised as they
+    are with ``report_errors=False``, for a caller that reports them itself)."""
     try:
         names = [name for name in args.holdout_tasks.split(",") if name.strip()]
         holdout = [normalise_subject(name, where="--holdout-tasks") for name in names]
@@ -525,6 +526,8 @@ def run_prepare(args: argparse.Namespace) -> int:
             validate(args.output_dir)
             print("Validation passed")
     except (ValueError, OSError) as exc:  # DataError is a ValueError
+        if not report_errors:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

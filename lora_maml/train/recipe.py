@@ -32,7 +32,9 @@ from lora_maml.config import (
     with_absolute_paths,
 )
 from lora_maml.data import prepare
+from lora_maml.data.math import DataError
 from lora_maml.data.tokenize import collate, encode_records
+from lora_maml.errors import describe
 from lora_maml.meta.algorithms import adapt
 from lora_maml.meta.fast_weights import FunctionalLoss
 from lora_maml.models import add_lora, adapted_parameters, compile_decoder, load_base
@@ -141,12 +143,15 @@ class TrainingRecipe:
         data_dir = Path(cfg.data.data_dir)
         if self.dist.is_main and not (data_dir / prepare.MANIFEST).exists():
             log.info("data: %s not prepared; preparing it from data.source=%s", data_dir, cfg.data.source)
-            code = prepare.main([
+            args = prepare.add_prepare_args(argparse.ArgumentParser()).parse_args([
                 "--source", cfg.data.source, "--output-dir", str(data_dir), "--seed", str(cfg.trainer.seed),
                 "--support-ratio", str(cfg.data.support_ratio), "--query-ratio", str(cfg.data.query_ratio), "--validate",
             ])
-            if code:
-                raise RuntimeError(f"preparing {data_dir} from data.source={cfg.data.source!r} failed (see above)")
+            try:
+                prepare.run_prepare(args, report_errors=False)
+            except (ValueError, OSError) as err:
+                raise DataError(f"preparing data.data_dir={data_dir} from data.source={cfg.data.source}: "
+                                f"{describe(err)}") from err
         model_dir = Path(cfg.model.partial_pretrain)
         if self.dist.is_main and cfg.model.build_tiny_if_missing and not model_dir.exists():
             from lora_maml.tiny_model import main as build_tiny

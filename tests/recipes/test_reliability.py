@@ -158,6 +158,12 @@ def test_config_data_and_checkpoint_errors_are_one_line(recipe_inputs, fomaml_re
     assert run_in_process(cli.main, ["sft", *run_args(recipe_inputs, resumed, "model.lora.r=4")]) == 2
     assert "(set model.lora.r=8)" in one_error_line(capsys.readouterr().err)
 
+    missing = tmp_path / "nothing.tar.gz"
+    args = run_args(recipe_inputs, tmp_path / "run3", f"data.data_dir={tmp_path / 'unprepared'}", f"data.source={missing}")
+    assert run_in_process(cli.main, ["train", *args]) == 1
+    assert one_error_line(capsys.readouterr().err).startswith(
+        f"error: preparing data.data_dir={tmp_path / 'unprepared'} from data.source={missing}: {missing}: no such file")
+
     data = tmp_path / "data"
     shutil.copytree(recipe_inputs.data_dir, data)
     import pyarrow.parquet as pq
