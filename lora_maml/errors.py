@@ -6,7 +6,8 @@ with a message that names the file or config key and what was expected. :func:`r
 that turns these, and the standard library's kinds of user error (``OSError``: missing or unwritable files,
 a full disk; ``ValueError``; ``FloatingPointError``: a diverged run), into that line. Anything else is a bug
 and keeps its traceback. ``--debug`` (any position on the ``lora-maml`` command line) or
-``LORA_MAML_DEBUG=1`` prints the traceback of user errors too.
+``LORA_MAML_DEBUG=1`` prints the traceback of user errors too. SIGTERM exits with code 143 after
+unwinding, so temporary outputs are cleaned up as on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -69,6 +72,9 @@ def run_main(main: Callable[[list[str]], int | None], argv: Sequence[str]) -> in
     if "--debug" in argv:
         argv = [a for a in argv if a != "--debug"]
         os.environ[DEBUG_ENV] = "1"
+    # SIGTERM (a cluster's stop, `kill`) unwinds like Ctrl-C, so half-written outputs are removed on the
+    # way out (atomic_dir); training replaces this handler with its own finish-the-step-and-save one.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if _main_thread() else None
     try:
         return int(main(argv) or 0)
     except USER_ERRORS as err:
@@ -81,3 +87,14 @@ def run_main(main: Callable[[list[str]], int | None], argv: Sequence[str]) -> in
             traceback.print_exc()
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
