@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from lora_maml.config import OptimConfig
@@ -63,7 +64,7 @@ def apply_gradients(
         tensors = [*params, *unclipped]
         before = [(t.detach().clone(), _clone_state(optimizer.state.get(t, {}))) for t in tensors]
         optimizer.step()
-        finite = bool(torch.stack([t.detach().isfinite().all() for t in tensors]).all())
+        finite = _all_finite(tensors)
         if finite:
             scheduler.step()
         else:
@@ -76,6 +77,16 @@ def apply_gradients(
                         optimizer.state.pop(t, None)
     optimizer.zero_grad(set_to_none=True)
     return {"grad_norm": norm, "lr": lr, "skipped_step": float(not finite)}
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every tensor is finite, decided together by all processes (the same on every process
+    even when each holds only a shard of the weights, e.g. FSDP DTensors), so they roll back together."""
+    local = [t.detach().to_local() if hasattr(t, "to_local") else t.detach() for t in tensors]
+    flag = torch.stack([t.isfinite().all() for t in local]).all().to(torch.float32).reshape(1)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _clone_state(state: dict) -> dict:
