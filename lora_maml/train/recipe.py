@@ -124,6 +124,12 @@ class TrainingRecipe:
             format="%(asctime)s %(levelname)s %(message)s",
             stream=sys.stderr,
         )
+        # The checkpoint to resume (trainer.resume_mode), read now (memory-mapped) so that a config it
+        # cannot be resumed with fails before the model loads; its weights are copied in by resume().
+        self.resume_path = ckpt.find_resume_checkpoint(cfg.trainer)
+        self.checkpoint = None if self.resume_path is None else ckpt.load_checkpoint(self.resume_path)
+        if self.checkpoint is not None:
+            check_resumable(self.resume_path, self.checkpoint["config"], cfg)
 
     # -- set-up pieces -----------------------------------------------------------------------
     def check_even_share(self, count: int, what: str) -> None:
@@ -429,10 +435,10 @@ class TrainingRecipe:
         What fixes the shape or meaning of the saved weights must match (:func:`check_resumable`); a
         changed schedule or optimizer setting is continued from the new config (:meth:`continue_schedule`).
         """
-        path = ckpt.find_resume_checkpoint(self.cfg.trainer)
-        if path is None:
+        path, state = self.resume_path, self.checkpoint
+        if state is None:
             return None
-        state = ckpt.load_checkpoint(path)
+        self.checkpoint = None  # the weights are copied below; the mapping need not outlive this
         check_resumable(path, state["config"], self.cfg, state["model_state_dict"], self.params)
         saved = state["model_state_dict"]
         with torch.no_grad():
@@ -513,14 +519,15 @@ def config_differences(saved: dict, cfg: Config, keys: tuple[str, ...]) -> list[
     return out
 
 
-def check_resumable(path: Path, saved_cfg: dict, cfg: Config, saved: dict[str, torch.Tensor],
-                    params: dict[str, torch.Tensor]) -> None:
+def check_resumable(path: Path, saved_cfg: dict, cfg: Config, saved: dict[str, torch.Tensor] | None = None,
+                    params: dict[str, torch.Tensor] | None = None) -> None:
     """Raise :class:`ConfigError` naming every config key to set when checkpoint ``path`` cannot be
-    resumed by this run: adapter type, LoRA rank/alpha/targets, Meta-SGD, parameter names and shapes."""
+    resumed by this run: adapter type, LoRA rank/alpha/targets, Meta-SGD and, once the model is built
+    (``saved`` weights vs the model's ``params``), every parameter's name and shape."""
     keys = MUST_MATCH_KEYS + (LORA_KEYS if cfg.meta.adapter == "lora" else ())
     problems = [f"{key}={json.dumps(new)} here, {json.dumps(old)} in the checkpoint (set {key}={json.dumps(old)})"
                 for key, old, new in config_differences(saved_cfg, cfg, keys)]
-    if not problems:
+    if not problems and params is not None:
         names = sorted(set(saved) ^ set(params))
         if names:
             problems.append(f"{len(saved)} saved weights vs {len(params)} in this model, e.g. {names[:3]} (was "

@@ -79,8 +79,9 @@ def test_a_bad_latest_pointer_resumes_the_newest_checkpoint_and_a_longer_schedul
 def test_resuming_with_another_adapter_shape_is_refused_naming_the_key(
         recipe_inputs, fomaml_reference, tmp_path, override, key, saved):
     out, before = copy_run(fomaml_reference, tmp_path)
-    with pytest.raises(ConfigError) as err:
-        run_in_process(fomaml.main, run_args(recipe_inputs, out, "trainer.total_steps=6", override))
+    with pytest.raises(ConfigError) as err:  # before the model loads: there is none at model.partial_pretrain
+        run_in_process(fomaml.main, run_args(recipe_inputs, out, "trainer.total_steps=6", override,
+                                             f"model.partial_pretrain={tmp_path / 'no_model'}"))
     message = str(err.value)
     assert message.startswith(f"cannot resume {out}/maml_checkpoint_step_4.pt: {key}=")
     if saved is not None:
