@@ -291,3 +291,38 @@ def test_a_truncated_adapter_file_is_named(fp32_run, tmp_path, capsys):
     line = one_error_line(capsys.readouterr().err)
     assert line.startswith(f"error: {weights}: cannot load the adapter onto ")
     assert not (tmp_path / "merged").exists() and leftovers(tmp_path) == []
+
+
+def test_an_unreadable_pickle_is_one_line_in_merge_and_eval(fp32_run, tmp_path, capsys):
+    """A checkpoint .pt replaced by a pickle that would run code (its manifest updated, so it looks
+    complete): torch.load(weights_only=True) refuses it, and both commands say so in one line."""
+    import os
+    import pickle
+    import shutil
+
+    from lora_maml.data.prepare import prepare
+    from lora_maml.data.synthetic import synthetic_records
+    from lora_maml.eval import few_shot
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(Path(fp32_run[0]).parent, run_dir)
+    pt = run_dir / "maml_checkpoint_step_2.pt"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo owned > " + str(tmp_path / "owned"),))
+
+    pt.write_bytes(pickle.dumps({"step": 2, "x": Payload()}))
+    manifest_path = run_dir / "step_2" / "checkpoint_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["pt_size"] = pt.stat().st_size
+    manifest_path.write_text(json.dumps(manifest))
+    assert export.main(["--checkpoint", str(run_dir), "--output", str(tmp_path / "merged")]) == 1
+    assert one_error_line(capsys.readouterr().err).startswith(f"error: {pt}: corrupt or not loadable with torch.load")
+    data = tmp_path / "data"
+    prepare(synthetic_records(12, 0), data, support_ratio=0.4, query_ratio=0.2, seed=0,
+            source_description={"source": "synthetic"})
+    assert few_shot.main(["--model-path", str(run_dir), "--data-dir", str(data), "--n-shots", "0", "--output-dir",
+                          str(tmp_path / "eval")]) == 1
+    assert one_error_line(capsys.readouterr().err).startswith(f"error: {pt}: corrupt or not loadable with torch.load")
+    assert not (tmp_path / "owned").exists()
