@@ -432,6 +432,15 @@ def test_cli_without_a_run_config_needs_the_adaptation_settings(data_dir, tiny_d
     assert code == 1 and "given twice" in capsys.readouterr().err
 
 
+def test_cli_refuses_an_output_dir_that_is_a_file_before_loading(data_dir, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code = main(["--model-path", str(tmp_path / "no_model"), "--data-dir", str(data_dir), "--tasks", "algebra",
+                 "--n-shots", "0", "--output-dir", str(blocker)])
+    assert code == 1
+    assert capsys.readouterr().err == f"error: --output-dir={blocker}: not a writable directory ({blocker} is a file)\n"
+
+
 def test_cli_adapt_optimizer_errors_name_the_flag(data_dir, tiny_dir, tmp_path, capsys):
     common = ["--compare", f"a={tiny_dir}", f"b={tiny_dir}", "--data-dir", str(data_dir), "--tasks", "algebra",
               "--n-shots", "0", "2", "--adapt-lr", "0.1", "--adapt-steps", "1", "--adapt-batch-size", "2",

@@ -84,7 +84,7 @@ from typing import Any
 
 import torch
 
-from lora_maml.atomic import write_text_atomic
+from lora_maml.atomic import check_writable_dir, write_text_atomic
 from lora_maml.data.prepare import MANIFEST, list_tasks, load_split
 from lora_maml.data.tokenize import prompt_ids, collate, encode_example
 from lora_maml.errors import run_main
@@ -593,6 +593,7 @@ def run(args: argparse.Namespace) -> dict:
 
     methods = _parse_methods(args)
     names = list(methods)
+    check_writable_dir(Path(args.output_dir).expanduser(), "--output-dir")  # before anything is read or loaded
     for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--gen-batch-size", args.gen_batch_size),
                         ("--n-boot", args.n_boot), ("--max-length", args.max_length or 1)):
         if value < 1:
