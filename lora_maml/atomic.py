@@ -8,11 +8,17 @@ atomic, so a reader sees the old version or the new one, never a mix.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from lora_maml.errors import LoraMamlError
+
+logger = logging.getLogger(__name__)
 
 
 def fsync_dir(path: Path) -> None:
@@ -39,6 +45,10 @@ def write_text_atomic(path: str | Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.filename is None:  # a failed flush / fsync (e.g. a full disk) does not name the file
+            raise OSError(err.errno, err.strerror, str(tmp)) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
@@ -54,7 +64,7 @@ def replace_dir(tmp: Path, output_dir: Path) -> None:
         os.replace(tmp, output_dir)
         fsync_dir(output_dir.parent)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-{os.getpid()}-", dir=output_dir.parent))
     os.replace(output_dir, old / output_dir.name)
     try:
         os.replace(tmp, output_dir)
@@ -66,13 +76,61 @@ def replace_dir(tmp: Path, output_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def check_writable_dir(path: str | Path, what: str) -> None:
+    """Check that directory ``path`` can be created (or exists) and written to, creating nothing: its
+    nearest existing ancestor must be a directory that takes a temporary file. A bad output path then
+    fails before any slow work. Raises :class:`LoraMamlError` naming ``what`` (a flag or config key)."""
+    path = Path(path).expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LoraMamlError(f"{what}={path}: not a writable directory ({existing} is a file)")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise LoraMamlError(f"{what}={path}: not a writable directory ({existing}: {err.strerror or err})") from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def sweep_stale(output_dir: Path) -> None:
+    """Remove what an earlier :func:`atomic_dir` for ``output_dir`` left behind when its process was
+    killed (its pid is in the name and no longer runs): ``.{name}.tmp-{pid}-*`` directories, and
+    ``.{name}.old-{pid}-*`` ones, whose content is put back first if the kill fell between
+    :func:`replace_dir`'s two renames."""
+    pattern = re.compile(rf"^\.{re.escape(output_dir.name)}\.(tmp|old)-(\d+)-")
+    if not output_dir.parent.is_dir():
+        return
+    for entry in output_dir.parent.iterdir():
+        m = pattern.match(entry.name)
+        if not m or not entry.is_dir() or _pid_alive(int(m.group(2))):
+            continue
+        moved_aside = entry / output_dir.name
+        if m.group(1) == "old" and moved_aside.exists() and not output_dir.exists():
+            os.replace(moved_aside, output_dir)
+        logger.warning("removing %s, left by an interrupted run (process %s)", entry, m.group(2))
+        shutil.rmtree(entry, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(output_dir: str | Path) -> Iterator[Path]:
     """Yield a temporary directory next to ``output_dir``; on success it replaces ``output_dir``,
-    on any exception it is deleted and ``output_dir`` is left as it was."""
+    on any exception it is deleted and ``output_dir`` is left as it was. Leftovers of an earlier
+    killed run for the same ``output_dir`` are swept first (:func:`sweep_stale`)."""
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    sweep_stale(output_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-{os.getpid()}-", dir=output_dir.parent))
     try:
         yield tmp
         # mkdtemp makes the directory private (0700); published outputs get the usual permissions.

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from lora_maml.errors import DEBUG_ENV, run_main
+
 COMMANDS = {
     "prepare": ("lora_maml.data.prepare", "split MATH (or the synthetic suite) into meta-train / few-shot-eval tasks"),
     "tiny-model": ("lora_maml.tiny_model", "build a tiny random-init Qwen3 + tokenizer for CPU runs and tests"),
@@ -21,8 +23,9 @@ COMMANDS = {
 
 def _usage() -> str:
     width = max(len(name) for name in COMMANDS)
-    lines = ["usage: lora-maml <command> [args]  (lora-maml <command> --help for its options)", "", "commands:"]
+    lines = ["usage: lora-maml <command> [args] [--debug]  (lora-maml <command> --help for its options)", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines += ["", f"Errors print one 'error:' line; --debug (or {DEBUG_ENV}=1) prints their traceback too."]
     return "\n".join(lines)
 
 
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lora-maml: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    return run_main(module.main, rest)
 
 
 if __name__ == "__main__":

@@ -18,16 +18,22 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lora_maml.errors import LoraMamlError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "recipes" / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(LoraMamlError, ValueError):
     """A config file or override that does not fit the schema; the message names the key."""
+
+    exit_code = 2
 
 
 class _Section(BaseModel):
     # extra="forbid" turns typos into errors; validate_assignment keeps programmatic edits checked.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: every rate, beta, epsilon and scale must be a finite number (an infinite
+    # meta.outer_lr would turn every weight into NaN after one step).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class LoraConfig(_Section):
@@ -291,6 +297,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         return Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """A copy of ``cfg`` whose local paths are absolute, so that what a run saves (its config in every
+    checkpoint, the adapter's ``base_model_name_or_path``) still works from another directory.
+
+    ``model.partial_pretrain`` and ``data.source`` stay as they are when they name a hub id or
+    ``synthetic`` (not an existing path, nor one that starts with ``.``, ``/`` or ``~``), except that a
+    model built by ``model.build_tiny_if_missing`` is always local.
+    """
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve())
+
+    def local(path: str) -> bool:
+        return path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
+
+    cfg = cfg.model_copy(deep=True)
+    if cfg.model.build_tiny_if_missing or local(cfg.model.partial_pretrain):
+        cfg.model.partial_pretrain = absolute(cfg.model.partial_pretrain)
+    if local(cfg.data.source):
+        cfg.data.source = absolute(cfg.data.source)
+    cfg.data.data_dir = absolute(cfg.data.data_dir)
+    cfg.trainer.default_local_dir = absolute(cfg.trainer.default_local_dir)
+    for section, key in (("trainer", "resume_from_path"), ("sft", "match_tokens_of")):
+        value = getattr(getattr(cfg, section), key)
+        if value:
+            setattr(getattr(cfg, section), key, absolute(value))
+    return cfg
 
 
 def config_to_dict(cfg: Config) -> dict:

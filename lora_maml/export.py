@@ -44,13 +44,14 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
-from lora_maml.atomic import atomic_dir
+from lora_maml.atomic import atomic_dir, check_writable_dir
 from lora_maml.data.math import make_prompt
-from lora_maml.load_trained import Trained, load_trained
+from lora_maml.errors import LoraMamlError, run_main, write_failure
+from lora_maml.load_trained import Trained, load_trained, resolve_model_path
 from lora_maml.models import torch_dtype
-from lora_maml.train.checkpoint import CheckpointError
 
 log = logging.getLogger("lora_maml")
 
@@ -66,7 +67,7 @@ DEFAULT_PROBE_TEXTS = (
 PROBE_MAX_TOKENS = 256
 
 
-class ExportError(RuntimeError):
+class ExportError(LoraMamlError, RuntimeError):
     """The merge or the saved model failed verification, or the output cannot be written."""
 
 
@@ -198,13 +199,18 @@ def _check_output(output_dir: Path, overwrite: bool) -> None:
 
 
 def _check_not_a_source(output_dir: Path, sources: list[str | None]) -> None:
+    """The output must not be, contain or lie inside anything the export reads (a run directory, an
+    adapter, the base): replacing it would destroy the source."""
     out = output_dir.resolve()
     for source in sources:
         if source is None or not Path(source).exists():
             continue
         src = Path(source).resolve()
-        if out == src or out in src.parents:
-            raise ValueError(f"--output {output_dir}: would replace {source}, which the export reads")
+        if out == src or out in src.parents or src in out.parents:
+            raise ValueError(
+                f"--output {output_dir}: would replace or write inside {source}, which the export reads; "
+                "choose an output directory outside it"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,7 +244,10 @@ def merge_and_save(
     if dtype is not None:
         torch_dtype(dtype)
     _check_output(output_dir, overwrite)
-    _check_not_a_source(output_dir, [str(model_path), base])
+    kind, source = resolve_model_path(model_path)
+    # A checkpoint is its whole run directory: its other steps, 'latest' and metrics live there too.
+    _check_not_a_source(output_dir, [str(model_path), base, str(Path(source).parent) if kind == "checkpoint" else source])
+    check_writable_dir(output_dir.parent, "--output (its parent)")
     compute = _compute_dtype(dtype)
     trained = load_trained(model_path, base=base, dtype=compute, device=device, keep_quantization=False)
     storage = dtype or trained.native_dtype
@@ -305,8 +314,11 @@ def merge_and_save(
     _cast_parameters(model, storage)  # exact: the values are representable in it already
 
     with atomic_dir(output_dir) as tmp:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(tmp)
+        try:
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
+            tokenizer.save_pretrained(tmp)
+        except (OSError, RuntimeError, SafetensorError) as err:  # e.g. a full disk
+            raise ExportError(write_failure(output_dir, err) + "; nothing was written") from None
         del model
         files = _check_files(tmp, storage, tied_name)
         _check_tokenizer(tmp, tokenizer, batch, probe_texts)
@@ -390,18 +402,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``lora-maml merge ...``"""
+    """``lora-maml merge ...``: prints the report; a user error is one ``error:`` line and exit code 1."""
+    return run_main(_merge_command, sys.argv[1:] if argv is None else argv)
+
+
+def _merge_command(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-    try:
-        report = merge_and_save(
-            args.checkpoint, args.output, base=args.base, dtype=args.dtype, probe_texts=args.probe_texts,
-            atol=args.atol, device=args.device, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
-        )
-    # ValueError includes LoadTrainedError (a path of no known kind) and the --output checks.
-    except (ExportError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    report = merge_and_save(
+        args.checkpoint, args.output, base=args.base, dtype=args.dtype, probe_texts=args.probe_texts,
+        atol=args.atol, device=args.device, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+    )
     print(json.dumps(report, indent=1))
     return 0

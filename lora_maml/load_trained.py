@@ -34,6 +34,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lora_maml.config import Config, LoraConfig, ModelConfig
+from lora_maml.errors import LoraMamlError
 from lora_maml.models import DTYPES, add_lora, adapted_parameters, gradient_checkpointing_on, load_base, torch_dtype
 from lora_maml.train import checkpoint as ckpt
 
@@ -52,7 +53,7 @@ _ADAPTER_NAME = re.compile(r"\.(lora_[A-Za-z_]+)\.default(?=\.|$)")
 _FRESH_LORA_SEED = 0
 
 
-class LoadTrainedError(ValueError):
+class LoadTrainedError(LoraMamlError, ValueError):
     """A ``--model-path`` that is none of the accepted kinds, or inconsistent options; names the path."""
 
 
@@ -298,6 +299,7 @@ def copy_saved_weights(params: dict[str, nn.Parameter], saved: dict[str, torch.T
 
 def _load_adapter(directory: str, base, dtype, device_map, options) -> Trained:
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     config_path = Path(directory) / ADAPTER_CONFIG
     try:
@@ -314,7 +316,13 @@ def _load_adapter(directory: str, base, dtype, device_map, options) -> Trained:
     model, tokenizer = _load_base(
         model_cfg, device_map, directory, f"base_model_name_or_path={base_id!r}; pass base= to use another path"
     )
-    model = PeftModel.from_pretrained(model, directory, is_trainable=True, autocast_adapter_dtype=True)
+    try:
+        model = PeftModel.from_pretrained(model, directory, is_trainable=True, autocast_adapter_dtype=True)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:  # e.g. a truncated weights file
+        raise LoadTrainedError(
+            f"{Path(directory) / 'adapter_model.safetensors'}: cannot load the adapter onto {base_id}: "
+            f"{' '.join(str(err).split())[:500]}"
+        ) from None
     if gradient_checkpointing_on(model):
         model.get_base_model().disable_input_require_grads()  # as add_lora: not needed by non-reentrant checkpointing
     params = adapted_parameters(model, "lora")

@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from lora_maml.config import OptimConfig
@@ -49,15 +50,44 @@ def apply_gradients(
 
     ``unclipped`` tensors (e.g. Meta-SGD's log inner learning rates, in their own parameter group)
     are stepped with their gradient as is. A non-finite gradient norm (of either) skips both steps
-    (``skipped_step`` = 1), so NaNs never reach the weights or Adam's moments. Returns ``grad_norm``
-    (of ``params``, before clipping), ``lr`` (the one used) and ``skipped_step``; the caller prefixes
-    them (``meta/``, ``sft/``).
+    (``skipped_step`` = 1), so NaNs never reach the weights or Adam's moments. A finite gradient whose
+    update overflows a weight to inf / NaN (e.g. a huge learning rate) is rolled back the same way: the
+    weights and their optimizer state are restored from a copy taken before the step (one extra copy of
+    the trained tensors and their Adam moments while the step runs). Returns ``grad_norm`` (of
+    ``params``, before clipping), ``lr`` (the one used) and ``skipped_step``; the caller prefixes them
+    (``meta/``, ``sft/``).
     """
     norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad))
     lr = optimizer.param_groups[0]["lr"]
     finite = math.isfinite(norm) and all(bool(t.grad.isfinite().all()) for t in unclipped)
     if finite:
+        tensors = [*params, *unclipped]
+        before = [(t.detach().clone(), _clone_state(optimizer.state.get(t, {}))) for t in tensors]
         optimizer.step()
-        scheduler.step()
+        finite = _all_finite(tensors)
+        if finite:
+            scheduler.step()
+        else:
+            with torch.no_grad():
+                for t, (value, state) in zip(tensors, before):
+                    t.copy_(value)
+                    if state:
+                        optimizer.state[t] = state
+                    else:
+                        optimizer.state.pop(t, None)
     optimizer.zero_grad(set_to_none=True)
     return {"grad_norm": norm, "lr": lr, "skipped_step": float(not finite)}
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every tensor is finite, decided together by all processes (the same on every process
+    even when each holds only a shard of the weights, e.g. FSDP DTensors), so they roll back together."""
+    local = [t.detach().to_local() if hasattr(t, "to_local") else t.detach() for t in tensors]
+    flag = torch.stack([t.isfinite().all() for t in local]).all().to(torch.float32).reshape(1)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _clone_state(state: dict) -> dict:
+    return {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}

@@ -11,7 +11,9 @@ Same options as `lora-maml eval`; see `--help` and `lora_maml.eval.few_shot`.
 
 import sys
 
+from lora_maml.errors import run_main
+
 from lora_maml.eval.few_shot import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, sys.argv[1:]))

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from lora_maml.atomic import write_text_atomic
-from lora_maml.config import ConfigError
 from lora_maml.data.episodes import EpisodeSampler
+from lora_maml.errors import run_main
 from lora_maml.meta.algorithms import MetaLearner, TaskBatch
 from lora_maml.meta.diagnostics import InertInnerLoopMonitor
 from lora_maml.train.checkpoint import INNER_LRS_FILE
@@ -81,21 +81,11 @@ class FOMAMLRecipe(TrainingRecipe):
 
     def load_extra_state(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
-        saved = state.get("log_inner_lrs")
-        if self.learner.log_inner_lrs is None:
-            if saved is not None:
-                raise ConfigError(
-                    "meta.learn_inner_lr=false, but the checkpoint being resumed was trained with learned inner "
-                    "learning rates (Meta-SGD): resume it with meta.learn_inner_lr=true"
+        if self.learner.log_inner_lrs is not None:  # check_resumable: saved too, for the same parameter names
+            with torch.no_grad():
+                self.learner.log_inner_lrs.copy_(
+                    torch.tensor([state["log_inner_lrs"][n] for n in self.learner.names], dtype=torch.float64)
                 )
-            return
-        if saved is None or list(saved) != self.learner.names:
-            raise ConfigError(
-                "meta.learn_inner_lr=true, but the checkpoint being resumed holds no learned inner learning "
-                "rates for these parameters (was it trained with meta.learn_inner_lr=false?)"
-            )
-        with torch.no_grad():
-            self.learner.log_inner_lrs.copy_(torch.tensor(list(saved.values()), dtype=torch.float64))
 
     def save_pretrained(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         super().save_pretrained(directory, state_dict)
@@ -138,4 +128,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, sys.argv[1:]))

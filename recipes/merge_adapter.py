@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import sys
 
+from lora_maml.errors import run_main
+
 from lora_maml.export import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, sys.argv[1:]))

@@ -9,7 +9,9 @@ Same options as `lora-maml prepare`; see `--help` and `lora_maml.data.prepare`.
 
 import sys
 
+from lora_maml.errors import run_main
+
 from lora_maml.data.prepare import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, sys.argv[1:]))

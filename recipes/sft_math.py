@@ -18,6 +18,7 @@ import sys
 import torch
 
 from lora_maml.data.episodes import MixedBatchSampler
+from lora_maml.errors import run_main
 from lora_maml.loss import causal_lm_loss_tensors
 from lora_maml.optim import apply_gradients, build_optimizer, build_scheduler
 from lora_maml.train.distributed import all_reduce_sum, local_share
@@ -78,7 +79,7 @@ class SFTRecipe(TrainingRecipe):
         return getattr(self.tasks[task], part)[index]
 
     def extra_state(self) -> dict:
-        return {"sampler": self.sampler.state_dict(), "total_steps": self.total_steps}
+        return {"sampler": self.sampler.state_dict()}
 
     def load_extra_state(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
@@ -124,4 +125,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, sys.argv[1:]))

@@ -248,6 +248,30 @@ def test_latest_rules(tmp_path):
     assert ck.find_resume_checkpoint(TrainerConfig(default_local_dir=str(tmp_path), resume_mode="disable")) is None
 
 
+def test_a_bad_latest_never_hides_complete_checkpoints(tmp_path, caplog):
+    """latest naming a missing or incomplete step is not trusted: the newest complete checkpoint is
+    resumed, with a warning naming the pointer, so a run never restarts from scratch over them."""
+    _save(tmp_path, 2)
+    _save(tmp_path, 4)
+    (tmp_path / "latest").write_text("step_1\n")  # no such checkpoint
+    assert ck.find_resume_checkpoint(_auto(tmp_path)) == tmp_path / "maml_checkpoint_step_4.pt"
+    assert f"{tmp_path}/latest names step_1, which is not a complete checkpoint" in caplog.text
+    caplog.clear()
+    (tmp_path / "latest").write_text("step_3\n")
+    (tmp_path / "step_3").mkdir()  # an incomplete step between two complete ones
+    assert ck.find_resume_checkpoint(_auto(tmp_path)) == tmp_path / "maml_checkpoint_step_4.pt"
+    assert "latest names step_3" in caplog.text and "resuming from the newest complete checkpoint, step 4" in caplog.text
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    _save(tmp_path, 1)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    weights = torch.tensor([1.0, float("nan"), 0.0, float("inf")])
+    with pytest.raises(ck.CheckpointError, match=r"maml_checkpoint_step_2\.pt: refusing to save non-finite weights.*'w'"):
+        _save(tmp_path, 2, model_state_dict={"w": weights})
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and ck.read_latest(tmp_path) == 1
+
+
 @pytest.mark.parametrize("damage", ["truncate_pt", "drop_adapter", "garble_state", "drop_manifest", "drop_pt"])
 def test_corrupt_newest_falls_back_to_previous(tmp_path, damage):
     _save(tmp_path, 1)

@@ -60,6 +60,16 @@ def test_overrides_are_parsed_as_yaml():
         (["meta.inner_lrr=1e-4"], "meta.inner_lrr", "unknown key"),
         (["meta.inner_lr=0"], "meta.inner_lr", "greater than 0"),
         (["meta.outer_lr=-1e-5"], "meta.outer_lr", "greater than 0"),
+        # Every rate, beta, epsilon and scale must be finite: .inf passed validation and NaN'd the weights.
+        (["meta.outer_lr=.inf"], "meta.outer_lr", "finite number"),
+        (["meta.inner_lr=.nan"], "meta.inner_lr", "finite number"),
+        (["meta.inner_lr_lr=.inf"], "meta.inner_lr_lr", "finite number"),
+        (["sft.lr=.inf"], "sft.lr", "finite number"),
+        (["optim.eps=.inf"], "optim.eps", "finite number"),
+        (["optim.betas=[0.9,.nan]"], "optim.betas.1", "finite number"),
+        (["optim.clip_grad=.inf"], "optim.clip_grad", "finite number"),
+        (["optim.weight_decay=.inf"], "optim.weight_decay", "finite number"),
+        (["model.lora.alpha=.inf"], "model.lora.alpha", "finite number"),
         (["meta.meta_batch_size=0"], "meta.meta_batch_size", "greater than or equal to 1"),
         (["meta.inner_batch_size=two"], "meta.inner_batch_size", "valid integer"),
         (["trainer.save_freq=0"], "trainer.save_freq", "greater than or equal to 1"),
@@ -122,3 +132,22 @@ def test_config_name_resolves_to_the_shipped_file():
 def test_defaults_equal_the_guide_config():
     # The schema's defaults are the documented ones: a config that sets nothing means the guide.
     assert Config() == load_config(CONFIG_DIR / "qwen3_4b_math.yaml")
+
+
+def test_with_absolute_paths_keeps_hub_ids(tmp_path, monkeypatch):
+    """Relative local paths become absolute (a checkpoint records them; merging from another directory
+    must find the base); a hub id and the synthetic source stay as they are."""
+    from lora_maml.config import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    cfg = with_absolute_paths(load_config(None, ["model.partial_pretrain=models/tiny", "data.data_dir=data",
+                                                 "trainer.default_local_dir=./out", "data.source=synthetic"]))
+    assert cfg.model.partial_pretrain == str(tmp_path / "models" / "tiny")
+    assert (cfg.data.data_dir, cfg.trainer.default_local_dir) == (str(tmp_path / "data"), str(tmp_path / "out"))
+    assert cfg.data.source == "synthetic"
+    hub = with_absolute_paths(load_config(None, ["model.partial_pretrain=Qwen/Qwen3-4B-Instruct-2507"]))
+    assert hub.model.partial_pretrain == "Qwen/Qwen3-4B-Instruct-2507"
+    built = with_absolute_paths(load_config(None, ["model.partial_pretrain=outputs/demo/tiny_qwen3",
+                                                   "model.build_tiny_if_missing=true"]))
+    assert built.model.partial_pretrain == str(tmp_path / "outputs" / "demo" / "tiny_qwen3")

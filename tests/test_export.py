@@ -229,3 +229,100 @@ def test_adapter_dir_and_cli(fp32_run, tmp_path, capsys):
     from recipes import merge_adapter
 
     assert merge_adapter.main is export.main
+
+
+def one_error_line(err: str) -> str:
+    """The whole stderr of a refused command: exactly one 'error:' line and no traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and len([l for l in lines if l.startswith("error: ")]) == 1, err
+    return next(line for line in lines if line.startswith("error: "))
+
+
+def test_an_output_inside_the_checkpoint_is_refused_before_loading(fp32_run, capsys):
+    """`merge --checkpoint RUN --output RUN/step_2 --overwrite` would replace the checkpoint it reads."""
+    pt = Path(fp32_run[0])
+    run_dir = pt.parent
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    for source in (run_dir, pt, run_dir / "step_2"):
+        assert export.main(["--checkpoint", str(source), "--output", str(run_dir / "step_2"), "--overwrite"]) == 1
+        line = one_error_line(capsys.readouterr().err)
+        assert f"--output {run_dir / 'step_2'}: would replace or write inside {run_dir}" in line
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert leftovers(run_dir) == []
+
+
+def test_an_unwritable_output_fails_before_loading(fp32_run, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    # --base names nothing loadable: the output is refused before any model is loaded.
+    code = export.main(["--checkpoint", str(fp32_run[0]), "--base", str(tmp_path / "no_base"), "--output",
+                        str(blocker / "merged")])
+    assert code == 1
+    assert one_error_line(capsys.readouterr().err) == (
+        f"error: --output (its parent)={blocker}: not a writable directory ({blocker} is a file)")
+
+
+def test_leftovers_of_a_killed_merge_are_swept_by_the_next(fp32_run, tmp_path):
+    """A merge killed (SIGTERM / SIGKILL) mid-save leaves .merged.tmp-<pid>-*; the next merge to the same
+    output removes it. One of a live process (a concurrent merge) is left alone."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".merged.tmp-{dead_pid}-abc"
+    (stale / "model.safetensors").parent.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 1000)
+    live = tmp_path / f".merged.tmp-{1}-xyz"  # pid 1 is alive
+    live.mkdir()
+    merge_and_save(fp32_run[0], tmp_path / "merged")
+    assert not stale.exists() and live.is_dir()
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_a_truncated_adapter_file_is_named(fp32_run, tmp_path, capsys):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(Path(fp32_run[0]).parent / "step_2" / "adapter", adapter)
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert export.main(["--checkpoint", str(adapter), "--output", str(tmp_path / "merged")]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {weights}: cannot load the adapter onto ")
+    assert not (tmp_path / "merged").exists() and leftovers(tmp_path) == []
+
+
+def test_an_unreadable_pickle_is_one_line_in_merge_and_eval(fp32_run, tmp_path, capsys):
+    """A checkpoint .pt replaced by a pickle that would run code (its manifest updated, so it looks
+    complete): torch.load(weights_only=True) refuses it, and both commands say so in one line."""
+    import os
+    import pickle
+    import shutil
+
+    from lora_maml.data.prepare import prepare
+    from lora_maml.data.synthetic import synthetic_records
+    from lora_maml.eval import few_shot
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(Path(fp32_run[0]).parent, run_dir)
+    pt = run_dir / "maml_checkpoint_step_2.pt"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo owned > " + str(tmp_path / "owned"),))
+
+    pt.write_bytes(pickle.dumps({"step": 2, "x": Payload()}))
+    manifest_path = run_dir / "step_2" / "checkpoint_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["pt_size"] = pt.stat().st_size
+    manifest_path.write_text(json.dumps(manifest))
+    assert export.main(["--checkpoint", str(run_dir), "--output", str(tmp_path / "merged")]) == 1
+    assert one_error_line(capsys.readouterr().err).startswith(f"error: {pt}: corrupt or not loadable with torch.load")
+    data = tmp_path / "data"
+    prepare(synthetic_records(12, 0), data, support_ratio=0.4, query_ratio=0.2, seed=0,
+            source_description={"source": "synthetic"})
+    assert few_shot.main(["--model-path", str(run_dir), "--data-dir", str(data), "--n-shots", "0", "--output-dir",
+                          str(tmp_path / "eval")]) == 1
+    assert one_error_line(capsys.readouterr().err).startswith(f"error: {pt}: corrupt or not loadable with torch.load")
+    assert not (tmp_path / "owned").exists()

@@ -304,6 +304,35 @@ def test_generate_false_scores_nll_only(evaluated, monkeypatch):
             assert row[key] is None, key
 
 
+def test_over_long_problems_are_cut_to_what_the_model_takes(evaluated, caplog):
+    """A 100,000-character problem (which made `lora-maml eval` allocate ~50 GB): as a shot and as a
+    reference it is cut to --max-length like in training; its generation prompt keeps its last
+    max_position_embeddings - max_new_tokens tokens; one warning counts both. With truncation=error the
+    evaluation stops before the first episode, naming the record."""
+    trained = evaluated.trained
+    episode = next(ep for ep in evaluated.plan if ep.n > 0 and not ep.holdout)
+    long_test, long_shot = episode.test_ids[0], episode.shot_ids[0]
+    records = {k: dict(v) for k, v in evaluated.records.items()}
+    for rid in (long_test, long_shot):
+        records[rid]["prompt"] = "What is " + "1 + " * 25_000 + "1?"
+    positions = trained.model.config.max_position_embeddings
+    full_prompt = prompt_ids(trained.tokenizer, records[long_test]["prompt"])
+    # A --max-length beyond the model's positions: the positions bound the lengths.
+    encoded, prompts, cut = few_shot._encode_plan(trained.tokenizer, trained.model, [episode], records,
+                                                 max_length=4 * positions, truncation="right", max_new_tokens=6)
+    assert cut == {long_test} and len(prompts[long_test]) == positions - 6 < len(full_prompt)
+    assert prompts[long_test] == full_prompt[-(positions - 6):]  # the end: the question's end, the assistant turn
+    assert encoded[long_shot]["truncated"] and len(encoded[long_shot]["input_ids"]) == positions
+    assert all(prompts[rid] == prompt_ids(trained.tokenizer, records[rid]["prompt"]) for rid in prompts if rid != long_test)
+
+    rows = evaluate_model(trained, [episode], records, **EVAL)
+    assert [r["prompt_truncated"] for r in rows] == [r["id"] == long_test for r in rows]
+    assert next(r for r in rows if r["id"] == long_test)["truncated"]
+    assert f"1 of {len(episode.test_ids)} generation prompts cut to their last {MAX_LENGTH} tokens" in caplog.text
+    with pytest.raises(ValueError, match=rf"record {long_shot}: example has \d+ tokens"):
+        evaluate_model(trained, [episode], records, **{**EVAL, "truncation": "error"})
+
+
 def test_adam_adaptation_equals_a_torch_adam_reference(data_dir, evaluated):
     trained = evaluated.trained
     plan = plan_episodes(data_dir, ["algebra"], [3], 1, 2, seed=0)
@@ -401,6 +430,15 @@ def test_cli_without_a_run_config_needs_the_adaptation_settings(data_dir, tiny_d
     assert not (tmp_path / "out").exists()  # nothing was evaluated
     code = main(["--compare", "a=x", "a=y", "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "out")])
     assert code == 1 and "given twice" in capsys.readouterr().err
+
+
+def test_cli_refuses_an_output_dir_that_is_a_file_before_loading(data_dir, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code = main(["--model-path", str(tmp_path / "no_model"), "--data-dir", str(data_dir), "--tasks", "algebra",
+                 "--n-shots", "0", "--output-dir", str(blocker)])
+    assert code == 1
+    assert capsys.readouterr().err == f"error: --output-dir={blocker}: not a writable directory ({blocker} is a file)\n"
 
 
 def test_cli_adapt_optimizer_errors_name_the_flag(data_dir, tiny_dir, tmp_path, capsys):

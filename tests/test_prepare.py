@@ -395,6 +395,14 @@ def test_readers_explain_an_unprepared_directory(tmp_path):
         load_split(tmp_path / "out", "calculus", "support")
 
 
+def test_a_prepared_file_missing_a_column_names_it(tmp_path):
+    run(records(10), tmp_path / "out")
+    path = tmp_path / "out" / "meta_train" / "algebra_support.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["answer"]), path)
+    with pytest.raises(DataError, match=rf"{path}: missing column\(s\) \['answer'\]; expected id, prompt"):
+        load_split(tmp_path / "out", "algebra", "support")
+
+
 # --- command line ------------------------------------------------------------------------------
 def cli(tmp_path, source, *extra):
     return main(["--source", str(source), "--output-dir", str(tmp_path / "out"), *extra])

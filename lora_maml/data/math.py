@@ -47,6 +47,7 @@ from typing import Any
 
 from lora_maml.boxed import last_boxed
 from lora_maml.data import SUBJECTS
+from lora_maml.errors import LoraMamlError
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
 
 
-class DataError(ValueError):
+class DataError(LoraMamlError, ValueError):
     """A data source or a prepared data directory is not usable; the message names the file."""
 
 

@@ -424,7 +424,11 @@ def _read_parquet(path: Path) -> list[dict]:
     except Exception as exc:  # pyarrow raises several unrelated types for a bad file
         raise DataError(f"{path}: cannot read as parquet: {exc}") from exc
     if tuple(table.column_names) != COLUMNS or not table.schema.equals(_schema(), check_metadata=False):
-        raise DataError(f"{path}: columns {table.schema} do not match the expected {', '.join(COLUMNS)} (all strings)")
+        missing = [c for c in COLUMNS if c not in table.column_names]
+        extra = [c for c in table.column_names if c not in COLUMNS]
+        problem = f"missing column(s) {missing}" if missing else f"unexpected column(s) {extra}" if extra else (
+            f"columns {table.schema} are not the expected ones in this order")
+        raise DataError(f"{path}: {problem}; expected {', '.join(COLUMNS)} (all strings)")
     return table.to_pylist()
 
 
@@ -585,8 +589,9 @@ def read_source(
     return records, tasks, list(dict.fromkeys(names)), description
 
 
-def run_prepare(args: argparse.Namespace) -> int:
-    """Run ``prepare`` for parsed arguments; errors go to stderr and give exit code 1."""
+def run_prepare(args: argparse.Namespace, *, report_errors: bool = True) -> int:
+    """Run ``prepare`` for parsed arguments; errors go to stderr and give exit code 1 (raised as they
+    are with ``report_errors=False``, for a caller that reports them itself)."""
     try:
         # Fail before the (slow) read when the output directory is going to be refused anyway.
         _check_output_dir(args.output_dir.expanduser(), args.overwrite)
@@ -612,6 +617,8 @@ def run_prepare(args: argparse.Namespace) -> int:
             validate(args.output_dir)
             print("Validation passed")
     except (ValueError, OSError) as exc:  # DataError is a ValueError
+        if not report_errors:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

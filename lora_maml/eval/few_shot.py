@@ -86,9 +86,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lora_maml.atomic import write_text_atomic
+from lora_maml.atomic import check_writable_dir, write_text_atomic
 from lora_maml.data.prepare import MANIFEST, list_tasks, load_split
 from lora_maml.data.tokenize import prompt_ids, collate, encode_example
+from lora_maml.errors import run_main
 from lora_maml.eval.grading import DEFAULT_TIMEOUT_S, grade
 from lora_maml.meta.algorithms import adapt
 from lora_maml.loss import IGNORE_INDEX, token_nll_and_hits
@@ -289,6 +290,59 @@ def generate_greedy(
     return out
 
 
+def _encode_plan(tokenizer, model, episodes: Sequence[Episode], records: Mapping[str, dict], *, max_length: int,
+                 truncation: str, max_new_tokens: int | None) -> tuple[dict[str, dict], dict[str, list[int]], set[str]]:
+    """Encode every shot and scored problem of ``episodes`` (:func:`encode_example`) and, when
+    ``max_new_tokens`` is given, every generation prompt, within the lengths the model can take.
+    Returns the examples and the prompts by record id, and the ids of the prompts that were cut.
+
+    Shots and references are cut to ``min(max_length, max_position_embeddings)`` tokens as training
+    cuts them (``truncation``). A prompt may take ``max_position_embeddings - max_new_tokens`` tokens
+    (and at most ``max_length``); a longer one keeps its LAST tokens (the end of the problem and the
+    assistant turn the model answers in), or with ``truncation=error`` raises ``ValueError`` naming the
+    record. Truncations are counted in one warning; without these caps a 100k-token problem would be
+    fed to the model whole.
+    """
+    positions = getattr(model.config, "max_position_embeddings", None)
+    cap = max_length if positions is None else min(max_length, positions)
+    if cap < max_length:
+        log.warning("--max-length %d exceeds the model's max_position_embeddings: shots and references are cut "
+                    "to %d tokens", max_length, cap)
+    wanted = list(dict.fromkeys(i for ep in episodes for i in (*ep.shot_ids, *ep.test_ids)))
+    encoded = {}
+    for rid in wanted:
+        try:
+            encoded[rid] = encode_example(tokenizer, records[rid]["prompt"], records[rid]["response"],
+                                          max_length=cap, truncation=truncation, answer=records[rid]["answer"])
+        except ValueError as err:
+            raise ValueError(f"record {rid}: {err}") from None
+    prompts: dict[str, list[int]] = {}
+    cut_prompts: set[str] = set()
+    if max_new_tokens is not None:
+        prompt_cap = cap if positions is None else min(cap, positions - max_new_tokens)
+        if prompt_cap < 1:
+            raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt within the model's "
+                             f"max_position_embeddings={positions}")
+        for rid in dict.fromkeys(i for ep in episodes for i in ep.test_ids):
+            ids = prompt_ids(tokenizer, records[rid]["prompt"])
+            if len(ids) > prompt_cap:
+                if truncation == "error":
+                    raise ValueError(
+                        f"record {rid}: its prompt has {len(ids)} tokens > {prompt_cap} (min of --max-length and the "
+                        f"model's max_position_embeddings={positions} - --max-new-tokens {max_new_tokens}); "
+                        "set --truncation left|right to cut it"
+                    )
+                ids = ids[-prompt_cap:]
+                cut_prompts.add(rid)
+            prompts[rid] = ids
+    cut = sum(ex["truncated"] for ex in encoded.values())
+    if cut or cut_prompts:
+        log.warning("%d of %d shots / references cut to %d tokens (%s truncation); %d of %d generation prompts cut "
+                    "to their last %s tokens", cut, len(encoded), cap, truncation, len(cut_prompts),
+                    len(prompts), prompt_cap if max_new_tokens is not None else "-")
+    return encoded, prompts, cut_prompts
+
+
 def evaluate_model(
     trained,
     episodes: Sequence[Episode],
@@ -313,11 +367,12 @@ def evaluate_model(
     (:func:`episode_records`). ``adapt_lr`` is one rate or one per parameter name (Meta-SGD's learned
     rates); ``adapt_optimizer`` is ``sgd`` or ``adam``. ``generate=False`` scores NLL only: the generation
     and grading keys are None. Row keys: task, n, seed, holdout, id, shot_ids, nll, tokens, answer_nll,
-    answer_accuracy, answer_tokens, truncated, nll_pre, answer_nll_pre, generation, gen_tokens, finished,
-    extracted, gold, correct, strict. ``answer_*`` score the tokens of the reference's final boxed answer
-    alone (teacher forcing: ``answer_accuracy`` is the fraction the model ranks first). ``*_pre`` are the
-    same problem's values at the loaded (unadapted) weights, so ``nll_pre - nll`` is what adaptation
-    gained on it. The loaded parameters and the model's train/eval mode are the same after the call.
+    answer_accuracy, answer_tokens, truncated, nll_pre, answer_nll_pre, prompt_truncated, generation, gen_tokens,
+    finished, extracted, gold, correct, strict. ``answer_*`` score the tokens of the reference's final boxed
+    answer alone (teacher forcing: ``answer_accuracy`` is the fraction the model ranks first). ``*_pre`` are
+    the same problem's values at the loaded (unadapted) weights, so ``nll_pre - nll`` is what adaptation
+    gained on it. Lengths are checked before the first episode (:func:`_encode_plan`). The loaded
+    parameters and the model's train/eval mode are the same after the call.
     """
     from tqdm.auto import tqdm
 
@@ -341,17 +396,9 @@ def evaluate_model(
     names = list(params)
     fn = FunctionalLoss(model, names)
     loaded = [p.detach() for p in params.values()]
-
-    def encode(record_id: str) -> dict:
-        rec = records[record_id]
-        try:
-            return encode_example(tokenizer, rec["prompt"], rec["response"], max_length=max_length,
-                                  truncation=truncation, answer=rec["answer"])
-        except ValueError as err:
-            raise ValueError(f"record {record_id}: {err}") from err
-
-    references: dict[str, dict] = {}
-    prompts: dict[str, list[int]] = {}
+    # Every shot, reference and prompt is encoded and length-checked here, before the first episode.
+    encoded, prompts, cut_prompts = _encode_plan(tokenizer, model, episodes, records, max_length=max_length,
+                                                 truncation=truncation, max_new_tokens=max_new_tokens if generate else None)
     # Scores at the loaded weights, per problem: the same for every episode, so computed once (an
     # unadapted episode's own scores are these).
     unadapted: dict[str, dict] = {}
@@ -360,9 +407,7 @@ def evaluate_model(
     def score(pid: str, weights: list[torch.Tensor]) -> dict:
         """NLL of the reference solution (token mean) and, on its final answer's tokens alone, the NLL and
         the fraction of tokens the model ranks first (teacher forcing: one forward, no generation)."""
-        if pid not in references:
-            references[pid] = encode(pid)
-        ref = references[pid]
+        ref = encoded[pid]
         batch = _to(collate([ref], pad_id, packed=False), device)
         nll, hits, mask = token_nll_and_hits(fn.logits(weights, batch), batch["labels"])
         answer_mask = (F.pad(torch.tensor([ref["answer_labels"]]), (0, 1), value=IGNORE_INDEX)[:, 1:] != IGNORE_INDEX).to(device)
@@ -382,7 +427,7 @@ def evaluate_model(
         for ep in bar:
             adapted = None
             if ep.n > 0 and adapt_steps > 0:
-                shots = [encode(i) for i in ep.shot_ids]
+                shots = [encoded[i] for i in ep.shot_ids]
                 micro = [_to(collate(shots[i : i + adapt_batch_size], pad_id, packed=False), device)
                          for i in range(0, len(shots), adapt_batch_size)]
                 model.train()
@@ -397,9 +442,6 @@ def evaluate_model(
                     unadapted[pid] = score(pid, loaded)
                 scores[pid] = unadapted[pid] if adapted is None else score(pid, [adapted[name] for name in names])
             if generate:
-                for pid in ep.test_ids:
-                    if pid not in prompts:
-                        prompts[pid] = prompt_ids(tokenizer, records[pid]["prompt"])
                 swap = weights_copied_in(params, adapted) if adapted is not None else contextlib.nullcontext()
                 with swap:
                     generations = generate_greedy(
@@ -414,7 +456,7 @@ def evaluate_model(
                 rows.append({
                     "task": ep.task, "n": ep.n, "seed": ep.seed, "holdout": ep.holdout, "id": pid,
                     "shot_ids": list(ep.shot_ids), **scores[pid], "nll_pre": unadapted[pid]["nll"],
-                    "answer_nll_pre": unadapted[pid]["answer_nll"],
+                    "answer_nll_pre": unadapted[pid]["answer_nll"], "prompt_truncated": pid in cut_prompts,
                     "generation": gen["text"], "gen_tokens": gen["tokens"], "finished": gen["finished"],
                     "extracted": verdict["extracted"], "gold": gold,
                     "correct": verdict["math_verify"], "strict": verdict["strict"],
@@ -570,6 +612,7 @@ def run(args: argparse.Namespace) -> dict:
 
     methods = _parse_methods(args)
     names = list(methods)
+    check_writable_dir(Path(args.output_dir).expanduser(), "--output-dir")  # before anything is read or loaded
     for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--gen-batch-size", args.gen_batch_size),
                         ("--n-boot", args.n_boot), ("--max-length", args.max_length or 1)):
         if value < 1:
@@ -676,14 +719,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``lora-maml eval ...`` / ``python recipes/evaluate_few_shot.py ...``."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    from lora_maml.train.checkpoint import CheckpointError
+    """``lora-maml eval ...`` / ``python recipes/evaluate_few_shot.py ...``; a user error is one ``error:``
+    line and exit code 1."""
+    return run_main(_eval_command, sys.argv[1:] if argv is None else argv)
 
-    try:
-        run(args)
-    except (ValueError, OSError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+
+def _eval_command(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    run(build_parser().parse_args(argv))
     return 0

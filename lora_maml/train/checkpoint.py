@@ -46,8 +46,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
 
 from lora_maml.atomic import fsync_dir, write_text_atomic
+from lora_maml.errors import LoraMamlError, write_failure
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ _REQUIRED_PRETRAINED_FILES = {
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(LoraMamlError, RuntimeError):
     """A checkpoint that is missing, incomplete, corrupt or cannot be written; the message names it."""
 
 
@@ -348,6 +350,12 @@ def save_checkpoint(
         raise ValueError(f"pretrained_kind must be 'adapter' or 'model', got {pretrained_kind!r}")
     if not isinstance(config, Mapping):
         raise CheckpointError(f"config must be a plain dict, got {type(config).__name__}")
+    nonfinite = [n for n, t in model_state_dict.items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if nonfinite:
+        raise CheckpointError(
+            f"{pt_path(out_dir, step)}: refusing to save non-finite weights ({len(nonfinite)} tensors, e.g. "
+            f"{nonfinite[:3]}); the previous checkpoints are kept"
+        )
     # Fail on bad trainer_state before touching the directory.
     tensors: dict[str, torch.Tensor] = {}
     state_json = {
@@ -386,6 +394,8 @@ def save_checkpoint(
                 f"{final_pt}: the payload cannot be pickled ({err}); {allowed} so it loads with "
                 "torch.load(weights_only=True)"
             ) from None
+        except (OSError, RuntimeError) as err:  # torch's writer reports a full disk as a RuntimeError
+            raise CheckpointError(write_failure(tmp_pt, err) + "; the previous checkpoints are kept") from None
         del payload
         try:  # mmap reads only the pickle: this proves loadability without reading the tensors
             torch.load(tmp_pt, map_location="cpu", weights_only=True, mmap=True)
@@ -394,16 +404,12 @@ def save_checkpoint(
                 f"{final_pt}: the payload would not load with torch.load(weights_only=True); {allowed}: {err}"
             ) from None
 
-        tmp_dir.mkdir()
-        if save_pretrained is not None:
-            export_dir = tmp_dir / pretrained_kind
-            save_pretrained(export_dir)
-            _check_pretrained_export(export_dir, pretrained_kind, final_dir / pretrained_kind)
-        (tmp_dir / TRAINER_STATE_FILE).write_text(state_text, encoding="utf-8")
-        if tensors:
-            from safetensors.torch import save_file
-
-            save_file(tensors, str(tmp_dir / TRAINER_TENSORS_FILE))
+        try:
+            _write_step_dir(tmp_dir, save_pretrained, pretrained_kind, final_dir, state_text, tensors)
+        except CheckpointError:
+            raise
+        except (OSError, RuntimeError, SafetensorError) as err:  # e.g. a full disk
+            raise CheckpointError(write_failure(tmp_dir, err) + "; the previous checkpoints are kept") from None
         manifest = {
             "format_version": FORMAT_VERSION,
             "step": step,
@@ -440,6 +446,20 @@ def save_checkpoint(
     if max_to_keep is not None:
         _prune(out_dir, step, max_to_keep)
     return final_pt
+
+
+def _write_step_dir(tmp_dir: Path, save_pretrained, kind: str, final_dir: Path, state_text: str,
+                    tensors: dict[str, torch.Tensor]) -> None:
+    tmp_dir.mkdir()
+    if save_pretrained is not None:
+        export_dir = tmp_dir / kind
+        save_pretrained(export_dir)
+        _check_pretrained_export(export_dir, kind, final_dir / kind)
+    (tmp_dir / TRAINER_STATE_FILE).write_text(state_text, encoding="utf-8")
+    if tensors:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(tmp_dir / TRAINER_TENSORS_FILE))
 
 
 def _check_pretrained_export(export_dir: Path, kind: str, shown_as: Path) -> None:
@@ -509,10 +529,11 @@ def find_resume_checkpoint(trainer_cfg: Any) -> Path | None:
       * ``path`` - ``trainer_cfg.resume_from_path`` (a ``.pt`` or a ``step_N`` dir); raises
         :class:`CheckpointError` when it is missing, misnamed or incomplete.
       * ``auto`` - in ``trainer_cfg.default_local_dir``: the checkpoint named by ``latest`` when it
-        is complete, else the newest complete one before it (with a warning); without a readable
-        ``latest``, the newest complete checkpoint; None when there is none. Checkpoints newer than
-        ``latest`` were never committed (killed before ``latest`` was written, or left by a run
-        that resumed an older checkpoint) and are skipped.
+        is complete; checkpoints newer than it were never committed (killed before ``latest`` was
+        written, or left by a run that resumed an older checkpoint) and are skipped. When ``latest``
+        is absent, unreadable or names a step that is not complete, it is not trusted: the newest
+        complete checkpoint (with a warning naming what was wrong). None only when the directory
+        holds no complete checkpoint, so a fresh start never overwrites one.
     """
     mode = trainer_cfg.resume_mode
     if mode == "disable":
@@ -527,17 +548,23 @@ def find_resume_checkpoint(trainer_cfg: Any) -> Path | None:
     out_dir = Path(trainer_cfg.default_local_dir)
     steps = sorted(_scan_steps(out_dir), reverse=True)
     latest = read_latest(out_dir)
-    if latest is not None:
+    if latest is not None and not checkpoint_problems(out_dir, latest):
         newer = [s for s in steps if s > latest]
         if newer:
             logger.warning(
                 "%s: ignoring checkpoint steps %s newer than 'latest' (step_%d): never committed",
                 out_dir, sorted(newer), latest,
             )
-        steps = [s for s in steps if s <= latest]
+        return pt_path(out_dir, latest)
+    if latest is not None:
+        problems = checkpoint_problems(out_dir, latest)
+        logger.warning("%s/latest names step_%d, which is not a complete checkpoint (%s): not trusting it",
+                       out_dir, latest, "; ".join(problems))
     for s in steps:
         problems = checkpoint_problems(out_dir, s)
         if not problems:
+            if latest is not None:
+                logger.warning("%s: resuming from the newest complete checkpoint, step %d", out_dir, s)
             return pt_path(out_dir, s)
         logger.warning("skipping incomplete checkpoint step %d: %s", s, "; ".join(problems))
     if steps or latest is not None:

@@ -8,6 +8,7 @@ between the two are the training step and what the sampler draws.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import signal
@@ -15,14 +16,25 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from lora_maml.config import Config, ConfigError, config_to_dict, load_config, resolve_config_path
+from lora_maml.atomic import check_writable_dir
+from lora_maml.config import (
+    Config,
+    ConfigError,
+    config_to_dict,
+    load_config,
+    resolve_config_path,
+    with_absolute_paths,
+)
 from lora_maml.data import prepare
+from lora_maml.data.math import DataError
 from lora_maml.data.tokenize import collate, encode_records
+from lora_maml.errors import describe as describe_error
 from lora_maml.meta.algorithms import inner_loop, per_tensor
 from lora_maml.meta.fast_weights import FunctionalLoss
 from lora_maml.meta.sharded import ShardedLoss
@@ -48,17 +60,15 @@ log = logging.getLogger("lora_maml")
 
 
 def parse_recipe_args(argv: list[str] | None, description: str) -> Config:
-    """``--config PATH | --config-name NAME`` followed by dotted overrides (``meta.inner_lr=1e-3``)."""
+    """``--config PATH | --config-name NAME`` followed by dotted overrides (``meta.inner_lr=1e-3``); raises
+    :class:`ConfigError` (the command line prints it as one ``error:`` line, exit code 2)."""
     parser = argparse.ArgumentParser(description=description)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--config", help="YAML config file")
     group.add_argument("--config-name", help="a config in recipes/configs/, e.g. qwen3_4b_math")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. trainer.total_steps=10")
     args = parser.parse_args(argv)
-    try:
-        return load_config(resolve_config_path(args.config, args.config_name), args.overrides)
-    except ConfigError as err:
-        parser.exit(2, f"error: {err}\n")
+    return load_config(resolve_config_path(args.config, args.config_name), args.overrides)
 
 
 @dataclass
@@ -105,19 +115,28 @@ class TrainingRecipe:
     kind = "fomaml"  # names the metrics namespace and the run in logs
 
     def __init__(self, cfg: Config):
+        cfg = with_absolute_paths(cfg)  # what the checkpoints record works from any directory
         self.cfg = cfg
         self.dist: Dist = init_distributed()
         self.out_dir = Path(cfg.trainer.default_local_dir)
+        check_writable_dir(self.out_dir, "trainer.default_local_dir")  # every process, before any slow loading
         self.step = 0
         self.total_steps = cfg.trainer.total_steps
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.label_tokens_seen = 0  # cumulative training label tokens: the x axis that matches FOMAML and SFT
+        self.updates_applied = 0  # by this process since it started (not restored on resume)
         logging.basicConfig(
             level=logging.INFO if self.dist.is_main else logging.WARNING,
             format="%(asctime)s %(levelname)s %(message)s",
             stream=sys.stderr,
         )
+        # The checkpoint to resume (trainer.resume_mode), read now (memory-mapped) so that a config it
+        # cannot be resumed with fails before the model loads; its weights are copied in by resume().
+        self.resume_path = ckpt.find_resume_checkpoint(cfg.trainer)
+        self.checkpoint = None if self.resume_path is None else ckpt.load_checkpoint(self.resume_path)
+        if self.checkpoint is not None:
+            check_resumable(self.resume_path, self.checkpoint["config"], cfg)
 
     # -- set-up pieces -----------------------------------------------------------------------
     def check_even_share(self, count: int, what: str) -> None:
@@ -137,12 +156,15 @@ class TrainingRecipe:
         data_dir = Path(cfg.data.data_dir)
         if self.dist.is_main and not (data_dir / prepare.MANIFEST).exists():
             log.info("data: %s not prepared; preparing it from data.source=%s", data_dir, cfg.data.source)
-            code = prepare.main([
+            args = prepare.add_prepare_args(argparse.ArgumentParser()).parse_args([
                 "--source", cfg.data.source, "--output-dir", str(data_dir), "--seed", str(cfg.trainer.seed),
                 "--support-ratio", str(cfg.data.support_ratio), "--query-ratio", str(cfg.data.query_ratio), "--validate",
             ])
-            if code:
-                raise RuntimeError(f"preparing {data_dir} from data.source={cfg.data.source!r} failed (see above)")
+            try:
+                prepare.run_prepare(args, report_errors=False)
+            except (ValueError, OSError) as err:
+                raise DataError(f"preparing data.data_dir={data_dir} from data.source={cfg.data.source}: "
+                                f"{describe_error(err)}") from err
         model_dir = Path(cfg.model.partial_pretrain)
         if self.dist.is_main and cfg.model.build_tiny_if_missing and not model_dir.exists():
             from lora_maml.tiny_model import main as build_tiny
@@ -330,10 +352,11 @@ class TrainingRecipe:
         """Count skipped non-finite updates (the update itself was skipped by ``apply_gradients``)."""
         if finite:
             self.nonfinite_in_a_row = 0
+            self.updates_applied += 1
             return
         self.nonfinite_in_a_row += 1
         self.nonfinite_total += 1
-        log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d in total)",
+        log.warning("step %d: non-finite loss, gradient or updated weight, update skipped (%d in a row, %d in total)",
                     self.step, self.nonfinite_in_a_row, self.nonfinite_total)
 
     def stop_if_diverged(self) -> None:
@@ -386,6 +409,12 @@ class TrainingRecipe:
             self.logger.log(self.step, metrics)
         self.stop_if_diverged()  # after logging, so the failing step is in metrics.jsonl
         stopping = self.stop.requested()
+        if (self.step == self.total_steps or stopping) and not self.updates_applied:
+            raise FloatingPointError(
+                f"every step of this run was skipped for a non-finite loss, gradient or "
+                f"updated weight: nothing trained, no final checkpoint written to {self.out_dir}. Lower the learning "
+                "rates (meta.inner_lr, meta.outer_lr, sft.lr) or check the data."
+            )
         if self.step % cfg.save_freq == 0 or self.step == self.total_steps or stopping:
             self.save_checkpoint()
         if stopping:
@@ -421,6 +450,7 @@ class TrainingRecipe:
             full = self.cfg.meta.adapter == "full"
             state = {
                 "scheduler": self.scheduler.state_dict(),
+                "total_steps": self.total_steps,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row,
                 "nonfinite_total": self.nonfinite_total,
                 "label_tokens_seen": self.label_tokens_seen,
@@ -444,22 +474,23 @@ class TrainingRecipe:
         barrier()
 
     def resume(self) -> int | None:
-        """Load the checkpoint chosen by ``trainer.resume_mode``; return its step (None: fresh start)."""
-        path = ckpt.find_resume_checkpoint(self.cfg.trainer)
-        if path is None:
+        """Load the checkpoint chosen by ``trainer.resume_mode``; return its step (None: fresh start).
+
+        What fixes the shape or meaning of the saved weights must match (:func:`check_resumable`); a
+        changed schedule or optimizer setting is continued from the new config (:meth:`continue_schedule`).
+        """
+        path, state = self.resume_path, self.checkpoint
+        if state is None:
             return None
-        state = ckpt.load_checkpoint(path)
+        self.checkpoint = None  # the weights are copied below; the mapping need not outlive this
+        check_resumable(path, state["config"], self.cfg, state["model_state_dict"], self.params)
         saved = state["model_state_dict"]
-        if set(saved) != set(self.params):
-            raise ckpt.CheckpointError(
-                f"{path}: its weights do not match this model ({len(saved)} saved vs {len(self.params)} "
-                f"expected; e.g. {sorted(set(saved) ^ set(self.params))[:3]}); was meta.adapter or model.lora changed?"
-            )
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(shard_like(saved[name], p))
         trainer_state = state["trainer_state"]
         self.load_extra_state(trainer_state)  # first: it names a config mismatch the optimizer would not
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         optimizer_state = state["optimizer_state_dict"]
         self.optimizer.load_state_dict(shard_optimizer_state(optimizer_state, self.optimizer) if self.sharded else optimizer_state)
         self.scheduler.load_state_dict(trainer_state["scheduler"])
@@ -473,8 +504,35 @@ class TrainingRecipe:
             log.warning("%s was saved by %d processes, now %d: RNG states not restored",
                         path, len(rng_states), self.dist.world_size)
         self.step = int(state["step"])
+        saved_total = trainer_state.get("total_steps", state["config"]["trainer"]["total_steps"])
+        self.continue_schedule(path, state["config"], saved_total, configured)
         log.info("resumed from %s at step %d", path, self.step)
         return self.step
+
+    def continue_schedule(self, path: Path, saved_cfg: dict, saved_total: int, configured: list[dict]) -> None:
+        """After loading the optimizer and scheduler state: the optimizer settings are this config's
+        and the learning rate is the NEW schedule's at the resumed step, with a warning naming what
+        changed. (The optimizer state alone would keep the checkpoint's settings and its last lr, e.g.
+        0 at the end of a cosine, until the next scheduler step jumps to the new schedule.)"""
+        changed = [f"trainer.total_steps {saved_total} -> {self.total_steps}"] if saved_total != self.total_steps else []
+        changed += [f"{key} {old} -> {new}" for key, old, new in config_differences(saved_cfg, self.cfg, SCHEDULE_KEYS)]
+        sched = self.scheduler
+        old_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        for group, settings in zip(self.optimizer.param_groups, configured):
+            group.update({k: v for k, v in settings.items() if k != "lr"})
+        sched.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
+        for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * factor(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        if changed:
+            log.warning(
+                "%s: the schedule / optimizer settings differ from the checkpoint's (%s): continuing with the new "
+                "ones from step %d (lr %.3g, the checkpoint's schedule had %.3g)",
+                path, "; ".join(changed), self.step, sched._last_lr[0], old_lrs[0],
+            )
+        if self.step >= self.total_steps:
+            log.warning("%s: resumed at step %d >= %d total steps: nothing left to train (raise trainer.total_steps "
+                        "to continue)", path, self.step, self.total_steps)
 
     def cleanup(self) -> None:
         for name in ("progress", "logger"):
@@ -483,6 +541,53 @@ class TrainingRecipe:
         if hasattr(self, "stop"):
             self.stop.restore()
         destroy_distributed()
+
+
+# Config keys that fix the shape or the meaning of the saved weights: a resume must keep them.
+MUST_MATCH_KEYS = ("meta.adapter", "meta.learn_inner_lr")
+LORA_KEYS = ("model.lora.r", "model.lora.alpha", "model.lora.target_modules")
+# Config keys of the schedule and the optimizer: a resume continues with the new values (with a warning).
+SCHEDULE_KEYS = ("optim.lr_scheduler", "optim.lr_warmup_steps_ratio", "optim.betas", "optim.eps",
+                 "optim.weight_decay", "meta.outer_lr", "meta.inner_lr_lr", "sft.lr")
+
+
+def config_differences(saved: dict, cfg: Config, keys: tuple[str, ...]) -> list[tuple[str, Any, Any]]:
+    """``(key, checkpoint's value, this config's value)`` of the dotted ``keys`` that differ."""
+    now = config_to_dict(cfg)
+    out = []
+    for key in keys:
+        old, new = saved, now
+        for part in key.split("."):
+            old = old.get(part) if isinstance(old, dict) else None
+            new = new.get(part) if isinstance(new, dict) else None
+        if old != new:
+            out.append((key, old, new))
+    return out
+
+
+def check_resumable(path: Path, saved_cfg: dict, cfg: Config, saved: dict[str, torch.Tensor] | None = None,
+                    params: dict[str, torch.Tensor] | None = None) -> None:
+    """Raise :class:`ConfigError` naming every config key to set when checkpoint ``path`` cannot be
+    resumed by this run: adapter type, LoRA rank/alpha/targets, Meta-SGD and, once the model is built
+    (``saved`` weights vs the model's ``params``), every parameter's name and shape."""
+    keys = MUST_MATCH_KEYS + (LORA_KEYS if cfg.meta.adapter == "lora" else ())
+    problems = [f"{key}={json.dumps(new)} here, {json.dumps(old)} in the checkpoint (set {key}={json.dumps(old)})"
+                for key, old, new in config_differences(saved_cfg, cfg, keys)]
+    if not problems and params is not None:
+        names = sorted(set(saved) ^ set(params))
+        if names:
+            problems.append(f"{len(saved)} saved weights vs {len(params)} in this model, e.g. {names[:3]} (was "
+                            f"model.partial_pretrain changed? it is {cfg.model.partial_pretrain!r} here)")
+        shapes = [f"{n}: {tuple(saved[n].shape)} saved, {tuple(p.shape)} here" for n, p in params.items()
+                  if n in saved and saved[n].shape != p.shape]
+        if shapes:
+            problems.append(f"{len(shapes)} weights differ in shape (was model.partial_pretrain changed?), e.g. "
+                            + "; ".join(shapes[:2]))
+    if problems:
+        raise ConfigError(
+            f"cannot resume {path}: " + "; ".join(problems) + ". Or start a new run in another "
+            "trainer.default_local_dir."
+        )
 
 
 def mean_seq_len(batches: list[dict[str, torch.Tensor]]) -> float:
