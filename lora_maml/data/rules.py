@@ -6,10 +6,11 @@ learn all of them and adaptation has little left to do. Meta-learning earns its 
 from the digits 0-9 to the letters a-j, drawn from ``random.Random(f"rules-code:{seed}:{task}")``.
 Every task asks the same kind of question::
 
-    prompt   (MATH instruction) + "Encode 4 7 1 2 5 with the secret code."
-    response "Replace each digit by its code letter: \\boxed{h c a b e}."
+    prompt   "Encode 4 7 1 2 5 with the secret code."
+    response "The code gives \\boxed{ h c a b e}."
 
-so the same prompt has a different answer under every task. Without adapting to a task, no model can
+so the same prompt has a different answer under every task. (No MATH instruction before the problem:
+with the chat template an example is ~35 tokens, which keeps the CPU demo to minutes.) Without adapting to a task, no model can
 do better than chance on the answer letters: each digit's letter is uniform over the 10 letters across
 codes, a floor of ``log 10 = 2.303`` nats per answer letter and an accuracy of 0.1 (:data:`CHANCE_NLL`,
 :data:`CHANCE_ACCURACY`). A few shots determine the rule: 5 shots show 25 digits, and a digit is missing
@@ -19,12 +20,13 @@ Tasks ``code_000 .. code_{T-1}`` are meta-training tasks; the last ``unseen`` of
 tasks (``prepare`` holds them out: every record in ``few_shot_eval``, none in ``meta_train``), so
 few-shot evaluation adapts to codes never seen in training.
 
-``named=K`` writes the text a *competent base* is pretrained on: the first K meta-training codes only,
-with the code's name in the prompt ("... with the secret code 3."), so that the base learns to route each digit to
-its answer position and look its letter up (what a pretrained LLM brings to a new task); meta-learning
-then has to learn an initialisation from which a few gradient steps write a NEW code. A base trained on
-unnamed codes learns no such lookup (it can only learn the letters' uniform marginal), and nothing
-meta-learns on top of it.
+``named=K`` writes the text a *competent base* is pretrained on, from the meta-training codes only: the
+first K codes with their name in the prompt ("... with the secret code 3."), so that the base learns to
+route each digit to its answer position and look its letter up (what a pretrained LLM brings to a new
+task), and the other codes unnamed, so that on an unnamed prompt the base answers the letters' uniform
+marginal (chance) instead of confidently guessing one of the K codes. Meta-learning then has to learn an
+initialisation from which a few gradient steps write a NEW code. A base trained on unnamed codes only
+learns no lookup, and nothing meta-learns on top of it.
 """
 
 from __future__ import annotations
@@ -33,14 +35,14 @@ import math
 import random
 import re
 
-from lora_maml.data.math import DataError, make_prompt
+from lora_maml.data.math import DataError
 
 DIGITS = "0123456789"
 LETTERS = "abcdefghij"
 CHANCE_NLL = math.log(len(LETTERS))  # nats per answer letter without knowing the code
 CHANCE_ACCURACY = 1 / len(LETTERS)
 SOURCE_NAME = "synthetic-rules"
-DEFAULTS = {"tasks": 440, "unseen": 40, "per_task": 40, "digits": 5, "named": 0}
+DEFAULTS = {"tasks": 440, "unseen": 40, "per_task": 40, "digits": 5, "named": 0, "named_per_task": 400}
 _SOURCE = re.compile(rf"^{SOURCE_NAME}(?::(.*))?$")
 
 
@@ -53,7 +55,8 @@ def parse_source(source: str) -> dict[str, int]:
     """``synthetic-rules[:key=value,...]`` → the family's settings (:data:`DEFAULTS` for what is not given).
 
     Keys: ``tasks`` (all codes, meta-test included), ``unseen`` (meta-test codes), ``per_task`` (records per
-    code), ``digits`` (per problem), ``named`` (pretraining text: the first ``named`` codes, named).
+    code), ``digits`` (per problem), ``named`` (pretraining text: the first ``named`` codes named, with
+    ``named_per_task`` records each, and the other meta-training codes unnamed).
     Raises :class:`DataError` naming the bad key or value.
     """
     match = _SOURCE.match(str(source))
@@ -69,12 +72,12 @@ def parse_source(source: str) -> dict[str, int]:
         settings[key] = int(value)
     if settings["tasks"] - settings["unseen"] < 1 or settings["unseen"] < 0:
         raise DataError(f"source {source!r}: need 0 <= unseen < tasks, got {settings['unseen']} of {settings['tasks']}")
-    if not 1 <= settings["digits"] <= 10 or settings["per_task"] < 2:
-        raise DataError(f"source {source!r}: need 1 <= digits <= 10 and per_task >= 2")
+    if not 1 <= settings["digits"] <= 10 or settings["per_task"] < (0 if settings["named"] else 2):
+        raise DataError(f"source {source!r}: need 1 <= digits <= 10 and per_task >= 2 (>= 0 with named)")
     if settings["named"] > settings["tasks"] - settings["unseen"]:
         raise DataError(f"source {source!r}: named={settings['named']} exceeds the meta-training codes")
-    if settings["per_task"] > len(DIGITS) ** settings["digits"] // 2:
-        raise DataError(f"source {source!r}: per_task={settings['per_task']} distinct problems need more digits")
+    if max(settings["per_task"], settings["named_per_task"]) > len(DIGITS) ** settings["digits"] // 2:
+        raise DataError(f"source {source!r}: per_task / named_per_task distinct problems need more digits")
     return settings
 
 
@@ -94,30 +97,32 @@ def rules_records(source: str, seed: int) -> tuple[list[dict], list[str]]:
 
     Records are MATH-shaped (``id``, ``prompt``, ``response``, ``answer``, ``subject`` = the task,
     ``level``); deterministic in (``source``, ``seed``); no problem repeats within a task. With
-    ``named=K`` only the first K codes are written, named, and none is unseen.
+    ``named=K`` (pretraining text) only the meta-training codes are written: the first K named, the rest
+    unnamed, and none is unseen. The box opens with a space so that every answer letter is the same kind
+    of token (" h", never "{h") for a byte-level BPE.
     """
     settings = parse_source(source)
     n_train = settings["tasks"] - settings["unseen"]
     named = settings["named"]
-    indices = range(named) if named else range(settings["tasks"])
     records = []
-    for index in indices:
+    for index in range(n_train if named else settings["tasks"]):
         task = task_name(index)
         rule = code(seed, task)
         rng = random.Random(f"rules-problems:{seed}:{task}")
         seen: set[str] = set()
-        while len(seen) < settings["per_task"]:
+        count = settings["named_per_task"] if index < named else settings["per_task"]
+        while len(seen) < count:
             digits = [rng.choice(DIGITS) for _ in range(settings["digits"])]
             key = " ".join(digits)
             if key in seen:
                 continue
             seen.add(key)
-            which = f"the secret code {index}" if named else "the secret code"
+            which = f"the secret code {index}" if index < named else "the secret code"
             answer = " ".join(rule[d] for d in digits)
             records.append({
                 "id": f"rules/{task}/{len(seen) - 1}",
-                "prompt": make_prompt(f"Encode {key} with {which}."),
-                "response": f"Replace each digit by its code letter: \\boxed{{{answer}}}.",
+                "prompt": f"Encode {key} with {which}.",
+                "response": f"The code gives \\boxed{{ {answer}}}.",
                 "answer": answer,
                 "subject": task,
                 "level": f"Level {settings['digits']}",
