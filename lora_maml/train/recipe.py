@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lora_maml.config import Config, ConfigError, config_to_dict, load_config, resolve_config_path
 from lora_maml.data import prepare
@@ -505,7 +506,9 @@ def run(recipe_class: type[TrainingRecipe], argv: list[str] | None, description:
     recipe = recipe_class(parse_recipe_args(argv, description))
     try:
         recipe.setup()
-        recipe.train()
+        # Log records (warnings during training) print above the progress bar, not through it.
+        with logging_redirect_tqdm():
+            recipe.train()
     finally:
         recipe.cleanup()
     return 0
