@@ -12,6 +12,7 @@ from lora_maml.data.synthetic import synthetic_records
 from lora_maml.data.tokenize import prompt_ids
 from lora_maml.eval.generation import HFBackend, check_vllm_servable, cut_at_stop
 from lora_maml.load_trained import load_trained
+from lora_maml.meta.fast_weights import weights_copied_in
 from lora_maml.tiny_model import build_tiny_model
 
 
@@ -68,8 +69,6 @@ def test_hf_backend_tokens_and_logprobs_equal_an_argmax_loop(tiny_dir):
     backend.add(None, prompts)
     adapted, loaded = backend.generate()
     assert backend.stats["tokens"] == sum(len(g.tokens) for g in adapted + loaded) > 0
-    from lora_maml.meta.fast_weights import weights_copied_in
-
     with weights_copied_in(trained.params, weights):
         want_adapted = [reference(trained.model, p, 8, eos) for p in prompts]
     want_loaded = [reference(trained.model, p, 8, eos) for p in prompts]

@@ -97,8 +97,9 @@ def test_vllm_and_hf_generate_the_same_tokens_with_and_without_an_adapted_lora(s
         vllm.start(trained, **options)
         vllm.add(adapted, prompts)
         vllm.add(None, prompts)
-        got = vllm.generate()
         assert sorted(p.name for p in vllm.adapter_dir.iterdir()) == ["agree-1", "agree-2"]
+        got = vllm.generate()
+        assert not any(vllm.adapter_dir.iterdir())  # served adapters are removed
     finally:
         vllm.close()
     assert not vllm.adapter_dir.exists()

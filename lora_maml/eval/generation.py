@@ -236,7 +236,7 @@ class VLLMBackend:
 
     ``gpu_memory_utilization`` is the fraction of GPU memory (on a CPU build: of RAM) the engine
     reserves; ``max_loras`` how many adapters one batch may mix. ``adapter_dir`` holds the saved
-    adapters (a temporary directory by default), removed by :meth:`close`.
+    adapters until they are served (a temporary directory by default, removed by :meth:`close`).
     """
 
     name = "vllm"
@@ -328,6 +328,10 @@ class VLLMBackend:
         started = time.perf_counter()
         outputs = engine.generate(inputs, sampling, lora_request=requests, use_tqdm=False)
         seconds = time.perf_counter() - started
+        # Served: their files go (a 4B model's rank-16 adapter is ~66 MB in bf16, one per episode); the
+        # ids are never reused, so the engine's adapter cache cannot mistake a later one for them.
+        for path in {request.lora_path for request in requests}:
+            shutil.rmtree(path, ignore_errors=True)
         flat = []
         for output in outputs:
             completion = output.outputs[0]
