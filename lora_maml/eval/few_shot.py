@@ -61,6 +61,9 @@ Command line (:func:`main`; ``lora-maml eval`` and ``recipes/evaluate_few_shot.p
   (``learned_inner_lrs``).
 * A plain model (base or merged) gets a fresh LoRA (B = 0) shaped like the reference run's ``model.lora``,
   so it adapts the same parameter family as the trained adapters.
+* ``--backend hf|vllm`` (default hf): the generation backend, one for all methods (vLLM's engine stays up
+  between methods; ``--vllm-gpu-memory-utilization``, ``--vllm-max-loras``); each method's generation
+  tokens/s is printed and kept in its settings (``generation``).
 * Models are loaded with activation checkpointing (used by the adaptation only; ``--no-gradient-checkpointing``).
 * Outputs in ``--output-dir``: ``plan.json`` (every episode, the plan's sha256, the data manifest's sha256),
   ``rows/{method}.json`` (written as soon as a method is done), and the report of
