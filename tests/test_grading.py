@@ -228,9 +228,6 @@ GARBAGE = [
     r"\boxed{^_^}",
     r"\boxed{} \boxed{} \boxed{",
     r"\boxed{x} and \boxed{" + "," * 1000 + "}",
-    r"\boxed{2^{-10^{10}}}",
-    r"\boxed{(1, 2^{-10^{10}})}",
-    r"\boxed{10^{10^{10}} - 10^{10^{10}}}",
 ]
 
 
@@ -249,6 +246,14 @@ def test_short_explosive_answer_is_cut_off_by_the_timeout():
     start = time.monotonic()
     result = grade(boxed("9^{9^{9}}"), "5", timeout_s=1)
     assert result["math_verify"] is False
+    assert time.monotonic() - start < 10
+
+
+def test_exact_value_check_too_slow_to_evaluate_leaves_math_verifys_verdict():
+    # math-verify finds the two equal as written; evaluating 9^(9^9) to check exactly would take
+    # minutes, so the check gives up after its timeout and the verdict stands.
+    start = time.monotonic()
+    assert grade(boxed("9^{9^9}"), "9^{9^{9}}", timeout_s=1)["math_verify"] is True
     assert time.monotonic() - start < 10
 
 
