@@ -18,6 +18,7 @@ A GGUF model is dequantised (``model.gguf_file``'s loading) and saved as a dense
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +44,9 @@ def run(backend, trained, weights, prompts, options) -> tuple[list, float]:
 
 
 def main() -> None:
+    # Offline: no hub look-ups, no usage statistics sent by vLLM.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="transformers model directory (default: a tiny Qwen3, hidden 128, head_dim 64)")
     parser.add_argument("--gguf-file", help="a GGUF file in --model: served as a dequantised dense copy")
