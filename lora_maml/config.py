@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lora_maml.errors import LoraMamlError
 
@@ -182,6 +182,8 @@ class TrainerConfig(_Section):
     logger: list[Literal["console", "jsonl", "wandb", "tensorboard"]] = Field(
         default_factory=lambda: ["console", "jsonl", "wandb"]
     )
+    # headline: the guide's few numbers per logging step; all: every metric (per task too).
+    console_metrics: Literal["headline", "all"] = "headline"
     default_local_dir: str = "./outputs/fomaml_qwen3_4b_math"
     resume_mode: Literal["auto", "disable", "path"] = "auto"
     resume_from_path: str | None = None
@@ -190,6 +192,12 @@ class TrainerConfig(_Section):
     eval_num_support: int = Field(8, ge=1)
     eval_num_test: int = Field(16, ge=1)
     eval_max_tasks: int = Field(16, ge=1)
+
+    @field_validator("logger", mode="before")
+    @classmethod
+    def _one_logger_is_a_list(cls, value: Any) -> Any:
+        # ``trainer.logger=jsonl`` means [jsonl], as a user would expect.
+        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _resume_path_given(self) -> "TrainerConfig":

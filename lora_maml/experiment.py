@@ -64,6 +64,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lora_maml.errors import LoraMamlError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
 DEFAULT_CONFIG = RECIPES_DIR / "configs" / "smollm2_135m_math.yaml"
@@ -205,7 +207,7 @@ def prepare_data(args: argparse.Namespace, cfg, base_dir: Path, out: Path, name:
         "--synthetic-per-task", str(args.tiny_per_task), "--validate", "--overwrite",
     ])
     if code:
-        raise RuntimeError(f"preparing {data_dir} from {source} failed (see the error above)")
+        raise LoraMamlError(f"preparing {data_dir} from {source} failed (see the error above)")
     return data_dir
 
 
@@ -280,7 +282,7 @@ def train_one(args: argparse.Namespace, recipe: str, argv: list[str], run_dir: P
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         code = subprocess.run([sys.executable, "-m", RECIPES[recipe], *argv], env=env, check=False).returncode
     if code:
-        raise RuntimeError(f"{label}: {recipe} exited with {code} (output above); rerun this command to resume it "
+        raise LoraMamlError(f"{label}: {recipe} exited with {code} (output above); rerun this command to resume it "
                            f"from its last checkpoint in {run_dir}")
     write_json(marker, {"argv": argv, "seconds": round(time.perf_counter() - start, 1)})
     print(f"{label}: trained in {time.perf_counter() - start:.1f} s")
@@ -303,7 +305,7 @@ def pretrain(args: argparse.Namespace, config: Path, base_dir: Path, data_dir: P
         from lora_maml.export import main as merge
 
         if merge(["--checkpoint", str(run_dir), "--output", str(target), "--overwrite"]):
-            raise RuntimeError(f"exporting the pretrained model {run_dir} to {target} failed (see above)")
+            raise LoraMamlError(f"exporting the pretrained model {run_dir} to {target} failed (see above)")
     losses = [r["sft/loss"] for r in read_metrics(run_dir) if "sft/loss" in r]
     print(f"pretrained base: {target} (last sft/loss {losses[-1]:.4f} after {args.pretrain_steps} steps)")
     return target, losses[-1]
@@ -761,13 +763,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from lora_maml.config import ConfigError
-    from lora_maml.train.checkpoint import CheckpointError
+    """``python recipes/meta_vs_sft.py ...``; a user error is one ``error:`` line and exit code 1."""
+    from lora_maml.errors import run_main
 
-    try:
-        run(args)
-    except (ValueError, OSError, RuntimeError, ConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    def command(args: list[str]) -> int:
+        run(build_parser().parse_args(args))
+        return 0
+
+    return run_main(command, sys.argv[1:] if argv is None else argv)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from lora_maml.atomic import write_text_atomic
+from lora_maml.config import ConfigError
 from lora_maml.data.episodes import EpisodeSampler
 from lora_maml.errors import run_main
 from lora_maml.meta.algorithms import MetaLearner, TaskBatch

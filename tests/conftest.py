@@ -10,6 +10,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# vLLM (tests/test_vllm_backend.py) reports usage statistics to its server unless told not to.
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MATH_ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "MATH.tar.gz"

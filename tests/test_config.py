@@ -54,6 +54,13 @@ def test_overrides_are_parsed_as_yaml():
     assert cfg.optim.betas == (0.8, 0.9)
 
 
+def test_a_single_logger_means_a_one_element_list():
+    assert load_config(None, ["trainer.logger=jsonl"]).trainer.logger == ["jsonl"]
+    assert load_config(None, ["trainer.logger=[]"]).trainer.logger == []
+    with pytest.raises(ConfigError, match=r"trainer\.logger\.0"):
+        load_config(None, ["trainer.logger=mlflow"])
+
+
 @pytest.mark.parametrize(
     "overrides, key, expected",
     [
@@ -79,6 +86,7 @@ def test_overrides_are_parsed_as_yaml():
         (["optim.lr_warmup_steps_ratio=1.0"], "optim.lr_warmup_steps_ratio", "less than 1"),
         (["data.truncation=middle"], "data.truncation", "'error', 'left' or 'right'"),
         (["trainer.logger=[console,mlflow]"], "trainer.logger.1", "console"),
+        (["trainer.console_metrics=some"], "trainer.console_metrics", "'headline' or 'all'"),
         (["trainer.resume_mode=path"], "trainer", "resume_from_path"),
         (["data.tasks=[algebra,topology]"], "data", "topology"),
         (["meta.algorithm=maml"], "<root>", "enable_gradient_checkpointing=false"),

@@ -18,7 +18,7 @@ from lora_maml.config import Config, LoraConfig, config_to_dict
 from lora_maml.data.prepare import load_split, prepare
 from lora_maml.data.synthetic import synthetic_records
 from lora_maml.data.tokenize import prompt_ids, collate, encode_example
-from lora_maml.eval import few_shot
+from lora_maml.eval import few_shot, generation
 from lora_maml.eval.few_shot import (
     Episode,
     episode_records,
@@ -292,7 +292,7 @@ def test_generate_false_scores_nll_only(evaluated, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("generate=False must neither generate nor grade")
 
-    monkeypatch.setattr(few_shot, "generate_greedy", refuse)
+    monkeypatch.setattr(generation, "generate_greedy", refuse)
     monkeypatch.setattr(few_shot, "grade", refuse)
     rows = evaluate_model(evaluated.trained, evaluated.plan, evaluated.records, **{**EVAL, "generate": False})
     assert len(rows) == len(evaluated.rows)

@@ -49,10 +49,36 @@ EQUIVALENT = [
     (r"\begin{pmatrix}1\\2\end{pmatrix}", r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", True, True),
     ("5.", "5", True, True),
     (r"10\%", "10", True, True),
+    # The same exact value in other forms, however small.
+    (r"\frac{1}{2^{70}}", "2^{-70}", True, False),
+    (r"\frac{1}{1024}", "2^{-10}", True, False),
+    (r"(1+\sqrt{2})^2", r"3+2\sqrt{2}", True, False),
+    (r"(2^{-70}, 1)", r"(\frac{1}{2^{70}}, 1)", True, False),
+    # A decimal keeps math-verify's 6-place rounding against an exact value.
+    ("0.333333", r"\frac13", True, False),
+    ("0.00000015", r"\frac{3}{2\cdot 10^{7}}", True, False),
 ]
 
 WRONG = [
     (r"\frac{1}{3}", r"\frac12"),
+    # Exact values that differ, however small or large (math-verify's 15-digit chop says equal).
+    (r"\frac{1}{2^{70}}", r"\frac{1}{2^{71}}"),
+    ("2^{-70}", "2^{-71}"),
+    (r"10^{-20}", r"2\cdot 10^{-20}"),
+    (r"\frac{1}{2004!}", r"\frac{1}{2006!}"),
+    (r"\frac{10^{20}+1}{10^{20}}", "1"),
+    ("2^{100}+1", "2^{100}"),
+    (r"\sqrt{2}/2^{70}", r"\sqrt{2}/2^{71}"),
+    (r"\pi \cdot 10^{-30}", r"\pi \cdot 10^{-31}"),
+    # ...inside tuples, intervals, sets, matrices and assignments too.
+    (r"(2^{-70}, 1)", r"(2^{-71}, 1)"),
+    (r"(-\infty, 2^{-70}]", r"(-\infty, 2^{-71}]"),
+    (r"\{1, 2^{-70}\}", r"\{1, 2^{-71}\}"),
+    (r"\begin{pmatrix}2^{-70}\\1\end{pmatrix}", r"\begin{pmatrix}2^{-71}\\1\end{pmatrix}"),
+    ("x=2^{-70}", "x=2^{-71}"),
+    # Decimals below math-verify's 6 rounded places are not all equal to each other.
+    ("0.0000001", "0.0000002"),
+    ("0.0000001", "0"),
     (r"(-\infty,3)", r"(-\infty,3]"),
     ("6", "5"),
     (r"\{1,3\}", r"\{1,2\}"),
@@ -126,6 +152,62 @@ def test_last_box_is_the_answer():
     assert not grade(text, "3")["math_verify"] and not grade(text, "3")["strict"]
 
 
+ECHO = "(Remember to put your final answer in \\boxed{}.)"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The total is \\boxed{12}.\n" + ECHO,
+        "The total is \\boxed{12}. " + ECHO,
+        "The total is \\boxed{12}. So the final answer is \\boxed{answer}.",
+        "The total is \\boxed{12}. \\boxed{\\text{your final answer}}",
+    ],
+)
+def test_instruction_echo_after_the_answer_is_not_the_answer(text):
+    assert grade(text, "12") == {"extracted": "12", "math_verify": True, "strict": True}
+
+
+@pytest.mark.parametrize(
+    ("text", "gold", "extracted", "correct"),
+    [
+        (r"The solutions are \boxed{2} and \boxed{7}.", "2, 7", "2, 7", True),
+        (r"The solutions are \boxed{7} and \boxed{2}.", "2, 7", "7, 2", True),
+        (r"$x = \boxed{2}$ or $x = \boxed{7}$", "2,7", "2, 7", True),
+        (r"\boxed{-1}, \boxed{\frac12}", r"\frac{1}{2}, -1", r"-1, \frac12", True),
+        (r"The solutions are \boxed{2} and \boxed{8}.", "2, 7", "2, 8", False),
+        (r"The solutions are \boxed{2} and \boxed{7}.", "2, 7, 9", "2, 7", False),
+        # A one-part gold is answered by the last box alone, as always.
+        (r"The solutions are \boxed{2} and \boxed{7}.", "7", "7", True),
+        (r"\boxed{2} and \boxed{7}", r"\{2, 7\}", "7", False),
+        (r"\boxed{5} and \boxed{1,000}", "1,000", "1,000", True),
+        # Boxes separated by a sentence are not one answer.
+        (r"First \boxed{2}. Then correcting: \boxed{7}", "2, 7", "7", False),
+    ],
+)
+def test_several_boxes_answer_a_gold_with_several_parts(text, gold, extracted, correct):
+    result = grade(text, gold)
+    assert result["extracted"] == extracted
+    assert result["math_verify"] is correct
+
+
+@pytest.mark.parametrize(
+    ("answer", "parts"),
+    [
+        ("2, 7", ["2", "7"]),
+        (r"\frac{1}{2},3", [r"\frac{1}{2}", "3"]),
+        ("(2, 7)", ["(2, 7)"]),
+        (r"\{2,7\}", [r"\{2,7\}"]),
+        ("[1, 2)", ["[1, 2)"]),
+        ("1,000", ["1,000"]),
+        ("1,000, 2", ["1,000", "2"]),
+        ("12,34", ["12", "34"]),
+    ],
+)
+def test_answer_parts(answer, parts):
+    assert grading.answer_parts(answer) == parts
+
+
 def test_gold_given_as_full_solution_uses_its_last_box():
     solution = r"We compute $2+3$. So the answer is $\boxed{5}$."
     assert grade(boxed("5"), solution) == {"extracted": "5", "math_verify": True, "strict": True}
@@ -144,6 +226,8 @@ GARBAGE = [
     r"\boxed{1/0}",
     r"\boxed{\sqrt{-}}",
     r"\boxed{^_^}",
+    r"\boxed{} \boxed{} \boxed{",
+    r"\boxed{x} and \boxed{" + "," * 1000 + "}",
 ]
 
 
@@ -162,6 +246,14 @@ def test_short_explosive_answer_is_cut_off_by_the_timeout():
     start = time.monotonic()
     result = grade(boxed("9^{9^{9}}"), "5", timeout_s=1)
     assert result["math_verify"] is False
+    assert time.monotonic() - start < 10
+
+
+def test_exact_value_check_too_slow_to_evaluate_leaves_math_verifys_verdict():
+    # math-verify finds the two equal as written; evaluating 9^(9^9) to check exactly would take
+    # minutes, so the check gives up after its timeout and the verdict stands.
+    start = time.monotonic()
+    assert grade(boxed("9^{9^9}"), "9^{9^{9}}", timeout_s=1)["math_verify"] is True
     assert time.monotonic() - start < 10
 
 

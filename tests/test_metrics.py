@@ -82,25 +82,54 @@ def test_non_main_process_logs_nothing(tmp_path, capsys):
 # console
 
 
-def test_console_line_format(tmp_path, capsys):
-    values = {
-        "geometry/query_loss": 1.1,
-        "meta/loss": 0.81234,
-        "algebra/support_loss": 0.9,
-        "meta/avg_adaptation_gap": 0.05,
-        "meta/grad_norm": 1.23456,
-        "meta/lr": 3e-5,
-        "tokens": 12345,
-        "meta/nonfinite": float("nan"),
-    }
+CONSOLE_VALUES = {
+    "geometry/query_loss": 1.1,
+    "meta/loss": 0.81234,
+    "algebra/support_loss": 0.9,
+    "meta/avg_adaptation_gap": 0.05,
+    "meta/grad_norm": 1.23456,
+    "meta/inner_progress": 0.0123,
+    "meta/lr": 3e-5,
+    "meta/skipped_step": 0.0,
+    "perf/tokens_per_s": 1234.56,
+    "tokens": 12345,
+    "meta/nonfinite": float("nan"),
+}
+
+
+def test_console_line_shows_the_headline_metrics_only(tmp_path, capsys):
     expected = (
         "Step 100/5000: meta/loss=0.8123 meta/avg_adaptation_gap=0.0500 meta/grad_norm=1.2346 "
-        "meta/lr=3.000e-05 meta/nonfinite=nan algebra/support_loss=0.9000 geometry/query_loss=1.1000 "
-        "tokens=12345"
+        "meta/inner_progress=0.0123 tokens/s=1235"
     )
-    assert m.format_console_line(100, 5000, values) == expected
+    assert m.format_console_line(100, 5000, CONSOLE_VALUES) == expected
     with m.MetricLogger(_cfg("console"), {}, tmp_path, is_main=True) as log:
-        log.log(100, values)
+        log.log(100, CONSOLE_VALUES)
+    assert capsys.readouterr().out == expected + "\n"
+    # The per-task metrics are in metrics.jsonl all the same.
+    assert set(_lines(tmp_path / "metrics.jsonl")[0]) == {"step", *CONSOLE_VALUES}
+
+
+def test_console_line_of_sft_eval_and_skipped_steps():
+    sft = {"sft/loss": 0.5, "sft/grad_norm": 2.0, "sft/lr": 1e-4, "sft/tokens": 99, "sft/skipped_step": 1.0,
+           "eval/loss_pre": 1.5, "eval/loss_post": 1.25, "eval/algebra/loss_pre": 1.5, "perf/tokens_per_s": 10.0}
+    assert m.format_console_line(7, 8, sft) == (
+        "Step 7/8: sft/loss=0.5000 sft/grad_norm=2.0000 eval/loss_pre=1.5000 eval/loss_post=1.2500 "
+        "tokens/s=10 sft/skipped_step=1.0000"
+    )
+
+
+def test_console_metrics_all_prints_every_metric(tmp_path, capsys):
+    expected = (
+        "Step 100/5000: meta/loss=0.8123 meta/avg_adaptation_gap=0.0500 meta/grad_norm=1.2346 "
+        "meta/inner_progress=0.0123 meta/lr=3.000e-05 meta/skipped_step=0.0000 meta/nonfinite=nan "
+        "algebra/support_loss=0.9000 geometry/query_loss=1.1000 tokens/s=1235 tokens=12345"
+    )
+    assert m.format_console_line(100, 5000, CONSOLE_VALUES, "all") == expected
+    cfg = _cfg("console")
+    cfg.console_metrics = "all"
+    with m.MetricLogger(cfg, {}, tmp_path, is_main=True) as log:
+        log.log(100, CONSOLE_VALUES)
     assert capsys.readouterr().out == expected + "\n"
 
 

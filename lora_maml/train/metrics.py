@@ -2,7 +2,9 @@
 
 :class:`MetricLogger` sends ``{name: number}`` at a step to the sinks listed in ``trainer.logger``;
 ``metrics.jsonl`` in the run directory is always written because resumption and the reports read
-it. On resume the file and the tensorboard events are cut back to the checkpoint step, so a resumed
+it. The console gets one short line per logging step with the headline metrics
+(:data:`HEADLINE_METRICS`; every metric with ``trainer.console_metrics=all``), printed above the
+progress bar. On resume the file and the tensorboard events are cut back to the checkpoint step, so a resumed
 run's ``metrics.jsonl`` equals that of an uninterrupted run, and wandb continues the same run (its id
 is kept in ``<out_dir>/wandb_run_id``). wandb never blocks or stops training: without credentials or
 when ``wandb.init`` fails it logs offline (``wandb sync <out_dir>/wandb/offline-run-*`` uploads later),
@@ -56,10 +58,46 @@ def order_keys(keys: list[str]) -> list[str]:
     return meta + sorted(k for k in keys if not k.startswith("meta/"))
 
 
-def format_console_line(step: int, total_steps: int, metrics: Mapping[str, float | int]) -> str:
-    """``Step 100/5000: meta/loss=0.8123 meta/grad_norm=1.2000 algebra/support_loss=0.9000``."""
-    fields = " ".join(f"{k}={format_value(metrics[k])}" for k in order_keys(list(metrics)))
+# The guide's headline numbers, in this order, on the console line of a logging step (those the
+# step has): FOMAML's, SFT's, the periodic evaluation's means, then throughput. Everything else
+# (per-task losses, token counts, learning rates, Meta-SGD rates) goes to metrics.jsonl / wandb /
+# tensorboard, or to the console as well with ``trainer.console_metrics=all``.
+HEADLINE_METRICS = (
+    "meta/loss",
+    "meta/avg_adaptation_gap",
+    "meta/grad_norm",
+    "meta/inner_progress",
+    "sft/loss",
+    "sft/grad_norm",
+    "eval/loss_pre",
+    "eval/loss_post",
+    "perf/tokens_per_s",
+)
+# Console labels shorter than the key where the key is long and the meaning plain.
+_CONSOLE_LABELS = {"perf/tokens_per_s": "tokens/s"}
+
+
+def format_console_line(
+    step: int, total_steps: int, metrics: Mapping[str, float | int], which: Literal["headline", "all"] = "headline"
+) -> str:
+    """``Step 100/5000: meta/loss=0.8123 meta/avg_adaptation_gap=0.0500 ... tokens/s=1234``.
+
+    ``which="headline"``: the :data:`HEADLINE_METRICS` present in ``metrics``, plus a step's skipped
+    update (``meta/skipped_step=1``) when there was one; ``"all"``: every key, ``meta/*`` first.
+    """
+    if which == "all":
+        keys = order_keys(list(metrics))
+    else:
+        keys = [k for k in HEADLINE_METRICS if k in metrics]
+        keys += [k for k in ("meta/skipped_step", "sft/skipped_step") if metrics.get(k)]
+    fields = " ".join(f"{_CONSOLE_LABELS.get(k, k)}={_console_value(k, metrics[k])}" for k in keys)
     return f"Step {step}/{total_steps}: {fields}"
+
+
+def _console_value(key: str, value: float | int) -> str:
+    if key == "perf/tokens_per_s" and math.isfinite(value):
+        return f"{value:.0f}"
+    return format_value(value)
 
 
 def _as_number(key: str, value: Any) -> float | int:
@@ -117,6 +155,7 @@ class MetricLogger:
         self.total_steps = trainer_cfg.total_steps if total_steps is None else total_steps
         self.jsonl_path = self.out_dir / METRICS_FILE
         self._sinks = set(trainer_cfg.logger)
+        self._console_metrics = trainer_cfg.console_metrics
         self._jsonl = None
         self._wandb_run = None
         self._tb_writer = None
@@ -216,7 +255,8 @@ class MetricLogger:
         self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
         self._jsonl.flush()
         if "console" in self._sinks:
-            tqdm.write(format_console_line(step, self.total_steps, values))
+            # tqdm.write clears the progress bar, prints the line and redraws the bar below it.
+            tqdm.write(format_console_line(step, self.total_steps, values, self._console_metrics))
         if self._wandb_run is not None:
             try:
                 self._wandb_run.log(values, step=int(step))

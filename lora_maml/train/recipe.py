@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lora_maml.atomic import check_writable_dir
 from lora_maml.config import (
@@ -656,7 +657,9 @@ def run(recipe_class: type[TrainingRecipe], argv: list[str] | None, description:
     recipe = recipe_class(parse_recipe_args(argv, description))
     try:
         recipe.setup()
-        recipe.train()
+        # Log records (warnings during training) print above the progress bar, not through it.
+        with logging_redirect_tqdm():
+            recipe.train()
     finally:
         recipe.cleanup()
     return 0

@@ -360,7 +360,11 @@ def test_console_shows_the_guide_line_format(recipe_inputs, tmp_path, capsys):
         assert match, f"not the guide's format 'Step N/T: meta/loss=...': {line!r}"
         assert (int(match[1]), int(match[2])) == (row["step"], 4)
         assert float(match[3]) == pytest.approx(row["meta/loss"], abs=1e-4)
-        assert re.search(r" meta/grad_norm=\S+", line) and "perf/tokens_per_s=" in line
+        # One short line: the headline metrics, no per-task ones (those are in metrics.jsonl).
+        keys = re.findall(r" (\S+)=", line)
+        assert keys == ["meta/loss", "meta/avg_adaptation_gap", "meta/grad_norm", "meta/inner_progress",
+                        *(["eval/loss_pre", "eval/loss_post"] if "eval/loss_pre" in row else []), "tokens/s"]
+        assert any(key.endswith("/support_loss") for key in row), "per-task metrics missing from metrics.jsonl"
 
 
 # -- Meta-SGD ----------------------------------------------------------------------------------------------
