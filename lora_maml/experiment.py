@@ -12,8 +12,8 @@ each phase skips what an earlier invocation finished (a run killed half-way resu
 every file is written atomically.
 
 1. Base model. ``--model DIR`` as it is; ``--model FILE.gguf`` dequantised ONCE to fp32 into
-   ``<out>/base_model``; ``--tiny``: a tiny random-init Qwen3 (:data:`TINY_MODEL`) whose tokenizer is
-   trained on the texts of ``--source`` (and ``--pretrain``).
+   ``<out>/base_model``; ``--tiny``: a tiny random-init Qwen3 (``--tiny-dims``, :func:`tiny_model_dims`)
+   whose tokenizer is trained on the texts of ``--source`` (and ``--pretrain``).
 2. Data. ``--source`` prepared into ``<out>/data`` with the config's ratios and ``--data-seed``. A MATH
    source is first cut to the problems whose encoded example fits ``data.max_length`` (``<out>/records.jsonl``)
    and to the config's ``data.tasks``; a generated source (``synthetic``, ``synthetic-rules``) is prepared
@@ -38,9 +38,11 @@ every file is written atomically.
    the init's own weights. Rows in ``<out>/eval/rows/<init>.json``.
 6. Statistics, per n, pooled over tasks: per init and per method (seeds pooled) the mean of every metric
    (:data:`METRICS`) and the gain ``pre - post`` of the NLLs; paired differences A - B (seed s with seed s,
-   the same episode and problem) for the comparisons of :func:`comparisons`. 95% CIs: a bootstrap over
-   EPISODES (every scored problem of an episode, all seeds, moves together; resampled within each task; the
-   same resamples for every init, comparison and metric of an n) via ``lora_maml.eval.report``. A verdict
+   the same episode and problem) for the comparisons of :func:`comparisons`. 95% CIs: the two-way bootstrap
+   of ``lora_maml.eval.report`` on each task's [episodes x problems] grid (seeds averaged per entry):
+   episodes AND problems resampled, within each task, the same resamples for every init, comparison and
+   metric of an n; n = 0 has one episode per task, so its CI is over problems. With ``--eval-on holdout``
+   the tasks are a sample of the family's unseen tasks, so the tasks are drawn with replacement too. A verdict
    per comparison on ``--verdict-metric``: "better / worse / not distinguishable at 95%"; better or worse
    also needs every seed's paired mean on that side (the CI does not cover training seeds).
    ``<out>/results.json``, ``<out>/results.md``, ``<out>/few_shot_curve.png`` (each metric vs n per method,
@@ -59,10 +61,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from lora_maml.errors import LoraMamlError
 
@@ -95,9 +98,16 @@ CONTROLLED = ("model.partial_pretrain", "model.gguf_file", "model.build_tiny_if_
               "data.source", "trainer.seed", "trainer.default_local_dir", "trainer.experiment_name",
               "trainer.resume_mode", "sft.match_tokens_of", "meta.algorithm", "meta.learn_inner_lr", "meta.adapter")
 BASE_SOURCE_FILE = "meta_vs_sft_source.json"
-# The tiny base of --tiny: 4 layers are enough to learn a lookup (the rules demo), small enough for CI.
-TINY_MODEL = dict(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=32, intermediate_size=256)
+def tiny_model_dims(spec: str) -> dict[str, int]:
+    """``--tiny-dims HIDDEN,LAYERS`` → the tiny Qwen3's sizes: heads of 32 (GQA 2:1), an MLP of 2 x HIDDEN."""
+    try:
+        hidden, layers = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise ValueError(f"--tiny-dims {spec!r}: expected HIDDEN,LAYERS, e.g. 128,4") from None
+    if hidden < 64 or hidden % 64 or layers < 1:
+        raise ValueError(f"--tiny-dims {spec!r}: HIDDEN must be a multiple of 64 and LAYERS >= 1")
+    return dict(vocab_size=512, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 32,
+                num_key_value_heads=hidden // 64, head_dim=32, intermediate_size=2 * hidden)
 
 
 # --- small helpers ---------------------------------------------------------------------------
@@ -132,7 +142,8 @@ def prepare_base_model(args: argparse.Namespace, out: Path) -> Path:
     """The base model directory every run starts from (see the module docstring)."""
     target = out / "base_model"
     if args.tiny:
-        source = {"tiny": TINY_MODEL, "source": args.source, "pretrain": args.pretrain, "data_seed": args.data_seed}
+        source = {"tiny": tiny_model_dims(args.tiny_dims), "source": args.source, "pretrain": args.pretrain,
+                  "data_seed": args.data_seed}
     else:
         model = Path(args.model).expanduser().resolve()
         if model.is_dir():
@@ -157,7 +168,7 @@ def prepare_base_model(args: argparse.Namespace, out: Path) -> Path:
         for spec in filter(None, (args.source, args.pretrain)):
             records = read_source(spec, seed=args.data_seed, synthetic_per_task=args.tiny_per_task)[0]
             texts += [f"{r['prompt']}\n{r['response']}" for r in records]
-        build_tiny_model(target, texts, overwrite=True, **TINY_MODEL)  # written atomically
+        build_tiny_model(target, texts, overwrite=True, **source["tiny"])  # written atomically
         write_json(target / BASE_SOURCE_FILE, source)  # last: its presence means the model is complete
         print(f"base model: tiny random-init Qwen3 at {target}")
         return target
@@ -258,34 +269,82 @@ def run_argv(config: Path, overrides: Sequence[str], common: Sequence[str], out:
     argv = ["--config", str(config), *overrides, *common, *METHODS[method][1], f"trainer.seed={seed}",
             f"trainer.default_local_dir={out / 'runs' / name}", f"trainer.experiment_name=meta_vs_sft_{name}"]
     if method == "sft_tokens":
-        argv.append(f"sft.match_tokens_of={out / 'runs' / run_name('fomaml', seed)}")
+        argv.append(f"sft.match_tokens_of={out / 'runs' / run_name('fomaml', seed)}.config.yaml")
     return argv
 
 
-def train_one(args: argparse.Namespace, recipe: str, argv: list[str], run_dir: Path, label: str) -> None:
-    """Run ``recipe`` with ``argv`` unless its done marker says it finished with the same arguments."""
-    marker = run_dir.with_name(f"{run_dir.name}.done.json")
-    done = read_json(marker)
-    if done is not None:
-        if done["argv"] != argv:
-            raise ValueError(f"{run_dir} was trained with other arguments ({marker}); use another --out or "
-                             f"delete both to retrain:\n  was: {done['argv']}\n  now: {argv}")
-        print(f"{label}: finished earlier, skipped ({run_dir})")
-        return
-    print(f"{label}: {recipe} {' '.join(argv)}", flush=True)
-    start = time.perf_counter()
-    if args.in_process:
-        import importlib
+@dataclass
+class Run:
+    """One training run: the recipe, its arguments, its run directory and how it is named in the output."""
 
-        code = importlib.import_module(RECIPES[recipe]).main(argv)
-    else:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-        code = subprocess.run([sys.executable, "-m", RECIPES[recipe], *argv], env=env, check=False).returncode
+    recipe: str
+    argv: list[str]
+    run_dir: Path
+    label: str
+
+    @property
+    def marker(self) -> Path:
+        return self.run_dir.with_name(f"{self.run_dir.name}.done.json")
+
+
+def finished(run: Run) -> bool:
+    """Whether ``run``'s done marker says it finished with the same arguments (other arguments: an error)."""
+    done = read_json(run.marker)
+    if done is None:
+        return False
+    if done["argv"] != run.argv:
+        raise ValueError(f"{run.run_dir} was trained with other arguments ({run.marker}); use another --out or "
+                         f"delete both to retrain:\n  was: {done['argv']}\n  now: {run.argv}")
+    print(f"{run.label}: finished earlier, skipped ({run.run_dir})")
+    return True
+
+
+def train_runs(args: argparse.Namespace, runs: Sequence[Run]) -> None:
+    """Train the unfinished ``runs``: one by one in this process (``--in-process``), or as subprocesses,
+    ``--jobs`` at a time, sharing ``OMP_NUM_THREADS`` (default: every core) between them; a parallel run's
+    output goes to ``<run dir>.log``. A run that fails stops the experiment (rerun to resume it)."""
+    todo = [run for run in runs if not finished(run)]
+    jobs = min(args.jobs, max(len(todo), 1))
+    threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // jobs)),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    running: list[tuple[Run, subprocess.Popen, float, object]] = []
+    while todo or running:
+        while todo and (len(running) < jobs or args.in_process):
+            run = todo.pop(0)
+            print(f"{run.label}: {run.recipe} {' '.join(run.argv)}", flush=True)
+            start = time.perf_counter()
+            if args.in_process:
+                import importlib
+
+                code = importlib.import_module(RECIPES[run.recipe]).main(run.argv)
+                _done(run, code, start)
+                continue
+            run.run_dir.parent.mkdir(parents=True, exist_ok=True)
+            log = open(run.run_dir.with_name(f"{run.run_dir.name}.log"), "w") if jobs > 1 else None
+            process = subprocess.Popen([sys.executable, "-m", RECIPES[run.recipe], *run.argv], env=env,
+                                       stdout=log, stderr=subprocess.STDOUT if log else None)
+            running.append((run, process, start, log))
+        for item in list(running):
+            run, process, start, log = item
+            if process.poll() is not None:
+                running.remove(item)
+                if log:
+                    log.close()
+                _done(run, process.returncode, start, running)
+        if running:
+            time.sleep(0.5)
+
+
+def _done(run: Run, code: int | None, start: float, running: Sequence = ()) -> None:
     if code:
-        raise LoraMamlError(f"{label}: {recipe} exited with {code} (output above); rerun this command to resume it "
-                           f"from its last checkpoint in {run_dir}")
-    write_json(marker, {"argv": argv, "seconds": round(time.perf_counter() - start, 1)})
-    print(f"{label}: trained in {time.perf_counter() - start:.1f} s")
+        for _, process, _, _ in running:  # the others would be orphaned otherwise
+            process.terminate()
+        where = f" (its output: {run.run_dir.with_name(run.run_dir.name + '.log')})" if running else " (output above)"
+        raise LoraMamlError(f"{run.label}: {run.recipe} exited with {code}{where}; rerun this command to resume it "
+                            f"from its last checkpoint in {run.run_dir}")
+    write_json(run.marker, {"argv": run.argv, "seconds": round(time.perf_counter() - start, 1)})
+    print(f"{run.label}: trained in {time.perf_counter() - start:.1f} s", flush=True)
 
 
 def pretrain(args: argparse.Namespace, config: Path, base_dir: Path, data_dir: Path, out: Path) -> tuple[Path, float]:
@@ -300,7 +359,7 @@ def pretrain(args: argparse.Namespace, config: Path, base_dir: Path, data_dir: P
             "sft.match_tokens_of=null", f"trainer.save_freq={args.pretrain_steps}",
             f"trainer.test_freq={args.pretrain_steps}", f"trainer.default_local_dir={run_dir}",
             "trainer.experiment_name=meta_vs_sft_pretrain", "trainer.seed=0"]
-    train_one(args, "sft", argv, run_dir, "pretrain (all weights)")
+    train_runs(args, [Run("sft", argv, run_dir, "pretrain (all weights)")])
     if not (target / "config.json").is_file():
         from lora_maml.export import main as merge
 
@@ -312,15 +371,28 @@ def pretrain(args: argparse.Namespace, config: Path, base_dir: Path, data_dir: P
 
 
 def train_all(args: argparse.Namespace, config: Path, common: Sequence[str], out: Path) -> dict[str, Path]:
-    """Train every (method, seed); return ``{name: run dir}``."""
-    runs = {}
-    todo = [(method, seed) for seed in args.seeds for method in args.methods]
-    for i, (method, seed) in enumerate(todo, 1):
-        name = run_name(method, seed)
-        runs[name] = out / "runs" / name
-        train_one(args, METHODS[method][0], run_argv(config, args.overrides, common, out, method, seed), runs[name],
-                  f"[{i}/{len(todo)}] {name}")
-    return runs
+    """Train every (method, seed), ``--jobs`` at a time; return ``{name: run dir}``. SFT matched in tokens is
+    matched to the FOMAML run's resolved config (``<out>/runs/fomaml_<seed>.config.yaml``, written first),
+    so it need not wait for that run: the token count is replayed from the config alone."""
+    from lora_maml.config import config_to_dict, load_config
+
+    runs = []
+    for seed in args.seeds:
+        if "sft_tokens" in args.methods:
+            fomaml = load_config(config, run_argv(config, args.overrides, common, out, "fomaml", seed)[2:])
+            path = out / "runs" / f"{run_name('fomaml', seed)}.config.yaml"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            from lora_maml.atomic import write_text_atomic
+
+            write_text_atomic(path, yaml.safe_dump(config_to_dict(fomaml), sort_keys=False))
+        for method in args.methods:
+            name = run_name(method, seed)
+            runs.append(Run(METHODS[method][0], run_argv(config, args.overrides, common, out, method, seed),
+                            out / "runs" / name, name))
+    for i, run in enumerate(runs, 1):
+        run.label = f"[{i}/{len(runs)}] {run.label}"
+    train_runs(args, runs)
+    return {run.run_dir.name: run.run_dir for run in runs}
 
 
 # --- 5. evaluation ---------------------------------------------------------------------------
@@ -427,25 +499,29 @@ def paired_values(rows_by_init: dict[str, list[dict]]) -> dict[str, dict[tuple, 
     return values
 
 
-def episode_grids(values: dict[tuple, float], n: int) -> list[np.ndarray]:
-    """Per task, an [episodes x 1] grid of episode means of ``values`` (keys (n, task, seed, id, ...)) at ``n``
-    (NaN entries, e.g. a reference without answer tokens, left out of the means)."""
-    sums: dict[str, dict[int, list[float]]] = {}
+def grids(values: dict[tuple, float], n: int) -> list[np.ndarray]:
+    """Per task, the [episodes x problems] grid of ``values`` (keys (n, task, episode seed, problem id, ...))
+    at ``n``, each entry the mean over the training seeds of that (episode, problem). Every episode of a task
+    scores the same problems (the plan's), so the grids are complete; NaN entries (a reference without
+    answer tokens) are left out of the means downstream."""
+    cells: dict[str, dict[tuple[int, str], list[float]]] = {}
     for key, value in values.items():
         if key[0] == n:
-            sums.setdefault(key[1], {}).setdefault(key[2], []).append(value)
-    with np.errstate(invalid="ignore"), _quiet_empty_means():
-        return [np.array([[np.nanmean(per_episode[e])] for e in sorted(per_episode)])
-                for _, per_episode in sorted(sums.items())]
+            cells.setdefault(key[1], {}).setdefault((key[2], key[3]), []).append(value)
+    out = []
+    for _, per_cell in sorted(cells.items()):
+        episodes = sorted({e for e, _ in per_cell})
+        problems = sorted({p for _, p in per_cell})
+        grid = np.full((len(episodes), len(problems)), np.nan)
+        for (e, p), seeds in per_cell.items():
+            grid[episodes.index(e), problems.index(p)] = _finite_mean(seeds)
+        out.append(grid)
+    return out
 
 
-@contextlib.contextmanager
-def _quiet_empty_means() -> Iterator[None]:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN episode is NaN: left out downstream
-        yield
+def _finite_mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
 
 
 def _series_names() -> list[tuple[str, bool]]:
@@ -461,19 +537,14 @@ def _series(entry: dict[str, float], name: str) -> float:
 
 
 def statistics(values: dict, methods: Sequence[str], seeds: Sequence[int], n_shots: Sequence[int], n_boot: int,
-               boot_seed: int, verdict_metric: str) -> dict:
-    """Summary rows per init / method and n, paired comparisons, verdicts (see the module docstring, 6)."""
+               boot_seed: int, verdict_metric: str, sampled_tasks: bool = False) -> dict:
+    """Summary rows per init / method and n, paired comparisons, verdicts (see the module docstring, 6).
+    ``sampled_tasks``: the tasks are a sample of a family (unseen tasks), so the bootstrap draws them too."""
     from lora_maml.eval.report import bootstrap_mean, paired_bootstrap
 
     def rng(n: int) -> np.random.Generator:
         # One stream per n for every init, comparison and metric: identical grid shapes -> identical resamples.
         return np.random.default_rng([boot_seed, n])
-
-    def without_ci_if_one_episode(stat: dict, grids: list[np.ndarray]) -> dict:
-        # One episode in a task (n = 0, or --episodes 1): resampling episodes there shows no variation at all.
-        if min(len(g) for g in grids) < 2:
-            return stat | {"ci": [math.nan, math.nan], "p": math.nan}
-        return stat
 
     units = {"base": ["base"], **{m: [run_name(m, s) for s in seeds] for m in methods},
              **{run_name(m, s): [run_name(m, s)] for m in methods for s in seeds}}
@@ -483,8 +554,7 @@ def statistics(values: dict, methods: Sequence[str], seeds: Sequence[int], n_sho
             row = {"init": unit, "seeds": len(inits), "n": n}
             for name, _ in _series_names():
                 flat = {(*key, init): _series(v, name) for init in inits for key, v in values[init].items()}
-                grids = episode_grids(flat, n)
-                stat = without_ci_if_one_episode(bootstrap_mean(grids, n_boot=n_boot, rng=rng(n)), grids)
+                stat = bootstrap_mean(grids(flat, n), n_boot=n_boot, rng=rng(n), resample_strata=sampled_tasks)
                 row[name], row[f"{name}_ci"] = stat["mean"], stat["ci"]
             row["rows"] = sum(1 for init in inits for key in values[init] if key[0] == n)
             summary.append(row)
@@ -498,15 +568,12 @@ def statistics(values: dict, methods: Sequence[str], seeds: Sequence[int], n_sho
                     va, vb = values[run_name(a, s)], values[run_name(b, s)]
                     for key, entry in va.items():
                         diffs[(*key, s)] = _series(entry, name) - _series(vb[key], name)
-                grids = episode_grids(diffs, n)
-                stat = without_ci_if_one_episode(paired_bootstrap(grids, n_boot=n_boot, rng=rng(n)), grids)
+                stat = paired_bootstrap(grids(diffs, n), n_boot=n_boot, rng=rng(n), resample_strata=sampled_tasks)
                 row[f"{name}_diff"], row[f"{name}_diff_ci"], row[f"{name}_p"] = stat["diff"], stat["ci"], stat["p"]
                 # The bootstrap resamples episodes, not training runs: the per-seed means show the seeds' spread.
-                with _quiet_empty_means():
-                    row[f"{name}_diff_by_seed"] = {
-                        str(s): float(np.nanmean([d for key, d in diffs.items() if key[0] == n and key[-1] == s]))
-                        for s in seeds
-                    }
+                row[f"{name}_diff_by_seed"] = {
+                    str(s): _finite_mean([d for key, d in diffs.items() if key[0] == n and key[-1] == s]) for s in seeds
+                }
                 row["pairs"] = sum(1 for key in diffs if key[0] == n)
             row["verdict"] = verdict(row, verdict_metric)
             rows.append(row)
@@ -520,7 +587,7 @@ def verdict(row: dict, metric: str = "nll") -> str:
     lower_is_better = dict(_series_names())[metric]
     lo, hi = row[f"{metric}_diff_ci"]
     if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
-        return "no 95% CI (one episode per task)"
+        return "no 95% CI"
     by_seed = list(row[f"{metric}_diff_by_seed"].values())
     if hi < 0 or lo > 0:
         if all(d < 0 for d in by_seed) if hi < 0 else all(d > 0 for d in by_seed):
@@ -570,8 +637,9 @@ def render_markdown(result: dict) -> str:
         f"{s['adapt_optimizer']} lr {s['adapt_lr']}, {s['adapt_steps']} full-batch steps over the n shots "
         "(Meta-SGD: its learned rates). answer_accuracy: fraction of the final answer's tokens the model ranks "
         "first (teacher forcing); answer_nll / nll: mean token NLL of the answer / the whole reference solution "
-        "(lower is better). Means over every (seed, episode, problem); [95% CI]: bootstrap over episodes within "
-        f"tasks (B = {result['n_boot']}). Method rows pool their seeds.", "",
+        "(lower is better). Means over every (seed, episode, problem); [95% CI]: bootstrap of episodes and "
+        f"problems within tasks{', and of the tasks' if s['eval_on'] == 'holdout' else ''} (B = {result['n_boot']}). "
+        "Method rows pool their seeds.", "",
     ]
     if result.get("pretrain"):
         p = result["pretrain"]
@@ -646,6 +714,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help="base model: a Hugging Face model directory or a .gguf file (dequantised once)")
     p.add_argument("--tiny", action="store_true", help="a tiny random-init Qwen3 as the base (no --model)")
+    p.add_argument("--tiny-dims", default="128,4", metavar="HIDDEN,LAYERS",
+                   help="size of the --tiny model (default 128,4: 4 layers learn the rules family's lookup)")
     p.add_argument("--source", help="data: any `lora-maml prepare --source` (default: the MATH archive "
                    f"{DEFAULT_MATH}; with --tiny: synthetic)")
     p.add_argument("--pretrain", metavar="SOURCE", help="first train every weight of the base on this source's text "
@@ -672,6 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--boot-seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--in-process", action="store_true", help="run the training recipes in this process, not subprocesses")
+    p.add_argument("--jobs", type=int, default=1, help="training runs at a time (subprocesses sharing OMP_NUM_THREADS; "
+                   "default 1). The runs of a seed are independent: 2 halves the training time on 2 cores")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every training run")
     return p
 
@@ -684,6 +756,8 @@ def check_args(args: argparse.Namespace) -> None:
                         ("--pretrain-steps", args.pretrain_steps)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.jobs < 1 or (args.jobs > 1 and args.in_process):
+        raise ValueError(f"--jobs {args.jobs}: expected >= 1, and 1 with --in-process")
     if not args.pretrain_lr > 0 or not math.isfinite(args.pretrain_lr):
         raise ValueError(f"--pretrain-lr must be a positive finite number, got {args.pretrain_lr}")
     if len(set(args.seeds)) != len(args.seeds):
@@ -741,7 +815,7 @@ def run(args: argparse.Namespace) -> dict:
         rows_by_init, settings = evaluate_all(args, cfg, base_dir, data_dir, runs, out)
     with phase("6/6 statistics", timings):
         stats = statistics(paired_values(rows_by_init), args.methods, args.seeds, args.n_shots, args.n_boot,
-                           args.boot_seed, args.verdict_metric)
+                           args.boot_seed, args.verdict_metric, sampled_tasks=args.eval_on == "holdout")
     timings["total"] = round(time.perf_counter() - started, 1)
     source_meta = read_manifest(data_dir)["source"]
     result = {"config": str(config), "overrides": list(args.overrides), "base_model": str(base_dir),

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's main demo, offline, on CPU, in a few minutes: does meta-learning pay off on NEW tasks?
 #   a family of 440 hidden digit codes (lora_maml/data/rules.py; 40 never seen in training)
-#   -> tiny random-init Qwen3 -> pretrained on all weights on 8 named codes (a competent base)
+#   -> tiny random-init Qwen3 -> pretrained on all weights on 8 named codes and the other training codes
+#      unnamed (a competent base: it can look a code up, and it answers chance on an unnamed prompt)
 #   -> LoRA FOMAML and LoRA SFT matched in training tokens, from that base
 #   -> few-shot adaptation on the 40 unseen codes at n = 0, 1, 2, 5, 10 (identical episodes), paired CIs
 #   -> the FOMAML adapter merged into the base.
@@ -16,9 +17,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB
 
 echo "== 1/2 build, pretrain, meta-train, train the baseline, evaluate on unseen tasks (recipes/meta_vs_sft.py)"
 python recipes/meta_vs_sft.py --tiny --out "$OUT" --config recipes/configs/rules_tiny.yaml \
-  --source synthetic-rules --pretrain "synthetic-rules:named=8,per_task=400" --pretrain-steps 500 \
-  --methods fomaml sft_tokens --seeds 0 --eval-on holdout --n-shots 0 1 2 5 10 --episodes 2 \
-  --test-per-episode 10 --verdict-metric answer_accuracy --n-boot 1000 "$@"
+  --source synthetic-rules --pretrain "synthetic-rules:named=8,per_task=12,named_per_task=600" \
+  --pretrain-steps 1500 --pretrain-lr 1e-3 --methods fomaml sft_tokens --seeds 0 --eval-on holdout \
+  --n-shots 0 1 2 5 10 --episodes 1 --test-per-episode 10 --verdict-metric answer_accuracy --n-boot 1000 \
+  --jobs 2 "$@"
 
 echo "== 2/2 merge the FOMAML adapter into its base (a plain model directory for vLLM)"
 lora-maml merge --checkpoint "$OUT/runs/fomaml_0" --output "$OUT/merged" --overwrite

@@ -31,7 +31,7 @@ def bench():
 
 
 def argv(out: Path, *extra: str) -> list[str]:
-    return ["--tiny", "--out", str(out), "--seeds", "0", "--n-shots", *map(str, N_SHOTS), "--episodes", "2",
+    return ["--tiny", "--tiny-dims", "64,2", "--out", str(out), "--seeds", "0", "--n-shots", *map(str, N_SHOTS), "--episodes", "2",
             "--test-per-episode", "2", "--n-boot", "200", *extra, "--", *OVERRIDES]
 
 

@@ -76,12 +76,18 @@ def _rng(seed: int, *key: object) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def _grid_means(grids: Sequence[np.ndarray], n_boot: int, rng: np.random.Generator) -> tuple[float, np.ndarray]:
-    """Pooled mean of the finite entries of ``grids`` (strata, each [E, P]) and its two-way bootstrap."""
+def _grid_means(grids: Sequence[np.ndarray], n_boot: int, rng: np.random.Generator,
+                resample_strata: bool = False) -> tuple[float, np.ndarray]:
+    """Pooled mean of the finite entries of ``grids`` (strata, each [E, P]) and its two-way bootstrap;
+    ``resample_strata`` also draws the strata (tasks) with replacement: a three-level bootstrap for
+    tasks that are themselves a sample (a family's unseen tasks)."""
     num = np.zeros(n_boot)
     den = np.zeros(n_boot)
     total, count = 0.0, 0
-    for grid in grids:
+    # How often each stratum is drawn per resample (all once when the strata are fixed).
+    drawn = (rng.multinomial(len(grids), np.full(len(grids), 1.0 / len(grids)), size=n_boot).T if resample_strata
+             else np.ones((len(grids), n_boot)))
+    for grid, times in zip(grids, drawn):
         grid = np.asarray(grid, dtype=float)
         finite = np.isfinite(grid)
         values = np.where(finite, grid, 0.0)
@@ -92,8 +98,8 @@ def _grid_means(grids: Sequence[np.ndarray], n_boot: int, rng: np.random.Generat
         w_e = rng.multinomial(e, np.full(e, 1.0 / e), size=n_boot)
         w_p = rng.multinomial(p, np.full(p, 1.0 / p), size=n_boot)
         # Sum over the resampled grid = w_e^T grid w_p, per resample (matrix products, not a triple loop).
-        num += ((w_e @ values) * w_p).sum(axis=1)
-        den += ((w_e @ finite.astype(float)) * w_p).sum(axis=1)
+        num += times * ((w_e @ values) * w_p).sum(axis=1)
+        den += times * ((w_e @ finite.astype(float)) * w_p).sum(axis=1)
     if count == 0:
         return math.nan, np.full(n_boot, math.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -108,15 +114,17 @@ def _ci(boot: np.ndarray) -> list[float]:
     return [float(np.quantile(boot, alpha)), float(np.quantile(boot, 1 - alpha))]
 
 
-def bootstrap_mean(grids: Sequence[np.ndarray], *, n_boot: int, rng: np.random.Generator) -> dict:
-    """``{"mean", "ci"}`` of the pooled mean of ``grids`` (see the module docstring)."""
-    mean, boot = _grid_means(grids, n_boot, rng)
+def bootstrap_mean(grids: Sequence[np.ndarray], *, n_boot: int, rng: np.random.Generator,
+                   resample_strata: bool = False) -> dict:
+    """``{"mean", "ci"}`` of the pooled mean of ``grids`` (see the module docstring and :func:`_grid_means`)."""
+    mean, boot = _grid_means(grids, n_boot, rng, resample_strata)
     return {"mean": mean, "ci": _ci(boot)}
 
 
-def paired_bootstrap(diffs: Sequence[np.ndarray], *, n_boot: int, rng: np.random.Generator) -> dict:
+def paired_bootstrap(diffs: Sequence[np.ndarray], *, n_boot: int, rng: np.random.Generator,
+                     resample_strata: bool = False) -> dict:
     """``{"diff", "ci", "p"}`` of the mean paired difference (grids of A - B; see the module docstring)."""
-    mean, boot = _grid_means(diffs, n_boot, rng)
+    mean, boot = _grid_means(diffs, n_boot, rng, resample_strata)
     boot = boot[np.isfinite(boot)]
     if not math.isfinite(mean) or boot.size == 0:
         return {"diff": mean, "ci": [math.nan, math.nan], "p": math.nan}
@@ -438,11 +446,11 @@ def plot_learning_curves(paths: Sequence[str | Path] | Mapping[str, str | Path],
     panels: list[tuple[str, list[tuple[str, list[int], list[float], str]]]] = []
     loss = [(f"{label} {key}", *_xy(recs, key, x), "-") for label, recs in runs for key in ("meta/loss", "sft/loss")]
     gap = [(label, *_xy(recs, "meta/avg_adaptation_gap", x), "-") for label, recs in runs]
-    query = [
-        (f"{label} {key.split('/')[0]}", *_xy(recs, key, x), "-")
-        for label, recs in runs
-        for key in sorted({k for r in recs for k in r if k.endswith("/query_loss") and not k.startswith(("meta/", "eval/"))})
-    ]
+    task_keys = {label: sorted({k for r in recs for k in r if k.endswith("/query_loss") and not k.startswith(("meta/", "eval/"))})
+                 for label, recs in runs}
+    # Per-task curves of a family of hundreds of tasks would be a blot: only up to MAX_TASK_ROWS tasks.
+    query = [(f"{label} {key.split('/')[0]}", *_xy(recs, key, x), "-") for label, recs in runs
+             for key in task_keys[label] if len(task_keys[label]) <= MAX_TASK_ROWS]
     evals = [(f"{label} {key}", *_xy(recs, f"eval/{key}", x), style)
              for label, recs in runs for key, style in (("loss_pre", "--"), ("loss_post", "-"))]
     for title, lines in (("training loss (meta/loss = query loss after adaptation; sft/loss)", loss),
