@@ -68,6 +68,7 @@ import numpy as np
 import yaml
 
 from lora_maml.errors import LoraMamlError
+from lora_maml.eval.report import jsonable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -431,7 +432,8 @@ def evaluate_all(args: argparse.Namespace, cfg, base_dir: Path, data_dir: Path, 
     write_json(out / "eval" / "plan.json", {"plan_sha256": fingerprint, "episodes": [asdict(ep) for ep in episodes]})
     meta = cfg.meta
     settings = {"adapt_lr": meta.inner_lr, "adapt_steps": meta.num_inner_steps, "adapt_batch_size": meta.inner_batch_size,
-                "adapt_optimizer": meta.inner_optimizer, "max_length": cfg.data.max_length, "truncation": "error"}
+                "adapt_optimizer": meta.inner_optimizer, "max_length": cfg.data.max_length,
+                "truncation": cfg.data.truncation}
     dtype = args.dtype or cfg.model.dtype
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"{len(episodes)} episodes over {len({ep.task for ep in episodes})} tasks, "
@@ -454,12 +456,12 @@ def evaluate_all(args: argparse.Namespace, cfg, base_dir: Path, data_dir: Path, 
         rows = evaluate_model(
             trained, episodes, records, adapt_lr=trained.inner_lrs or meta.inner_lr, adapt_steps=meta.num_inner_steps,
             adapt_batch_size=meta.inner_batch_size, adapt_optimizer=meta.inner_optimizer, generate=False,
-            max_length=cfg.data.max_length, truncation="error", desc=name,
+            max_length=cfg.data.max_length, truncation=cfg.data.truncation, desc=name,
         )
         del trained
         gc.collect()
         rows = [{k: r[k] for k in ROW_KEYS} for r in rows]
-        write_json(rows_path, finite_or_none({"identity": identity, "seconds": round(time.perf_counter() - start, 1),
+        write_json(rows_path, jsonable({"identity": identity, "seconds": round(time.perf_counter() - start, 1),
                                               "rows": rows}))
         rows_by_init[name] = rows
         print(f"[{i}/{len(inits)}] {name}: evaluated in {time.perf_counter() - start:.1f} s")
@@ -595,17 +597,6 @@ def verdict(row: dict, metric: str = "nll") -> str:
             return f"{LABELS[row['a']]} init {'better' if better else 'worse'}"
         return "not distinguishable: the 95% CI excludes 0 but the training seeds disagree in sign"
     return "not distinguishable at 95%"
-
-
-def finite_or_none(obj):
-    """NaN/inf (a degenerate bootstrap) → None, recursively: JSON has no NaN."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_or_none(v) for v in obj]
-    return obj
 
 
 def _fmt(value: float | None, ci: Sequence[float | None] | None = None, sign: bool = False) -> str:
@@ -824,7 +815,7 @@ def run(args: argparse.Namespace) -> dict:
               "n_boot": args.n_boot, "boot_seed": args.boot_seed, "verdict_metric": args.verdict_metric,
               "chance_nll_per_answer_token": source_meta.get("chance_nll_per_answer_token"),
               "settings": settings, "runs": {k: str(v) for k, v in runs.items()}, **stats, "timings_s": timings}
-    result = finite_or_none(result)
+    result = jsonable(result)
     markdown = render_markdown(result)
     write_json(out / "results.json", result)
     write_text_atomic(out / "results.md", markdown)

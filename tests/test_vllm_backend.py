@@ -149,3 +149,17 @@ def test_vllm_refuses_a_rank_it_cannot_serve(setup):
     with pytest.raises(ValueError, match=r"LoRA rank 1024 is above the largest rank vLLM serves \(512\)"):
         backend.start(trained, max_new_tokens=4, eos_ids=[0], pad_id=0, label="x")
     backend.close()
+
+
+def test_generation_benchmark_runs_with_tiny_settings():
+    """benchmarks/bench_generation.py end to end (a subprocess: vLLM spawns workers), tiny settings."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "benchmarks" / "bench_generation.py"
+    out = subprocess.run([sys.executable, str(script), "--episodes", "2", "--prompts", "2", "--max-new-tokens", "8"],
+                         capture_output=True, text=True, timeout=600, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "tokens/s" in out.stdout

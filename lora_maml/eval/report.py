@@ -483,15 +483,16 @@ def plot_learning_curves(paths: Sequence[str | Path] | Mapping[str, str | Path],
 
 
 # --- files -----------------------------------------------------------------------------------
-def _jsonable(value):
+def jsonable(value):
+    """``value`` with NaN/inf as None and numpy scalars as Python numbers, recursively (JSON has no NaN)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, (np.floating, np.integer, np.bool_)):
-        return _jsonable(value.item())
+        return jsonable(value.item())
     return value
 
 
@@ -518,7 +519,7 @@ def write_report(
         "rows": [{"method": m, **row} for m, rows in rows_by_method.items() for row in rows],
     }
     paths = {"results.json": out / "results.json", "results.md": out / "results.md"}
-    write_text_atomic(paths["results.json"], json.dumps(_jsonable(results), indent=1, allow_nan=False) + "\n")
+    write_text_atomic(paths["results.json"], json.dumps(jsonable(results), indent=1, allow_nan=False) + "\n")
     write_text_atomic(paths["results.md"], markdown)
     paths["few_shot_curve.png"] = plot_few_shot_curve(report, out / "few_shot_curve.png")
     if metrics_jsonl:
