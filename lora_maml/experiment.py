@@ -662,7 +662,7 @@ def render_markdown(result: dict) -> str:
 
 def plot_few_shot_curve(result: dict, path: Path) -> Path:
     """answer_accuracy, answer_nll and nll vs n per method (seeds pooled), 95% CI bands."""
-    from lora_maml.eval.report import _pyplot, _save_figure
+    from lora_maml.eval.report import _pyplot, _save_figure, shots_axis
 
     plt = _pyplot()
     metrics = [m for m, _, _ in METRICS]
@@ -681,12 +681,7 @@ def plot_few_shot_curve(result: dict, path: Path) -> Path:
             ax.fill_between([x[i] for i in keep], [lo[i] for i in keep], [hi[i] for i in keep],
                             color=line.get_color(), alpha=0.15, linewidth=0)
     for metric, ax in zip(metrics, axes):
-        ax.set_xscale("symlog", linthresh=1)
-        ax.set_xticks(result["n_shots"])
-        ax.set_xticklabels([str(n) for n in result["n_shots"]])
-        ax.set_xlabel("shots n")
-        ax.set_title(metric)
-        ax.grid(alpha=0.3)
+        shots_axis(ax, result["n_shots"], metric)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Few-shot adaptation ({result['settings']['eval_on']} tasks, 95% CI)")
     _save_figure(fig, path)

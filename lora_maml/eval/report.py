@@ -361,6 +361,16 @@ def _save_figure(fig, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def shots_axis(ax, shots: Sequence[int], title: str) -> None:
+    """A few-shot curve's axes: n on a symlog x axis (0 and 50 both readable), ticks at the shot counts."""
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xticks(list(shots))
+    ax.set_xticklabels([str(n) for n in shots])
+    ax.set_xlabel("shots n")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+
+
 def plot_few_shot_curve(report: dict, path: str | Path) -> Path:
     """Every metric with values vs n (ALL rows), one line per method with its CI band; held-out tasks dashed."""
     plt = _pyplot()
@@ -386,12 +396,7 @@ def plot_few_shot_curve(report: dict, path: str | Path) -> Path:
                 ax.plot(x, y, style, marker="o", color=color, label=label)
                 ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
     for ax, (_, title) in zip(axes, metrics):
-        ax.set_xscale("symlog", linthresh=1)
-        ax.set_xticks(shots)
-        ax.set_xticklabels([str(n) for n in shots])
-        ax.set_xlabel("shots n")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
+        shots_axis(ax, shots, title)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Few-shot adaptation, all tasks ({int(report['confidence'] * 100)}% CI)")
     _save_figure(fig, path)
