@@ -40,7 +40,7 @@ from lora_maml.meta.algorithms import MetaLearner, TaskBatch, inner_loop
 from lora_maml.meta.sharded import ShardedLoss
 from lora_maml.models import DTYPES, add_lora, adapted_parameters, enable_gradient_checkpointing
 from lora_maml.optim import build_optimizer, build_scheduler
-from lora_maml.train.distributed import shard_model
+from lora_maml.distributed import shard_model
 
 MEMORY_ROWS = ("lora", "full", "full-fsdp")
 

@@ -36,7 +36,7 @@ from transformers import PreTrainedTokenizerBase
 from lora_maml.config import Config, LoraConfig, ModelConfig
 from lora_maml.errors import LoraMamlError
 from lora_maml.models import DTYPES, add_lora, adapted_parameters, gradient_checkpointing_on, load_base, torch_dtype
-from lora_maml.train import checkpoint as ckpt
+from lora_maml import checkpoint as ckpt
 
 
 ADAPTER_CONFIG = "adapter_config.json"

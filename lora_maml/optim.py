@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lora_maml.config import OptimConfig
+from lora_maml.distributed import is_multiprocess
 
 
 def build_optimizer(
@@ -84,7 +85,7 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     even when each holds only a shard of the weights, e.g. FSDP DTensors), so they roll back together."""
     local = [t.detach().to_local() if hasattr(t, "to_local") else t.detach() for t in tensors]
     flag = torch.stack([t.isfinite().all() for t in local]).all().to(torch.float32).reshape(1)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_multiprocess():
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 

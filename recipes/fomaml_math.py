@@ -23,9 +23,9 @@ from lora_maml.data.episodes import EpisodeSampler
 from lora_maml.errors import run_main
 from lora_maml.meta.algorithms import MetaLearner, TaskBatch
 from lora_maml.meta.diagnostics import InertInnerLoopMonitor
-from lora_maml.train.checkpoint import INNER_LRS_FILE
+from lora_maml.checkpoint import INNER_LRS_FILE
 from lora_maml.optim import build_optimizer, build_scheduler
-from lora_maml.train.distributed import all_gather_objects, all_reduce_sum, local_share
+from lora_maml.distributed import all_gather_objects, all_reduce_sum, local_share
 from lora_maml.train.recipe import TrainingRecipe, run
 
 

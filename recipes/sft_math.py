@@ -21,7 +21,7 @@ from lora_maml.data.episodes import MixedBatchSampler
 from lora_maml.errors import run_main
 from lora_maml.loss import causal_lm_loss_tensors
 from lora_maml.optim import apply_gradients, build_optimizer, build_scheduler
-from lora_maml.train.distributed import all_reduce_sum, local_share
+from lora_maml.distributed import all_reduce_sum, local_share
 from lora_maml.train.recipe import (
     TrainingRecipe,
     fomaml_training_tokens,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lora_maml.config import TrainerConfig
-from lora_maml.train import checkpoint as ck
+from lora_maml import checkpoint as ck
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -369,7 +369,7 @@ _KILL_SCRIPT = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import torch
-    from lora_maml.train import checkpoint as ck
+    from lora_maml import checkpoint as ck
     from safetensors.torch import save_file
 
     out, point, ready = sys.argv[1], sys.argv[2], Path(sys.argv[3])

@@ -30,7 +30,7 @@ from lora_maml.eval.few_shot import (
 from lora_maml.load_trained import load_trained
 from lora_maml.loss import causal_lm_loss
 from lora_maml.tiny_model import build_tiny_model
-from lora_maml.train import checkpoint as ckpt
+from lora_maml import checkpoint as ckpt
 
 LORA = LoraConfig(r=8, alpha=16)
 MAX_LENGTH = 256

@@ -11,7 +11,7 @@ from lora_maml.config import Config, LoraConfig, config_to_dict
 from lora_maml.load_trained import LoadTrainedError, load_trained, resolve_model_path
 from lora_maml.models import add_lora, adapted_parameters, load_base
 from lora_maml.tiny_model import build_tiny_model
-from lora_maml.train import checkpoint as ckpt
+from lora_maml import checkpoint as ckpt
 
 TEXTS = [
     "What is $1+2$? The sum is $\\boxed{3}$.",

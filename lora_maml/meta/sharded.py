@@ -1,7 +1,7 @@
 """Fast weights on FSDP2 shards: full-parameter FOMAML with every weight sharded across processes.
 
 With ``meta.adapter=full`` and ``model.fsdp_config.enabled=true`` every parameter of the model is an
-fp32 FSDP2 shard (a DTensor; ``lora_maml.train.distributed.shard_model``); forwards all-gather one
+fp32 FSDP2 shard (a DTensor; ``lora_maml.distributed.shard_model``); forwards all-gather one
 decoder layer at a time in ``model.dtype`` and backwards reduce-scatter fp32 gradients
 (``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``). Every forward is then a
 collective, so all processes work on ONE task at a time, each on its share of that task's support and
@@ -35,9 +35,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lora_maml.distributed import all_reduce_sum
 from lora_maml.loss import causal_lm_loss_tensors, label_token_count
 from lora_maml.meta.fast_weights import Batches
-from lora_maml.train.distributed import all_reduce_sum
 
 
 class ShardedLoss:

@@ -40,8 +40,8 @@ from lora_maml.meta.algorithms import inner_loop, per_tensor
 from lora_maml.meta.fast_weights import FunctionalLoss
 from lora_maml.meta.sharded import ShardedLoss
 from lora_maml.models import add_lora, adapted_parameters, compile_decoder, load_base, torch_dtype
-from lora_maml.train import checkpoint as ckpt
-from lora_maml.train.distributed import (
+from lora_maml import checkpoint as ckpt
+from lora_maml.distributed import (
     Dist,
     all_gather_objects,
     barrier,
@@ -49,6 +49,7 @@ from lora_maml.train.distributed import (
     destroy_distributed,
     full_tensor,
     init_distributed,
+    is_multiprocess,
     local_share,
     shard_like,
     shard_model,
@@ -101,7 +102,7 @@ class GracefulStop:
 
     def requested(self) -> bool:
         flag = torch.tensor([float(self._flag)], device=self._device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_multiprocess():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 

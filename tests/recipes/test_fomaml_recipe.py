@@ -37,8 +37,8 @@ from recipe_helpers import (
 import recipes.fomaml_math as fomaml
 from lora_maml.config import ConfigError
 from lora_maml.load_trained import load_trained
-from lora_maml.train import checkpoint as ckpt
-from lora_maml.train.distributed import Dist
+from lora_maml import checkpoint as ckpt
+from lora_maml.distributed import Dist
 from lora_maml.train.recipe import load_run_config
 
 # fp32 sums of the per-task gradients and losses happen in another order across processes.

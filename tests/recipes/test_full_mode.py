@@ -90,7 +90,7 @@ from test_meta_gradients import meta_cfg, random_tasks, tiny_model
 from lora_maml.meta.algorithms import MetaLearner, TaskBatch
 from lora_maml.meta.fast_weights import gradient_for
 from lora_maml.meta.sharded import ShardedLoss
-from lora_maml.train.distributed import full_tensor, shard_model
+from lora_maml.distributed import full_tensor, shard_model
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()

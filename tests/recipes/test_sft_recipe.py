@@ -26,7 +26,7 @@ import recipes.sft_math as sft
 from lora_maml.cli import main as cli_main
 from lora_maml.config import ConfigError
 from lora_maml.load_trained import load_trained
-from lora_maml.train.distributed import Dist
+from lora_maml.distributed import Dist
 
 
 @pytest.mark.slow

@@ -56,6 +56,11 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
+def is_multiprocess() -> bool:
+    """True inside a process group of more than one process (the collectives below are no-ops otherwise)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def local_share(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     """The items this process runs: round-robin, so the global list (and result) is the same for any world size."""
     return list(items[rank::world_size])
@@ -63,14 +68,14 @@ def local_share(items: Sequence[T], rank: int, world_size: int) -> list[T]:
 
 def all_reduce_sum(flat: torch.Tensor) -> torch.Tensor:
     """Sum one flat buffer over all processes, in place (a no-op for one process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_multiprocess():
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     return flat
 
 
 def all_gather_objects(obj: T) -> list[T]:
     """Every process's ``obj``, in rank order (metrics and RNG states; small Python objects only)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not is_multiprocess():
         return [obj]
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
@@ -78,7 +83,7 @@ def all_gather_objects(obj: T) -> list[T]:
 
 
 def broadcast_object(obj: T, src: int = 0) -> T:
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not is_multiprocess():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
@@ -86,7 +91,7 @@ def broadcast_object(obj: T, src: int = 0) -> T:
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_multiprocess():
         dist.barrier()
 
 
