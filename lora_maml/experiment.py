@@ -542,7 +542,7 @@ def statistics(values: dict, methods: Sequence[str], seeds: Sequence[int], n_sho
                boot_seed: int, verdict_metric: str, sampled_tasks: bool = False) -> dict:
     """Summary rows per init / method and n, paired comparisons, verdicts (see the module docstring, 6).
     ``sampled_tasks``: the tasks are a sample of a family (unseen tasks), so the bootstrap draws them too."""
-    from lora_maml.eval.report import bootstrap_mean, paired_bootstrap
+    from lora_maml.eval.stats import bootstrap_mean, paired_bootstrap
 
     def rng(n: int) -> np.random.Generator:
         # One stream per n for every init, comparison and metric: identical grid shapes -> identical resamples.

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from lora_maml.eval import report
-from lora_maml.eval.report import bootstrap_mean, build_report, mcnemar_exact, paired_bootstrap, render_markdown, write_report
+from lora_maml.eval.report import build_report, render_markdown, write_report
+from lora_maml.eval.stats import bootstrap_mean, mcnemar_exact, paired_bootstrap
 
 N_BOOT = 999
 
