@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import signal
@@ -47,14 +46,13 @@ import torch
 
 from lora_maml.config import CONFIG_DIR, load_config
 from lora_maml.data.episodes import EpisodeSampler
-from lora_maml.data.prepare import list_tasks, load_split
-from lora_maml.data.prepare import main as prepare_main
+from lora_maml.data.prepare import list_tasks, load_split, prepare_from_source
 from lora_maml.data.tokenize import collate, encode_records
 from lora_maml.loss import causal_lm_loss_tensors
 from lora_maml.meta.algorithms import MetaLearner, TaskBatch
 from lora_maml.models import add_lora, adapted_parameters, load_base
 from lora_maml.optim import apply_gradients, build_optimizer, build_scheduler
-from lora_maml.tiny_model import main as build_tiny_main
+from lora_maml.tiny_model import build_tiny_model, texts_from_prepared
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = CONFIG_DIR / "tiny_cpu.yaml"
@@ -83,16 +81,11 @@ def prepare_inputs(work: Path) -> tuple[Path, Path]:
     """The synthetic data and the tiny model, made as ``TrainingRecipe.ensure_inputs`` makes them."""
     data_dir, model_dir = work / "data", work / "tiny_qwen3"
     cfg = load_config(CONFIG)
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        if not data_dir.exists():
-            code = prepare_main(["--source", cfg.data.source, "--output-dir", str(data_dir), "--seed", str(SEED),
-                                 "--support-ratio", str(cfg.data.support_ratio),
-                                 "--query-ratio", str(cfg.data.query_ratio)])
-            if code:
-                raise SystemExit(f"preparing {data_dir} failed:\n{log.getvalue()}")
-        if not model_dir.exists():
-            build_tiny_main(["--output-dir", str(model_dir), "--data-dir", str(data_dir), "--seed", str(SEED)])
+    if not data_dir.exists():
+        prepare_from_source(cfg.data.source, data_dir, seed=SEED, support_ratio=cfg.data.support_ratio,
+                            query_ratio=cfg.data.query_ratio)
+    if not model_dir.exists():
+        build_tiny_model(model_dir, texts_from_prepared(data_dir), seed=SEED)
     return data_dir, model_dir
 
 

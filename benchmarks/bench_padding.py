@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import sys
@@ -36,8 +35,7 @@ import tempfile
 from pathlib import Path
 
 from lora_maml.data.episodes import EpisodeSampler
-from lora_maml.data.prepare import list_tasks, load_split
-from lora_maml.data.prepare import main as prepare_main
+from lora_maml.data.prepare import list_tasks, load_split, prepare_from_source
 from lora_maml.data.tokenize import collate, encode_records, padding_efficiency
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,12 +70,7 @@ def prepared_dir(args, stack: contextlib.ExitStack) -> Path | None:
         print(f"bench_padding: skipped, data source {args.source} not found (pass --data-dir or --source)")
         return None
     out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_padding-"))) / "data"
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        code = prepare_main(["--source", args.source, "--output-dir", str(out), "--seed", str(args.seed),
-                             "--synthetic-per-task", str(args.synthetic_per_task)])
-    if code:
-        raise SystemExit(f"bench_padding: preparing {args.source} failed:\n{log.getvalue()}")
+    prepare_from_source(args.source, out, seed=args.seed, synthetic_per_task=args.synthetic_per_task)
     return out
 
 

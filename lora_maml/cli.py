@@ -1,7 +1,8 @@
-"""`lora-maml <command> [args]`: one entry point for the recipes and tools.
+"""`lora-maml <command> [args]`: a registry of the programs in ``recipes/``.
 
-Each command is a ``main(argv) -> int`` that owns its own argument parser, so
-``lora-maml train --config X`` and ``python recipes/fomaml_math.py --config X`` are the same program.
+Each command is a recipe module whose ``main(argv) -> int`` owns its argument parser
+(``build_parser()``), so ``lora-maml train --config X`` and ``python recipes/fomaml_math.py --config X``
+are the same program. This module only dispatches and reports user errors (:func:`lora_maml.errors.run_main`).
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import sys
 
 from lora_maml.errors import DEBUG_ENV, run_main
 
+# command -> (recipe module, one line of help)
 COMMANDS = {
-    "prepare": ("lora_maml.data.prepare", "split MATH (or the synthetic suite) into meta-train / few-shot-eval tasks"),
-    "tiny-model": ("lora_maml.tiny_model", "build a tiny random-init Qwen3 + tokenizer for CPU runs and tests"),
+    "prepare": ("recipes.prepare_math_data", "split MATH (or the synthetic suite) into meta-train / few-shot-eval tasks"),
+    "tiny-model": ("recipes.build_tiny_model", "build a tiny random-init Qwen3 + tokenizer for CPU runs and tests"),
     "train": ("recipes.fomaml_math", "meta-train with FOMAML / MAML / Reptile (recipes/fomaml_math.py)"),
     "sft": ("recipes.sft_math", "the multi-task LoRA SFT baseline (recipes/sft_math.py)"),
-    "eval": ("lora_maml.eval.few_shot", "few-shot adaptation: adapt on n shots, grade generated answers, compare"),
-    "merge": ("lora_maml.export", "merge a trained adapter into its base and save a verified HF model for vLLM"),
+    "eval": ("recipes.evaluate_few_shot", "few-shot adaptation: adapt on n shots, grade generated answers, compare"),
+    "merge": ("recipes.merge_adapter", "merge a trained adapter into its base and save a verified HF model for vLLM"),
 }
 
 

@@ -2,7 +2,9 @@
 
 The library raises :class:`LoraMamlError` (or one of its subclasses: ``ConfigError``, ``CheckpointError``,
 ``DataError``, ``ExportError``, ``LoadTrainedError``) for a bad config, data, checkpoint or output path,
-with a message that names the file or config key and what was expected. :func:`run_main` is the one place
+with a message that names the file, config key or function argument and what was expected (never a
+command-line option: a program rewords argument names as its options with :func:`reworded`).
+:func:`run_main` is the one place
 that turns these, and the standard library's kinds of user error (``OSError``: missing or unwritable files,
 a full disk; ``ValueError``; ``FloatingPointError``: a diverged run), into that line. Anything else is a bug
 and keeps its traceback. ``--debug`` (any position on the ``lora-maml`` command line) or
@@ -14,12 +16,14 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 DEBUG_ENV = "LORA_MAML_DEBUG"
@@ -57,6 +61,25 @@ def write_failure(path: str | Path, err: BaseException) -> str:
     except OSError:
         free = ""
     return f"{path}: cannot write it: {describe(err)}{free}"
+
+
+@contextmanager
+def reworded(wording: Mapping[str, str]) -> Iterator[None]:
+    """Reword the user errors raised inside in a program's terms: ``wording`` maps a phrase of the library's
+    messages (an argument: ``output_dir``, ``overwrite=True``) to the program's (its option: ``--output``).
+
+    A phrase is replaced only where it stands alone (not inside a path or a longer name). The error keeps
+    its type and exit code; errors raised by the system (an ``OSError`` with an errno) name files and are
+    left as they are.
+    """
+    phrases = sorted(wording, key=len, reverse=True)
+    pattern = re.compile("|".join(rf"(?<![\w./-]){re.escape(p)}(?![\w/])" for p in phrases))
+    try:
+        yield
+    except USER_ERRORS as err:
+        if phrases and len(err.args) == 1 and isinstance(err.args[0], str):
+            err.args = (pattern.sub(lambda m: wording[m.group(0)], err.args[0]),)
+        raise
 
 
 def debug_requested() -> bool:

@@ -196,6 +196,7 @@ def prepare_base_model(args: argparse.Namespace, out: Path) -> Path:
 def prepare_data(args: argparse.Namespace, cfg, base_dir: Path, out: Path, name: str, source: str) -> Path:
     """``<out>/<name>``: ``source`` prepared with the config's ratios (a MATH source length-filtered first)."""
     from lora_maml.data import prepare
+    from recipes.prepare_math_data import main as prepare_main
 
     data_dir, stamp_path = out / name, out / f"{name}_settings.json"
     math_source = is_math_source(source)
@@ -213,7 +214,7 @@ def prepare_data(args: argparse.Namespace, cfg, base_dir: Path, out: Path, name:
     write_json(stamp_path, settings)  # first: a directory prepared after it is known to match it
     if math_source:
         source = filter_math_by_length(source, cfg, base_dir, out / f"{name}_records.jsonl")
-    code = prepare.main([
+    code = prepare_main([
         "--source", source, "--output-dir", str(data_dir), "--seed", str(args.data_seed),
         "--support-ratio", str(cfg.data.support_ratio), "--query-ratio", str(cfg.data.query_ratio),
         "--synthetic-per-task", str(args.tiny_per_task), "--validate", "--overwrite",
@@ -362,7 +363,7 @@ def pretrain(args: argparse.Namespace, config: Path, base_dir: Path, data_dir: P
             "trainer.experiment_name=meta_vs_sft_pretrain", "trainer.seed=0"]
     train_runs(args, [Run("sft", argv, run_dir, "pretrain (all weights)")])
     if not (target / "config.json").is_file():
-        from lora_maml.export import main as merge
+        from recipes.merge_adapter import main as merge
 
         if merge(["--checkpoint", str(run_dir), "--output", str(target), "--overwrite"]):
             raise LoraMamlError(f"exporting the pretrained model {run_dir} to {target} failed (see above)")

@@ -1,6 +1,6 @@
 """Merge a trained adapter into its base and save a plain Hugging Face model (for vLLM), verified.
 
-``lora-maml merge --checkpoint PATH --output DIR [--base ID] [--dtype bf16|fp16|fp32] [--overwrite]``
+The program is ``recipes/merge_adapter.py`` (``lora-maml merge --model-path PATH --output DIR``).
 
 Steps (:func:`merge_and_save`), with three checks on the logits of a probe batch (the probe texts as
 user turns of the chat template), all computed in fp32 (fp64 for an fp64 output):
@@ -10,7 +10,7 @@ user turns of the chat template), all computed in fp32 (fp64 for an fp64 output)
    base + adapter, not the nf4 base it was trained on + adapter). Full-parameter runs are taken as
    they are. Its logits are the reference: base + adapter.
 2. ``merge_and_unload`` in fp32. Check 1 (the merge): merged logits vs the reference.
-3. Round the weights to the storage dtype (``--dtype``, else the run's ``model.dtype`` / the base's
+3. Round the weights to the storage dtype (``dtype``, else the run's ``model.dtype`` / the base's
    saved dtype). Check 2 (rounding): their logits vs the reference. Tied embeddings must still be tied.
 4. Save safetensors shards, config, generation config, tokenizer and chat template into a temporary
    directory next to the output; every tensor in the storage dtype, no separate copy of a tied output
@@ -32,24 +32,23 @@ or misnamed tensor in the files fail. Check 2 uses ``tol(storage dtype)``: ``u``
 the logits move by a few ``u`` of their scale as many independent roundings add up (measured 1.8u on a
 2-layer tiny Qwen3); 8u (bf16: ~3% of the logit scale) leaves headroom for a 36-layer model. Failing
 check 2 means the storage dtype cannot hold this merge faithfully (e.g. a tiny adapter update rounds
-away in bf16); ``atol`` / ``--atol`` replaces its tolerance.
+away in bf16); ``atol`` replaces its tolerance.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_maml.atomic import atomic_dir, check_writable_dir
 from lora_maml.data.math import make_prompt
-from lora_maml.errors import LoraMamlError, run_main, write_failure
+from lora_maml.errors import LoraMamlError, write_failure
 from lora_maml.load_trained import Trained, load_trained, resolve_model_path
 from lora_maml.models import torch_dtype
 
@@ -154,8 +153,6 @@ def _output_embedding_name(model: nn.Module) -> str | None:
 
 def _check_files(directory: Path, storage_dtype: str, tied_name: str | None) -> list[str]:
     """The saved tensors: all in ``storage_dtype``, no separate copy of a tied output embedding."""
-    from safetensors import safe_open
-
     shards = sorted(directory.glob("*.safetensors"))
     if not shards:
         raise ExportError(f"{directory}: save_pretrained wrote no .safetensors file")
@@ -178,8 +175,6 @@ def _check_files(directory: Path, storage_dtype: str, tied_name: str | None) -> 
 
 
 def _check_tokenizer(directory: Path, tokenizer, batch: dict[str, torch.Tensor], texts) -> None:
-    from transformers import AutoTokenizer
-
     reloaded = AutoTokenizer.from_pretrained(directory)
     if reloaded.chat_template != tokenizer.chat_template:
         raise ExportError(f"{directory}: the saved tokenizer's chat template differs from the source's")
@@ -193,9 +188,9 @@ def _check_tokenizer(directory: Path, tokenizer, batch: dict[str, torch.Tensor],
 
 def _check_output(output_dir: Path, overwrite: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"--output {output_dir}: exists and is not a directory")
+        raise FileExistsError(f"output_dir {output_dir}: exists and is not a directory")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"--output {output_dir}: exists and is not empty (pass overwrite=True / --overwrite)")
+        raise FileExistsError(f"output_dir {output_dir}: exists and is not empty (pass overwrite=True)")
 
 
 def _check_not_a_source(output_dir: Path, sources: list[str | None]) -> None:
@@ -208,7 +203,7 @@ def _check_not_a_source(output_dir: Path, sources: list[str | None]) -> None:
         src = Path(source).resolve()
         if out == src or out in src.parents or src in out.parents:
             raise ValueError(
-                f"--output {output_dir}: would replace or write inside {source}, which the export reads; "
+                f"output_dir {output_dir}: would replace or write inside {source}, which the export reads; "
                 "choose an output directory outside it"
             )
 
@@ -247,7 +242,7 @@ def merge_and_save(
     kind, source = resolve_model_path(model_path)
     # A checkpoint is its whole run directory: its other steps, 'latest' and metrics live there too.
     _check_not_a_source(output_dir, [str(model_path), base, str(Path(source).parent) if kind == "checkpoint" else source])
-    check_writable_dir(output_dir.parent, "--output (its parent)")
+    check_writable_dir(output_dir.parent, "output_dir (its parent)")
     compute = _compute_dtype(dtype)
     trained = load_trained(model_path, base=base, dtype=compute, device=device, keep_quantization=False)
     storage = dtype or trained.native_dtype
@@ -308,7 +303,7 @@ def merge_and_save(
     if not diff <= tol:
         raise ExportError(
             f"{model_path}: stored as {storage}, the merged model differs from base + adapter by {diff:.3g} > "
-            f"tolerance {tol:.3g} (logit scale {scale:.3g}); use --dtype fp32, or --atol to accept it; "
+            f"tolerance {tol:.3g} (logit scale {scale:.3g}); use dtype='fp32', or atol= to accept it; "
             "nothing was written"
         )
     _cast_parameters(model, storage)  # exact: the values are representable in it already
@@ -351,8 +346,6 @@ def _trust_remote_code(trained: Trained) -> bool:
 
 def _reload_logits(directory: Path, batch, compute: str, device, trust_remote_code: bool, tied: bool) -> torch.Tensor:
     """Load the saved directory as users will (``from_pretrained``), computing in ``compute``; its probe logits."""
-    from transformers import AutoModelForCausalLM
-
     reloaded = AutoModelForCausalLM.from_pretrained(
         directory,
         dtype=torch_dtype(compute),
@@ -362,57 +355,3 @@ def _reload_logits(directory: Path, batch, compute: str, device, trust_remote_co
     if tied and not embeddings_tied(reloaded):
         raise ExportError(f"{directory}: reloaded with from_pretrained, the embeddings are no longer tied")
     return probe_logits(reloaded, batch)
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lora-maml merge",
-        description="Merge a trained LoRA adapter (or a full-parameter run) into a plain Hugging Face model "
-        "directory for vLLM / from_pretrained, verified against base + adapter logits.",
-    )
-    parser.add_argument(
-        "--checkpoint", required=True,
-        help="maml_checkpoint_step_N.pt, a step_N dir, a run dir (newest complete checkpoint), a PEFT adapter dir, "
-        "or a model dir / hub id",
-    )
-    parser.add_argument("--output", required=True, help="directory to write the merged model to")
-    parser.add_argument(
-        "--base", help="base model to merge into (default: the run's model.partial_pretrain / the adapter's base)"
-    )
-    parser.add_argument(
-        "--dtype", choices=sorted(UNIT_ROUNDOFF),
-        help="storage dtype of the merged weights (default: the run's model.dtype / the base's dtype)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
-    parser.add_argument(
-        "--probe-text", action="append", dest="probe_texts", metavar="TEXT",
-        help="a user message for the logit check (repeatable; default: two fixed MATH prompts)",
-    )
-    parser.add_argument(
-        "--atol", type=float,
-        help="tolerance of the stored model vs base + adapter check (default: from --dtype; lora_maml/export.py)",
-    )
-    parser.add_argument("--device", help="e.g. cuda or cpu (default: cpu)")
-    parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``lora-maml merge ...``: prints the report; a user error is one ``error:`` line and exit code 1."""
-    return run_main(_merge_command, sys.argv[1:] if argv is None else argv)
-
-
-def _merge_command(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-    report = merge_and_save(
-        args.checkpoint, args.output, base=args.base, dtype=args.dtype, probe_texts=args.probe_texts,
-        atol=args.atol, device=args.device, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
-    )
-    print(json.dumps(report, indent=1))
-    return 0

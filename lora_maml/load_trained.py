@@ -1,4 +1,4 @@
-"""Load whatever evaluation and export take as ``--model-path`` into a model with adaptable parameters.
+"""Load whatever evaluation and export take as a model path (``--model-path``) into a model with adaptable parameters.
 
 Accepted, checked in this order:
 
@@ -54,7 +54,7 @@ _FRESH_LORA_SEED = 0
 
 
 class LoadTrainedError(LoraMamlError, ValueError):
-    """A ``--model-path`` that is none of the accepted kinds, or inconsistent options; names the path."""
+    """A model path that is none of the accepted kinds, or inconsistent options; names the path."""
 
 
 @dataclass
@@ -87,7 +87,7 @@ class Trained:
 
 
 def resolve_model_path(path: str | Path) -> tuple[str, str]:
-    """``(kind, source)`` of a ``--model-path``, loading no weights.
+    """``(kind, source)`` of a model path, loading no weights.
 
     ``kind`` is ``checkpoint`` (``source`` = the ``.pt``), ``adapter`` (the adapter directory) or
     ``model`` (the model directory or hub id). Raises :class:`FileNotFoundError` for a missing path,
@@ -180,7 +180,6 @@ def load_trained(
     device: str | torch.device | None = None,
     lora: LoraConfig | None = None,
     gradient_checkpointing: bool = False,
-    attn_implementation: str | None = None,
     keep_quantization: bool = True,
 ) -> Trained:
     """Load ``path`` (see the module docstring) into a :class:`Trained`.
@@ -204,8 +203,6 @@ def load_trained(
         raise LoadTrainedError(f"{path}: base= replaces the base of a checkpoint or adapter; this is a model itself")
     device_map = None if device is None else {"": torch.device(device)}
     options = {"enable_gradient_checkpointing": gradient_checkpointing}
-    if attn_implementation is not None:
-        options["attn_implementation"] = attn_implementation
     if kind == "checkpoint":
         trained = _load_checkpoint(source, base, dtype, device_map, options, keep_quantization)
     elif kind == "adapter":
@@ -310,7 +307,7 @@ def _load_adapter(directory: str, base, dtype, device_map, options) -> Trained:
         raise LoadTrainedError(f"{config_path}: peft_type={adapter_cfg.get('peft_type')!r}, expected 'LORA'")
     base_id = base or adapter_cfg.get("base_model_name_or_path")
     if not base_id:
-        raise LoadTrainedError(f"{config_path}: no base_model_name_or_path; pass base= (--base) to name the base model")
+        raise LoadTrainedError(f"{config_path}: no base_model_name_or_path; pass base= to name the base model")
     native = stored_dtype(base_id)
     model_cfg = _model_config(directory, partial_pretrain=base_id, dtype=dtype or native, **options)
     model, tokenizer = _load_base(

@@ -159,8 +159,8 @@ def chunked_token_nll_sum(
 
 
 def causal_lm_loss_tensors(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Token-mean NLL and token count, both as tensors (no host sync with the full logits; one with
-    ``model.loss_chunk_size``; used in the meta-learning loop).
+    """Token-mean NLL over the label tokens of ``batch`` (fp32, fp64 for an fp64 model) and their count,
+    both as tensors: no host sync with the full logits, one with ``model.loss_chunk_size``.
 
     A batch without label tokens gives loss 0 (not nan) and count 0: the caller sees the count.
     """
@@ -177,9 +177,3 @@ def causal_lm_loss_tensors(model: nn.Module, batch: dict[str, Tensor]) -> tuple[
         nll = chunked_token_nll_sum(model, inputs, batch["labels"], chunk_size)
     n_tokens = label_token_count(batch).to(nll.device)
     return nll / n_tokens.clamp(min=1), n_tokens
-
-
-def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
-    """Token-mean NLL over the label tokens of ``batch`` (fp32) and the number of those tokens."""
-    loss, n_tokens = causal_lm_loss_tensors(model, batch)
-    return loss, int(n_tokens)

@@ -8,19 +8,24 @@ exercised on CPU in seconds without downloading anything.
 
 The tokenizer mirrors Qwen's: byte-level BPE behind Qwen2's pre-tokenisation regex (digits are split one
 by one), the ChatML special tokens, ``<|im_end|>`` as EOS and ``<|endoftext|>`` as padding.
+
+The program is ``recipes/build_tiny_model.py`` (``lora-maml tiny-model``); the tokenizer's texts come from
+:func:`texts_from_prepared` (a prepared data directory) or :func:`texts_from_synthetic`.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from lora_maml.atomic import atomic_dir
+from lora_maml.data.prepare import list_tasks, load_split
+from lora_maml.data.synthetic import synthetic_records
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -60,8 +65,6 @@ def train_tiny_tokenizer(texts: Iterable[str], *, vocab_size: int = 512, model_m
     The vocabulary holds at most ``vocab_size`` entries (fewer when the corpus runs out of merges).
     Training is deterministic for the same texts in the same order.
     """
-    from transformers import PreTrainedTokenizerFast
-
     if vocab_size < _MIN_VOCAB:
         raise ValueError(f"vocab_size={vocab_size}: must be >= {_MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
     corpus = []
@@ -125,11 +128,9 @@ def build_tiny_model(
     temporary sibling and renamed into place, so a crash never leaves a half-written checkpoint; an
     existing ``output_dir`` is an error unless ``overwrite``. Same texts + seed → identical files.
     """
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
-
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"build_tiny_model: {output_dir} already exists (pass overwrite=True / --overwrite)")
+        raise FileExistsError(f"build_tiny_model: {output_dir} already exists (pass overwrite=True)")
     if num_attention_heads % num_key_value_heads:
         raise ValueError(
             f"num_attention_heads={num_attention_heads} must be a multiple of num_key_value_heads={num_key_value_heads}"
@@ -167,88 +168,28 @@ def build_tiny_model(
     return output_dir
 
 
-def _texts_from_records(records: Iterable[dict]) -> list[str]:
+def _texts(records: Iterable[dict]) -> list[str]:
     return [f"{r['prompt']}\n{r['response']}" for r in records]
 
 
-def _texts_from_prepared(data_dir: str | os.PathLike) -> list[str]:
-    from lora_maml.data.prepare import list_tasks, load_split
-
+def texts_from_prepared(data_dir: str | os.PathLike) -> list[str]:
+    """The tokenizer's training texts from a prepared data directory (:mod:`lora_maml.data.prepare`):
+    prompt and response of every record, meta-training splits first, then the evaluation splits."""
     tasks = list_tasks(data_dir)
     records: list[dict] = []
-    for task in tasks.get("meta_train", []):
+    for task in tasks["meta_train"]:
         for part in ("support", "query"):
             records.extend(load_split(data_dir, task, part))
-    for task in tasks.get("few_shot_eval", []):
+    for task in tasks["few_shot_eval"]:
         records.extend(load_split(data_dir, task, "test"))
     if not records:
-        raise ValueError(f"--data-dir {data_dir}: the prepared splits hold no records")
-    return _texts_from_records(records)
+        raise ValueError(f"data_dir {data_dir}: the prepared splits hold no records")
+    return _texts(records)
 
 
-def add_tiny_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of ``lora-maml tiny-model``."""
-    parser.add_argument("--output-dir", required=True, help="directory to write the checkpoint to")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--data-dir", help="prepared data dir (lora-maml prepare) whose texts train the tokenizer")
-    source.add_argument(
-        "--synthetic-per-task",
-        type=int,
-        default=None,
-        metavar="N",
-        help="train the tokenizer on N synthetic problems per task (default when --data-dir is not given: 50)",
-    )
-    parser.add_argument("--vocab-size", type=int, default=512)
-    parser.add_argument("--hidden-size", type=int, default=64)
-    parser.add_argument("--num-hidden-layers", type=int, default=2)
-    parser.add_argument("--num-attention-heads", type=int, default=4)
-    parser.add_argument("--num-key-value-heads", type=int, default=2)
-    parser.add_argument("--head-dim", type=int, default=16)
-    parser.add_argument("--intermediate-size", type=int, default=128)
-    parser.add_argument("--max-position-embeddings", type=int, default=1024)
-    parser.add_argument(
-        "--untied-embeddings", action="store_true", help="separate lm_head (default: tied, as Qwen3-4B)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
-    return parser
-
-
-def run_tiny_model(args: argparse.Namespace) -> Path:
-    """Entry point of ``lora-maml tiny-model``: build the checkpoint described by ``args``; return its path."""
-    if args.data_dir is not None:
-        texts = _texts_from_prepared(args.data_dir)
-    else:
-        from lora_maml.data.synthetic import synthetic_records
-
-        n = 50 if args.synthetic_per_task is None else args.synthetic_per_task
-        if n < 1:
-            raise ValueError(f"--synthetic-per-task must be >= 1, got {n}")
-        texts = _texts_from_records(synthetic_records(n, args.seed))
-    out = build_tiny_model(
-        args.output_dir,
-        texts,
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        num_hidden_layers=args.num_hidden_layers,
-        num_attention_heads=args.num_attention_heads,
-        num_key_value_heads=args.num_key_value_heads,
-        head_dim=args.head_dim,
-        intermediate_size=args.intermediate_size,
-        max_position_embeddings=args.max_position_embeddings,
-        tie_word_embeddings=not args.untied_embeddings,
-        seed=args.seed,
-        overwrite=args.overwrite,
-    )
-    print(f"tiny model written to {out}")
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``lora-maml tiny-model ...``"""
-    parser = argparse.ArgumentParser(
-        prog="lora-maml tiny-model",
-        description="Build a tiny random-init Qwen3 checkpoint and a BPE tokenizer trained on MATH-style texts.",
-    )
-    run_tiny_model(add_tiny_model_args(parser).parse_args(argv))
-    return 0
+def texts_from_synthetic(n_per_task: int, seed: int) -> list[str]:
+    """The tokenizer's training texts from ``n_per_task`` problems per task of the synthetic suite
+    (:func:`lora_maml.data.synthetic.synthetic_records`)."""
+    if isinstance(n_per_task, bool) or not isinstance(n_per_task, int) or n_per_task < 1:
+        raise ValueError(f"n_per_task must be an integer >= 1, got {n_per_task!r}")
+    return _texts(synthetic_records(n_per_task, seed))

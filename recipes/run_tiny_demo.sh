@@ -23,7 +23,7 @@ python recipes/meta_vs_sft.py --tiny --out "$OUT" --config recipes/configs/rules
   --jobs 2 "$@"
 
 echo "== 2/2 merge the FOMAML adapter into its base (a plain model directory for vLLM)"
-lora-maml merge --checkpoint "$OUT/runs/fomaml_0" --output "$OUT/merged" --overwrite
+lora-maml merge --model-path "$OUT/runs/fomaml_0" --output "$OUT/merged" --overwrite
 
 echo "results:  $OUT/results.md"
 echo "plots:    $OUT/few_shot_curve.png $OUT/learning_curves.png"

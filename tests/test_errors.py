@@ -9,7 +9,7 @@ import pytest
 
 from lora_maml.atomic import atomic_dir
 from lora_maml.config import ConfigError
-from lora_maml.errors import DEBUG_ENV, describe, run_main
+from lora_maml.errors import DEBUG_ENV, LoraMamlError, describe, reworded, run_main
 
 
 def fail_with(err):
@@ -38,6 +38,24 @@ def test_debug_shows_the_traceback_and_bugs_keep_theirs(capsys, monkeypatch):
     assert "Traceback" in err and err.endswith("error: bad value\n") and os.environ[DEBUG_ENV] == "1"
     with pytest.raises(KeyError):  # not a user error: a bug, shown with its traceback by Python
         run_main(fail_with(KeyError("internal")), [])
+
+
+def test_a_program_rewords_argument_names_as_its_options():
+    """The library names its arguments; a program says its options instead, never inside a path or a longer
+    name; the error keeps its type and exit code, and a system error (with an errno) is left as it is."""
+    wording = {"output_dir": "--output", "overwrite=True": "--overwrite"}
+    with pytest.raises(FileExistsError) as caught, reworded(wording):
+        raise FileExistsError("output_dir /runs/output_dir/m: not empty (pass overwrite=True; see my_output_dir)")
+    assert describe(caught.value) == "--output /runs/output_dir/m: not empty (pass --overwrite; see my_output_dir)"
+    with pytest.raises(ConfigError) as caught, reworded(wording):
+        raise ConfigError("output_dir: bad")
+    assert str(caught.value) == "--output: bad" and caught.value.exit_code == 2
+    system = OSError(errno.ENOENT, "No such file or directory", "output_dir")
+    with pytest.raises(OSError) as caught, reworded(wording):
+        raise system
+    assert caught.value is system and describe(system) == "output_dir: No such file or directory"
+    with pytest.raises(LoraMamlError, match="^output_dir$"), reworded({}):
+        raise LoraMamlError("output_dir")
 
 
 def test_sigterm_removes_a_half_written_output(tmp_path):

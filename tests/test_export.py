@@ -11,10 +11,19 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_maml import export
+from lora_maml.cli import COMMANDS
+from lora_maml.errors import run_main
 from lora_maml.export import ExportError, merge_and_save, tolerance
 from lora_maml.load_trained import load_trained
 from lora_maml.models import add_lora, adapted_parameters, load_base
+from recipes import merge_adapter
 from test_load_trained import logits, make_tiny, probe_ids, run_config, save_run_checkpoint, trained_model
+
+
+def merge(argv: list[str]) -> int:
+    """``lora-maml merge`` (recipes/merge_adapter.py) as the command line runs it: a user error is one
+    ``error:`` line and exit code 1."""
+    return run_main(merge_adapter.main, argv)
 
 
 def saved_keys(directory: Path) -> dict[str, str]:
@@ -217,18 +226,20 @@ def test_full_parameter_checkpoint_exports_its_weights(tmp_path):
 def test_adapter_dir_and_cli(fp32_run, tmp_path, capsys):
     pt = Path(fp32_run[0])
     out = tmp_path / "merged"
-    code = export.main(["--checkpoint", str(pt.parent / "step_2" / "adapter"), "--output", str(out), "--dtype", "fp32"])
+    code = merge(["--model-path", str(pt.parent / "step_2" / "adapter"), "--output", str(out), "--dtype", "fp32"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["kind"] == "adapter" and report["max_abs_diff"] <= 1e-5
     assert (logits(AutoModelForCausalLM.from_pretrained(out), fp32_run[3]) - fp32_run[1]).abs().max() <= 1e-5
-    assert export.main(["--checkpoint", str(tmp_path / "missing"), "--output", str(tmp_path / "o2")]) == 1
+    assert merge(["--checkpoint", str(tmp_path / "missing"), "--output", str(tmp_path / "o2")]) == 1
     assert "missing: no such file or directory" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
 
-    from recipes import merge_adapter
-
-    assert merge_adapter.main is export.main
+    # `lora-maml merge` is this recipe; --checkpoint is --model-path under its former name.
+    assert COMMANDS["merge"][0] == merge_adapter.__name__
+    parse = merge_adapter.build_parser().parse_args
+    assert parse(["--checkpoint", "run", "--output", "o"]).model_path == "run"
+    assert parse(["--model-path", "run", "--output", "o"]).model_path == "run"
 
 
 def one_error_line(err: str) -> str:
@@ -244,7 +255,7 @@ def test_an_output_inside_the_checkpoint_is_refused_before_loading(fp32_run, cap
     run_dir = pt.parent
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     for source in (run_dir, pt, run_dir / "step_2"):
-        assert export.main(["--checkpoint", str(source), "--output", str(run_dir / "step_2"), "--overwrite"]) == 1
+        assert merge(["--checkpoint", str(source), "--output", str(run_dir / "step_2"), "--overwrite"]) == 1
         line = one_error_line(capsys.readouterr().err)
         assert f"--output {run_dir / 'step_2'}: would replace or write inside {run_dir}" in line
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
@@ -255,7 +266,7 @@ def test_an_unwritable_output_fails_before_loading(fp32_run, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     # --base names nothing loadable: the output is refused before any model is loaded.
-    code = export.main(["--checkpoint", str(fp32_run[0]), "--base", str(tmp_path / "no_base"), "--output",
+    code = merge(["--checkpoint", str(fp32_run[0]), "--base", str(tmp_path / "no_base"), "--output",
                         str(blocker / "merged")])
     assert code == 1
     assert one_error_line(capsys.readouterr().err) == (
@@ -287,7 +298,7 @@ def test_a_truncated_adapter_file_is_named(fp32_run, tmp_path, capsys):
     shutil.copytree(Path(fp32_run[0]).parent / "step_2" / "adapter", adapter)
     weights = adapter / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    assert export.main(["--checkpoint", str(adapter), "--output", str(tmp_path / "merged")]) == 1
+    assert merge(["--checkpoint", str(adapter), "--output", str(tmp_path / "merged")]) == 1
     line = one_error_line(capsys.readouterr().err)
     assert line.startswith(f"error: {weights}: cannot load the adapter onto ")
     assert not (tmp_path / "merged").exists() and leftovers(tmp_path) == []
@@ -317,7 +328,7 @@ def test_an_unreadable_pickle_is_one_line_in_merge_and_eval(fp32_run, tmp_path, 
     manifest = json.loads(manifest_path.read_text())
     manifest["pt_size"] = pt.stat().st_size
     manifest_path.write_text(json.dumps(manifest))
-    assert export.main(["--checkpoint", str(run_dir), "--output", str(tmp_path / "merged")]) == 1
+    assert merge(["--checkpoint", str(run_dir), "--output", str(tmp_path / "merged")]) == 1
     assert one_error_line(capsys.readouterr().err).startswith(f"error: {pt}: corrupt or not loadable with torch.load")
     data = tmp_path / "data"
     prepare(synthetic_records(12, 0), data, support_ratio=0.4, query_ratio=0.2, seed=0,

@@ -2,7 +2,7 @@
 
 The references are independent of the code under test: adaptation = a deep copy of the model and
 ``torch.optim.SGD`` on the module's own LoRA parameters over ONE batch of all shots (its token mean is
-the full-batch loss that micro-batched steps must reproduce); NLL = ``causal_lm_loss`` of that copy;
+the full-batch loss that micro-batched steps must reproduce); NLL = ``causal_lm_loss_tensors`` of that copy;
 generation = an argmax loop without KV cache, padding or ``generate``. fp64, so greedy choices are
 not flipped by rounding.
 """
@@ -28,7 +28,7 @@ from lora_maml.eval.few_shot import (
     plan_fingerprint,
 )
 from lora_maml.load_trained import load_trained
-from lora_maml.loss import causal_lm_loss
+from lora_maml.loss import causal_lm_loss_tensors
 from lora_maml.tiny_model import build_tiny_model
 from lora_maml import checkpoint as ckpt
 
@@ -90,7 +90,7 @@ def reference_adapted(trained, shots, lr, steps, optimizer=torch.optim.SGD, **op
     batch = collate(shots, trained.tokenizer.pad_token_id, packed=False)
     for _ in range(steps):
         opt.zero_grad()
-        causal_lm_loss(model, batch)[0].backward()
+        causal_lm_loss_tensors(model, batch)[0].backward()
         opt.step()
     return model.eval()
 
@@ -111,8 +111,8 @@ def reference_greedy(model, tokenizer, prompt, max_new_tokens, eos):
 @torch.no_grad()
 def reference_nll(model, tokenizer, record):
     example = encode_example(tokenizer, record["prompt"], record["response"], max_length=MAX_LENGTH, truncation="right")
-    loss, tokens = causal_lm_loss(model, collate([example], tokenizer.pad_token_id, packed=False))
-    return float(loss), tokens
+    loss, tokens = causal_lm_loss_tensors(model, collate([example], tokenizer.pad_token_id, packed=False))
+    return float(loss), int(tokens)
 
 
 # --- the plan --------------------------------------------------------------------------------

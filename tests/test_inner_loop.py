@@ -24,7 +24,7 @@ from test_meta_gradients import (  # noqa: F401  (exact_fp64 is a fixture)
 )
 
 from lora_maml.config import Config, MetaConfig, OptimConfig
-from lora_maml.loss import causal_lm_loss
+from lora_maml.loss import causal_lm_loss_tensors
 from lora_maml.meta import algorithms
 from lora_maml.meta.algorithms import MetaLearner, adapt
 from lora_maml.meta.diagnostics import InertInnerLoopMonitor
@@ -98,7 +98,7 @@ def adapted_query_loss(model, names, task, steps, lrs, optimizer):
                 own[n].copy_(t)
         m, _ = inplace_adapt(m, names, task, steps, lrs, optimizer)
         with torch.no_grad():
-            return causal_lm_loss(m, task.query)[0].item()
+            return causal_lm_loss_tensors(m, task.query)[0].item()
 
     return f
 
@@ -156,7 +156,7 @@ def fd_in_log_rate(model, names, task, steps, rate, optimizer, index, eps=1e-6):
         lrs = [rate * math.exp(delta if i == index else 0.0) for i in range(len(names))]
         m, _ = inplace_adapt(model, names, task, steps, lrs, optimizer)
         with torch.no_grad():
-            return causal_lm_loss(m, task.query)[0].item()
+            return causal_lm_loss_tensors(m, task.query)[0].item()
 
     return (loss_at(eps) - loss_at(-eps)) / (2 * eps)
 
@@ -192,7 +192,7 @@ def test_meta_sgd_fomaml_hypergradient_holds_the_inner_directions_fixed(optimize
         with torch.no_grad():
             for i, (n, t, d) in enumerate(zip(names, theta, directions)):
                 own[n].copy_(t - rate * math.exp(delta if i == index else 0.0) * d)
-            return causal_lm_loss(m, task.query)[0].item()
+            return causal_lm_loss_tensors(m, task.query)[0].item()
 
     for index in (0, 3, len(names) - 1):
         fd = (frozen(index, 1e-5) - frozen(index, -1e-5)) / 2e-5
@@ -257,9 +257,9 @@ def test_inner_progress_and_adaptation_benefit_are_the_losses_they_name():
     for task in tasks:
         m, _ = inplace_adapt(model, names, task, K, [INNER_LR] * len(names), "sgd")
         with torch.no_grad():
-            s0, q0 = causal_lm_loss(model, task.support[0])[0], causal_lm_loss(model, task.query)[0]
-            progress.append(1 - (causal_lm_loss(m, task.support[0])[0] / s0).item())
-            benefit.append((q0 - causal_lm_loss(m, task.query)[0]).item())
+            s0, q0 = causal_lm_loss_tensors(model, task.support[0])[0], causal_lm_loss_tensors(model, task.query)[0]
+            progress.append(1 - (causal_lm_loss_tensors(m, task.support[0])[0] / s0).item())
+            benefit.append((q0 - causal_lm_loss_tensors(m, task.query)[0]).item())
     assert result.metrics["meta/inner_progress"] == pytest.approx(sum(progress) / 2, rel=1e-9)
     assert result.metrics["meta/adaptation_benefit"] == pytest.approx(sum(benefit) / 2, rel=1e-9)
     assert result.task_metrics["task0/inner_progress"] == pytest.approx(progress[0], rel=1e-9)

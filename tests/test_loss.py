@@ -1,11 +1,11 @@
-"""causal_lm_loss: token-mean NLL over label tokens with the HF shift, in fp32, for padded and packed batches,
-with the full logits and chunked (``model.loss_chunk_size``)."""
+"""causal_lm_loss_tensors: token-mean NLL over label tokens with the HF shift, in fp32, for padded and packed
+batches, with the full logits and chunked (``model.loss_chunk_size``)."""
 
 import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from lora_maml.loss import causal_lm_loss, causal_lm_loss_tensors, loss_chunk_size, set_loss_chunk_size
+from lora_maml.loss import causal_lm_loss_tensors, loss_chunk_size, set_loss_chunk_size
 
 VOCAB = 128
 
@@ -55,7 +55,7 @@ def packed_batch(a, b):
 @CHUNKS
 def test_matches_per_token_log_softmax(chunk):
     model, batch = tiny_model(chunk=chunk), padded_batch()
-    loss, n = causal_lm_loss(model, batch)
+    loss, n = causal_lm_loss_tensors(model, batch)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     nll = []
@@ -72,7 +72,7 @@ def test_matches_transformers_own_loss():
     model, batch = tiny_model(), padded_batch(2)
     with torch.no_grad():
         hf = model(**batch).loss
-        ours, _ = causal_lm_loss(model, batch)
+        ours, _ = causal_lm_loss_tensors(model, batch)
     # transformers computes its loss in fp32 even for an fp64 model.
     torch.testing.assert_close(ours, hf.to(ours.dtype), rtol=1e-6, atol=1e-6)
 
@@ -80,7 +80,7 @@ def test_matches_transformers_own_loss():
 @CHUNKS
 def test_bf16_model_loss_in_fp32(chunk):
     model, batch = tiny_model(torch.bfloat16, chunk=chunk), padded_batch()
-    loss, n = causal_lm_loss(model, batch)
+    loss, n = causal_lm_loss_tensors(model, batch)
     assert loss.dtype == torch.float32
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -94,9 +94,9 @@ def test_bf16_model_loss_in_fp32(chunk):
 def test_first_label_is_never_scored_and_empty_batch_is_zero(chunk):
     model, batch = tiny_model(chunk=chunk), padded_batch()
     batch["labels"][:, 0] = batch["input_ids"][:, 0]
-    assert causal_lm_loss(model, batch)[1] == int((batch["labels"][:, 1:] != -100).sum())
+    assert causal_lm_loss_tensors(model, batch)[1] == int((batch["labels"][:, 1:] != -100).sum())
     batch["labels"][:] = -100
-    loss, n = causal_lm_loss(model, batch)
+    loss, n = causal_lm_loss_tensors(model, batch)
     assert n == 0 and loss.item() == 0.0
     # ... and its gradient is 0, not an error (a micro-batch without labels inside a meta-step).
     grads = torch.autograd.grad(loss, list(model.parameters()), materialize_grads=True)
@@ -111,9 +111,9 @@ def test_packed_batch_equals_separate_sequences(attn, chunk):
     block mask from position_ids when no KV cache exists, hence use_cache=False in the loss."""
     model = tiny_model(attn=attn, chunk=chunk)
     packed, seq_a, seq_b = packed_batch(padded_batch(3), padded_batch(4))
-    la, na = causal_lm_loss(model, seq_a)
-    lb, nb = causal_lm_loss(model, seq_b)
-    lp, n_p = causal_lm_loss(model, packed)
+    la, na = causal_lm_loss_tensors(model, seq_a)
+    lb, nb = causal_lm_loss_tensors(model, seq_b)
+    lp, n_p = causal_lm_loss_tensors(model, packed)
     assert n_p == na + nb  # the first label of b is -100 (prompt): no cross-boundary target
     # RoPE angles are computed in fp32 even in an fp64 model: ~1e-7 differences between layouts;
     # attention across the boundary would change the loss by ~1e-1.
@@ -124,7 +124,7 @@ def test_missing_labels_is_a_clear_error():
     batch = padded_batch()
     del batch["labels"]
     with pytest.raises(KeyError, match="labels"):
-        causal_lm_loss(tiny_model(), batch)
+        causal_lm_loss_tensors(tiny_model(), batch)
 
 
 def rel_err(a, b):

@@ -12,7 +12,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from lora_maml.config import LoraConfig, MetaConfig, OptimConfig
-from lora_maml.loss import causal_lm_loss, set_loss_chunk_size
+from lora_maml.loss import causal_lm_loss_tensors, set_loss_chunk_size
 from lora_maml.meta.algorithms import MetaLearner, TaskBatch, adapt
 from lora_maml.meta.fast_weights import FunctionalLoss, weights_copied_in
 from lora_maml.models import add_lora, adapted_parameters, compile_decoder, enable_gradient_checkpointing
@@ -93,7 +93,7 @@ def inplace_adapt(model, names, task, steps, lr, optimizer="sgd"):
            else torch.optim.SGD(groups))
     for k in range(steps):
         opt.zero_grad()
-        causal_lm_loss(m, task.support[k % len(task.support)])[0].backward()
+        causal_lm_loss_tensors(m, task.support[k % len(task.support)])[0].backward()
         opt.step()
     return m, params
 
@@ -109,7 +109,7 @@ def reference(model, names, tasks, steps, lr, algorithm="fomaml", optimizer="sgd
         else:
             for p in params:
                 p.grad = None
-            causal_lm_loss(m, task.query)[0].backward()
+            causal_lm_loss_tensors(m, task.query)[0].backward()
             grads = [p.grad.clone() for p in params]
         total = grads if total is None else [a + b for a, b in zip(total, grads)]
     return [g / len(tasks) for g in total]
@@ -161,7 +161,7 @@ def test_naive_functional_call_then_grad_is_wrong_under_checkpointing():
         model, params = tiny_model("lora", checkpointing=checkpointing)
         batch = random_tasks(1)[0].query
         fast = {n: (p.detach() + 0.2 * torch.randn_like(p)).requires_grad_() for n, p in params.items()}
-        loss_of = lambda m, b: causal_lm_loss(m, b)[0]  # noqa: E731
+        loss_of = lambda m, b: causal_lm_loss_tensors(m, b)[0]  # noqa: E731
         wrapper = torch.nn.Module()
         wrapper.model = model
         wrapper.forward = lambda b: loss_of(wrapper.model, b)
@@ -222,7 +222,7 @@ def test_maml_matches_central_finite_differences(exact_fp64, chunk):
         for task in tasks:
             c, _ = inplace_adapt(m, names, task, steps, INNER_LR)
             with torch.no_grad():
-                total += causal_lm_loss(c, task.query)[0].item()
+                total += causal_lm_loss_tensors(c, task.query)[0].item()
         return total / len(tasks)
 
     gen = torch.Generator().manual_seed(5)
@@ -271,7 +271,7 @@ def test_zero_inner_steps_is_the_multitask_query_gradient(algorithm):
     result = MetaLearner(model, params, meta_cfg(algorithm, 0, tasks=3)).meta_gradient(tasks)
     m = copy.deepcopy(model)
     own = dict(m.named_parameters())
-    loss = sum(causal_lm_loss(m, t.query)[0] for t in tasks) / len(tasks)
+    loss = sum(causal_lm_loss_tensors(m, t.query)[0] for t in tasks) / len(tasks)
     expected = torch.autograd.grad(loss, [own[n] for n in params])
     # 1e-6, not 1e-12: Qwen3's RMSNorm and eager softmax run in fp32 even in an fp64 model, and the
     # reference scales the upstream gradient by 1/3 before them, the meta-learner after.
@@ -298,8 +298,8 @@ def test_adapt_returns_inplace_sgd_weights_and_leaves_model_alone():
     assert max_err(adapted.values(), ps) <= 1e-12
     with torch.no_grad():
         with weights_copied_in(params, adapted):
-            inside = causal_lm_loss(model, task.query)[0]
-        assert inside == causal_lm_loss(m, task.query)[0]
+            inside = causal_lm_loss_tensors(model, task.query)[0]
+        assert inside == causal_lm_loss_tensors(m, task.query)[0]
     assert all(torch.equal(before[n], p) for n, p in params.items())
 
 
@@ -392,7 +392,7 @@ def test_metrics_are_consistent():
         name = f"task{i}"
         assert t[f"{name}/adaptation_gap"] == pytest.approx(t[f"{name}/query_loss"] - t[f"{name}/support_loss"])
         with torch.no_grad():
-            assert t[f"{name}/query_loss_pre"] == pytest.approx(causal_lm_loss(model, task.query)[0].item())
+            assert t[f"{name}/query_loss_pre"] == pytest.approx(causal_lm_loss_tensors(model, task.query)[0].item())
     gap = sum(t[f"task{i}/adaptation_gap"] for i in range(2)) / 2
     assert m["meta/avg_adaptation_gap"] == pytest.approx(gap)
     tokens = lambda b: int((b["labels"][:, 1:] != -100).sum())  # noqa: E731

@@ -25,12 +25,13 @@ from lora_maml.data.prepare import (
     COLUMNS,
     list_tasks,
     load_split,
-    main,
     prepare,
-    print_summary,
+    summary_text,
     validate,
 )
 from lora_maml.data.synthetic import synthetic_records
+from lora_maml.errors import run_main
+from recipes import prepare_math_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RATIOS = {"support_ratio": 0.3, "query_ratio": 0.4}
@@ -49,6 +50,12 @@ def record(subject: str, i: int, problem: str | None = None) -> dict:
 
 def records(per_subject: int = 10) -> list[dict]:
     return [record(subject, i) for subject in SUBJECTS for i in range(per_subject)]
+
+
+def main(argv):
+    """``lora-maml prepare`` (recipes/prepare_math_data.py) as the command line runs it: a user error is one
+    ``error:`` line and exit code 1."""
+    return run_main(prepare_math_data.main, argv)
 
 
 def run(records_, out, **kwargs):
@@ -169,8 +176,7 @@ def test_holdout_tasks_go_wholly_to_few_shot_eval(tmp_path):
     with pytest.raises(DataError, match="'geometry' is held out"):
         load_split(out, "geometry", "support")
     validate(out)
-    summary = io.StringIO()
-    print_summary(manifest, file=summary)
+    summary = io.StringIO(summary_text(manifest))
     assert "geometry *" in summary.getvalue() and "held out" in summary.getvalue()
 
 

@@ -10,8 +10,9 @@ import pytest
 
 from lora_maml.boxed import last_boxed
 from lora_maml.data.math import DataError
-from lora_maml.data.prepare import list_tasks, load_split, main as prepare_main, print_summary, read_manifest
+from lora_maml.data.prepare import list_tasks, load_split, read_manifest, summary_text
 from lora_maml.data.rules import CHANCE_NLL, code, parse_source, rules_records
+from recipes.prepare_math_data import main as prepare_main
 
 SMALL = "synthetic-rules:tasks=30,unseen=6,per_task=12"
 
@@ -87,6 +88,5 @@ def test_prepare_holds_the_unseen_codes_out_and_prints_the_floor(tmp_path, capsy
     manifest = read_manifest(out)
     assert manifest["source"]["chance_nll_per_answer_token"] == pytest.approx(math.log(10)) == pytest.approx(CHANCE_NLL)
     assert "no model beats 2.303 nats per answer letter" in printed and "Validation passed" in printed
-    summary = io.StringIO()
-    print_summary(manifest, file=summary)
+    summary = io.StringIO(summary_text(manifest))
     assert "24 meta-training tasks" in summary.getvalue() and "6 held-out tasks *" in summary.getvalue()

@@ -1,11 +1,12 @@
-import argparse
 import hashlib
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora_maml.tiny_model import add_tiny_model_args, build_tiny_model, main
+from lora_maml.errors import run_main
+from lora_maml.tiny_model import build_tiny_model
+from recipes.build_tiny_model import build_parser, main
 
 TEXTS = [
     f"Problem: what is {a} + {b}? Add the numbers: {a} + {b} = {a + b}. The answer is $\\boxed{{{a + b}}}$."
@@ -111,12 +112,12 @@ def test_invalid_sizes_are_rejected(tmp_path):
 
 
 def test_cli_parses_size_flags():
-    args = add_tiny_model_args(argparse.ArgumentParser()).parse_args(
+    args = build_parser().parse_args(
         ["--output-dir", "x", "--synthetic-per-task", "3", "--hidden-size", "32", "--untied-embeddings"]
     )
     assert (args.synthetic_per_task, args.hidden_size, args.untied_embeddings, args.data_dir) == (3, 32, True, None)
     with pytest.raises(SystemExit):
-        add_tiny_model_args(argparse.ArgumentParser()).parse_args(
+        build_parser().parse_args(
             ["--output-dir", "x", "--data-dir", "d", "--synthetic-per-task", "3"]
         )
 
@@ -140,3 +141,11 @@ def test_cli_builds_from_a_prepared_data_dir(tmp_path):
     out = tmp_path / "from_data"
     assert main(["--output-dir", str(out), "--data-dir", str(data_dir), "--num-hidden-layers", "1"]) == 0
     assert AutoTokenizer.from_pretrained(out).pad_token == "<|endoftext|>"
+
+
+def test_cli_errors_name_its_options(tmp_path, capsys):
+    assert run_main(main, ["--output-dir", str(tmp_path / "m"), "--synthetic-per-task", "0"]) == 1
+    assert capsys.readouterr().err == "error: --synthetic-per-task must be an integer >= 1, got 0\n"
+    assert run_main(main, ["--output-dir", str(tmp_path / "m"), "--data-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'manifest.json'}: not found")
+    assert not (tmp_path / "m").exists()

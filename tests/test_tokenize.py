@@ -6,12 +6,12 @@ from transformers.masking_utils import create_causal_mask
 
 from lora_maml.data.tokenize import (
     IGNORE_INDEX,
-    batch_token_count,
     collate,
     encode_example,
     encode_records,
     padding_efficiency,
 )
+from lora_maml.loss import label_token_count
 from lora_maml.tiny_model import build_tiny_model
 
 PROBLEMS = [
@@ -149,7 +149,7 @@ def test_padded_and_packed_layouts(tok):
 
     # Label 0 of an example is never a target (nothing precedes it), even when it is not -100.
     n_targets = sum(sum(label != IGNORE_INDEX for label in ex["labels"][1:]) for ex in examples)
-    assert batch_token_count(padded) == batch_token_count(packed) == n_targets
+    assert int(label_token_count(padded)) == int(label_token_count(packed)) == n_targets
     assert padding_efficiency(padded) == pytest.approx(sum(lengths) / (3 * max(lengths)))
     assert padding_efficiency(packed) == 1.0
 

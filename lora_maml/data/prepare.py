@@ -1,6 +1,7 @@
 """Split records into per-task support/query/test files, reproducibly, and read them back.
 
-Layout written by :func:`prepare` (``lora-maml prepare`` and ``recipes/prepare_math_data.py``)::
+Layout written by :func:`prepare` (from records) and :func:`prepare_from_source` (from a MATH source, the
+synthetic suite or a generated family; the program is ``recipes/prepare_math_data.py`` = ``lora-maml prepare``)::
 
     <output_dir>/meta_train/{task}_support.parquet   support examples of meta-training tasks
     <output_dir>/meta_train/{task}_query.parquet     query examples of meta-training tasks
@@ -28,7 +29,6 @@ the end, so a failed run leaves nothing behind and a reader never sees half a da
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import functools
@@ -38,17 +38,20 @@ import json
 import math
 import random
 import re
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from lora_maml.atomic import atomic_dir
 from lora_maml import __version__
 from lora_maml.boxed import last_boxed
 from lora_maml.data import SUBJECTS
-from lora_maml.data.math import DEFAULT_HUB_DATASET, SPLITS, DataError, load_math_records, normalise_subject
+from lora_maml.data.math import DataError, load_math_records, normalise_subject
 from lora_maml.data.rules import CHANCE_NLL, is_rules_source, parse_source, rules_records
+from lora_maml.data.synthetic import synthetic_records
 
 MANIFEST = "manifest.json"
 SUMMARY = "dataset_summary.csv"
@@ -57,6 +60,7 @@ COLUMNS = ("id", "prompt", "response", "answer", "subject", "level")
 PARTS = ("support", "query", "test")
 COMPRESSION = "zstd"
 MAX_REPORTED_IDS = 20
+SUMMARY_MAX_ROWS = 20  # more tasks (a generated family) are summarised per group, not one row each
 
 
 def normalise_problem(text: str) -> str:
@@ -187,12 +191,12 @@ def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
         if not overwrite:
             raise DataError(
                 f"{output_dir}: output directory exists and is not empty; "
-                "pass overwrite=True (--overwrite) to replace it"
+                "pass overwrite=True to replace it"
             )
         if not (output_dir / MANIFEST).is_file():
             raise DataError(
                 f"{output_dir}: refusing to overwrite a non-empty directory that is not a prepared "
-                f"dataset (no {MANIFEST}); choose another --output-dir"
+                f"dataset (no {MANIFEST}); choose another output_dir"
             )
 
 
@@ -290,16 +294,11 @@ def _split_task(
 
 
 # --- writing ---------------------------------------------------------------------------------
-def _schema():
-    import pyarrow as pa
-
+def _schema() -> pa.Schema:
     return pa.schema([pa.field(column, pa.string(), nullable=False) for column in COLUMNS])
 
 
 def _write_parquet(path: Path, rows: list[dict]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     table = pa.Table.from_pylist(rows, schema=_schema())
     pq.write_table(table, path, compression=COMPRESSION)
 
@@ -415,8 +414,6 @@ def load_split(data_dir: str | Path, task: str, part: str) -> list[dict]:
 
 
 def _read_parquet(path: Path) -> list[dict]:
-    import pyarrow.parquet as pq
-
     if not path.is_file():
         raise DataError(f"{path}: listed in the manifest but missing")
     try:
@@ -481,27 +478,95 @@ def validate(data_dir: str | Path) -> None:
         raise DataError(f"{summary}: missing or does not match the manifest's counts")
 
 
-# --- summary and command line ----------------------------------------------------------------
-def print_summary(manifest: dict, file: TextIO | None = None, max_rows: int = 20) -> None:
-    """Print the tasks found and a task/support/query/test/total table.
+_validate = validate  # prepare_from_source's keyword ``validate`` shadows the function
 
-    With more than ``max_rows`` tasks the table has one row per group (meta-training, held out) with the
-    sums and the per-task range; ``dataset_summary.csv`` always lists every task.
+
+# --- from a source ---------------------------------------------------------------------------
+def read_source(
+    source: str, *, seed: int, split: str = "train", synthetic_per_task: int = 200, holdout_tasks: Sequence[str] = ()
+) -> tuple[list[dict], list[str], list[str], dict]:
+    """``(records, tasks, holdout, description)`` of a source: MATH (directory, .tar/.tar.gz archive,
+    jsonl/parquet file, hub id), ``synthetic`` (the generated 7-domain suite, ``synthetic_per_task`` records
+    per task) or ``synthetic-rules[:...]`` (the family of hidden digit codes, :mod:`lora_maml.data.rules`).
+    ``holdout_tasks`` are checked against the source's tasks (MATH subject names are normalised); a rules
+    family adds its own unseen tasks to them."""
+    if isinstance(holdout_tasks, str):
+        raise ValueError(f"holdout_tasks must be a list of task names, got the string {holdout_tasks!r}")
+    tasks: list[str] = list(SUBJECTS)
+    names = list(holdout_tasks)
+    if source == "synthetic":
+        records = synthetic_records(synthetic_per_task, seed)
+        description = {"source": "synthetic", "n_per_task": synthetic_per_task, "seed": seed}
+    elif is_rules_source(source):
+        records, unseen = rules_records(source, seed)
+        tasks = list(dict.fromkeys(r["subject"] for r in records))
+        names = [*unseen, *names]
+        description = {"source": source, **parse_source(source), "seed": seed, "chance_nll_per_answer_token": CHANCE_NLL}
+    else:
+        # The loader's report (source, split, read, kept, skipped) describes the source.
+        records, description = load_math_records(source, split=split)
+    if not is_rules_source(source):
+        names = [normalise_subject(name, where="holdout_tasks") for name in names]
+    return records, tasks, list(dict.fromkeys(names)), description
+
+
+def prepare_from_source(
+    source: str,
+    output_dir: str | Path,
+    *,
+    seed: int = 42,
+    support_ratio: float = 0.30,
+    query_ratio: float = 0.40,
+    source_split: str = "train",
+    max_samples: int | None = None,
+    holdout_tasks: Sequence[str] = (),
+    synthetic_per_task: int = 200,
+    overwrite: bool = False,
+    validate: bool = False,
+) -> dict:
+    """Read ``source`` (:func:`read_source`; ``source_split`` is the MATH split) and write its prepared
+    layout to ``output_dir`` (:func:`prepare`); with ``validate``, re-read and check it (:func:`validate`).
+    ``seed`` shuffles the split and seeds the generated sources. Returns the manifest.
+
+    Raises ``ValueError`` for bad arguments, :class:`DataError` for an unusable source or ``output_dir``,
+    ``OSError`` (e.g. ``FileNotFoundError``) for a source that cannot be read; nothing is written then.
     """
-    out = file or sys.stdout
+    output_dir = Path(output_dir).expanduser()
+    # Fail before the (slow) read when the output directory is going to be refused anyway.
+    _check_output_dir(output_dir, overwrite)
+    records, tasks, holdout, description = read_source(
+        source, seed=seed, split=source_split, synthetic_per_task=synthetic_per_task, holdout_tasks=holdout_tasks
+    )
+    manifest = prepare(
+        records, output_dir, support_ratio=support_ratio, query_ratio=query_ratio, seed=seed, holdout_tasks=holdout,
+        max_samples=max_samples, source_description=description, overwrite=overwrite, tasks=tasks,
+    )
+    if validate:
+        _validate(output_dir)
+    return manifest
+
+
+# --- summary ---------------------------------------------------------------------------------
+def summary_text(manifest: dict) -> str:
+    """The tasks found and a task/support/query/test/total table of a manifest, as lines of text.
+
+    With more than :data:`SUMMARY_MAX_ROWS` tasks the table has one row per group (meta-training, held out)
+    with the sums and the per-task range; ``dataset_summary.csv`` always lists every task.
+    """
+    lines = []
     counts = manifest["counts"]
     holdout = set(manifest["holdout_tasks"])
-    if len(counts) <= max_rows:
+    if len(counts) <= SUMMARY_MAX_ROWS:
         found = ", ".join(f"{task} ({row['total']})" for task, row in counts.items())
-        print(f"Found {len(counts)} subjects: {found}", file=out)
+        lines.append(f"Found {len(counts)} subjects: {found}")
     else:
-        print(f"Found {len(counts)} tasks ({len(holdout)} held out); every task is in {SUMMARY}", file=out)
+        lines.append(f"Found {len(counts)} tasks ({len(holdout)} held out); every task is in {SUMMARY}")
     skipped = manifest["source"].get("skipped", {}) if isinstance(manifest["source"], dict) else {}
     for reason, entry in {**skipped, **manifest["dropped"]}.items():
         examples = ", ".join(entry["examples"][:3])
-        print(f"Skipped {entry['count']} record(s): {reason.replace('_', ' ')} (e.g. {examples})", file=out)
+        lines.append(f"Skipped {entry['count']} record(s): {reason.replace('_', ' ')} (e.g. {examples})")
     keys = (*PARTS, "total")
-    if len(counts) <= max_rows:
+    if len(counts) <= SUMMARY_MAX_ROWS:
         rows = [(f"{task} *" if task in holdout else task, {k: str(row[k]) for k in keys}) for task, row in counts.items()]
     else:
         rows = []
@@ -517,116 +582,16 @@ def print_summary(manifest: dict, file: TextIO | None = None, max_rows: int = 20
     width = max(len("task"), *(len(label) for label, _ in rows))
     cell = max(8, *(len(v) for _, cells in rows for v in cells.values()))
     header = f"{'task':<{width}} " + " ".join(f"{k:>{cell}}" for k in keys)
-    print(header, file=out)
-    print("-" * len(header), file=out)
+    lines += [header, "-" * len(header)]
     for label, cells in rows:
-        print(f"{label:<{width}} " + " ".join(f"{cells[k]:>{cell}}" for k in keys), file=out)
-    print("-" * len(header), file=out)
+        lines.append(f"{label:<{width}} " + " ".join(f"{cells[k]:>{cell}}" for k in keys))
+    lines.append("-" * len(header))
     totals = {k: str(sum(row[k] for row in counts.values())) for k in keys}
-    print(f"{'total':<{width}} " + " ".join(f"{totals[k]:>{cell}}" for k in keys), file=out)
+    lines.append(f"{'total':<{width}} " + " ".join(f"{totals[k]:>{cell}}" for k in keys))
     if holdout:
-        print("* held out: all records in few_shot_eval, none in meta_train", file=out)
+        lines.append("* held out: all records in few_shot_eval, none in meta_train")
     chance = manifest["source"].get("chance_nll_per_answer_token") if isinstance(manifest["source"], dict) else None
     if chance is not None:
-        print(f"Tasks conflict: without adapting, no model beats {chance:.3f} nats per answer letter "
-              f"(log {round(math.exp(chance))}) or accuracy {1 / math.exp(chance):.3f}", file=out)
-
-
-def add_prepare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``prepare`` options to ``parser`` (shared by the recipe and ``lora-maml prepare``)."""
-    parser.add_argument(
-        "--source",
-        required=True,
-        help=f"MATH directory, .tar/.tar.gz, .jsonl or .parquet file, hub id (e.g. {DEFAULT_HUB_DATASET}), "
-        "'synthetic' for the generated 7-domain suite, or 'synthetic-rules[:tasks=440,unseen=40,per_task=40,"
-        "digits=5,named=0]' for the family of hidden digit codes (lora_maml/data/rules.py; its unseen codes are "
-        "held out)",
-    )
-    parser.add_argument("--output-dir", required=True, type=Path, help="directory to create")
-    parser.add_argument(
-        "--support-ratio", type=float, default=0.30, help="share of each task for support (default 0.30)"
-    )
-    parser.add_argument(
-        "--query-ratio", type=float, default=0.40, help="share of each task for query (default 0.40)"
-    )
-    parser.add_argument("--seed", type=int, default=42, help="shuffle seed (and synthetic seed); default 42")
-    parser.add_argument("--source-split", choices=SPLITS, default="train", help="MATH split to read (default train)")
-    parser.add_argument("--max-samples", type=int, default=None, help="cap on records per task, after shuffling")
-    parser.add_argument(
-        "--holdout-tasks", default="", help="comma-separated tasks kept out of meta-training (all in few_shot_eval)"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")
-    parser.add_argument("--validate", action="store_true", help="re-read and check the written files")
-    parser.add_argument(
-        "--synthetic-per-task", type=int, default=200, help="records per task with --source synthetic (default 200)"
-    )
-    return parser
-
-
-def read_source(
-    source: str, *, seed: int, split: str = "train", synthetic_per_task: int = 200, holdout_tasks: Sequence[str] = ()
-) -> tuple[list[dict], list[str], list[str], dict]:
-    """``(records, tasks, holdout, description)`` of a ``prepare --source``: MATH (directory, archive,
-    jsonl/parquet, hub id), ``synthetic`` or ``synthetic-rules[:...]``. ``holdout_tasks`` are checked
-    against the source's tasks; a rules family adds its own unseen tasks to them."""
-    tasks: list[str] = list(SUBJECTS)
-    names = list(holdout_tasks)
-    if source == "synthetic":
-        from lora_maml.data.synthetic import synthetic_records
-
-        records = synthetic_records(synthetic_per_task, seed)
-        description = {"source": "synthetic", "n_per_task": synthetic_per_task, "seed": seed}
-    elif is_rules_source(source):
-        records, unseen = rules_records(source, seed)
-        tasks = list(dict.fromkeys(r["subject"] for r in records))
-        names = [*unseen, *names]
-        description = {"source": source, **parse_source(source), "seed": seed, "chance_nll_per_answer_token": CHANCE_NLL}
-    else:
-        # The loader's report (source, split, read, kept, skipped) describes the source.
-        records, description = load_math_records(source, split=split)
-    if not is_rules_source(source):
-        names = [normalise_subject(name, where="--holdout-tasks") for name in names]
-    return records, tasks, list(dict.fromkeys(names)), description
-
-
-def run_prepare(args: argparse.Namespace, *, report_errors: bool = True) -> int:
-    """Run ``prepare`` for parsed arguments; errors go to stderr and give exit code 1 (raised as they
-    are with ``report_errors=False``, for a caller that reports them itself)."""
-    try:
-        # Fail before the (slow) read when the output directory is going to be refused anyway.
-        _check_output_dir(args.output_dir.expanduser(), args.overwrite)
-        records, tasks, holdout, source = read_source(
-            args.source, seed=args.seed, split=args.source_split, synthetic_per_task=args.synthetic_per_task,
-            holdout_tasks=[name for name in args.holdout_tasks.split(",") if name.strip()],
-        )
-        manifest = prepare(
-            records,
-            args.output_dir,
-            support_ratio=args.support_ratio,
-            query_ratio=args.query_ratio,
-            seed=args.seed,
-            holdout_tasks=holdout,
-            max_samples=args.max_samples,
-            source_description=source,
-            overwrite=args.overwrite,
-            tasks=tasks,
-        )
-        print_summary(manifest)
-        print(f"Wrote {args.output_dir}")
-        if args.validate:
-            validate(args.output_dir)
-            print("Validation passed")
-    except (ValueError, OSError) as exc:  # DataError is a ValueError
-        if not report_errors:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line of ``recipes/prepare_math_data.py``."""
-    parser = argparse.ArgumentParser(
-        description="Split MATH (or the synthetic suite) into per-subject support/query/test files."
-    )
-    return run_prepare(add_prepare_args(parser).parse_args(argv))
+        lines.append(f"Tasks conflict: without adapting, no model beats {chance:.3f} nats per answer letter "
+                     f"(log {round(math.exp(chance))}) or accuracy {1 / math.exp(chance):.3f}")
+    return "\n".join(lines) + "\n"

@@ -193,11 +193,3 @@ def padding_efficiency(batch: dict[str, torch.Tensor]) -> float:
     if "attention_mask" in batch:
         return float(batch["attention_mask"].sum()) / processed
     return 1.0
-
-
-def batch_token_count(batch: dict[str, torch.Tensor]) -> int:
-    """Number of target tokens under the HF shift convention (labels[:, 1:] != -100).
-
-    The same for the padded and the packed layout of the same examples.
-    """
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

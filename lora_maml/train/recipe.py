@@ -40,6 +40,7 @@ from lora_maml.meta.algorithms import inner_loop, per_tensor
 from lora_maml.meta.fast_weights import FunctionalLoss
 from lora_maml.meta.sharded import ShardedLoss
 from lora_maml.models import add_lora, adapted_parameters, compile_decoder, load_base, torch_dtype
+from lora_maml.tiny_model import build_tiny_model, texts_from_prepared
 from lora_maml import checkpoint as ckpt
 from lora_maml.distributed import (
     Dist,
@@ -158,21 +159,18 @@ class TrainingRecipe:
         data_dir = Path(cfg.data.data_dir)
         if self.dist.is_main and not (data_dir / prepare.MANIFEST).exists():
             log.info("data: %s not prepared; preparing it from data.source=%s", data_dir, cfg.data.source)
-            args = prepare.add_prepare_args(argparse.ArgumentParser()).parse_args([
-                "--source", cfg.data.source, "--output-dir", str(data_dir), "--seed", str(cfg.trainer.seed),
-                "--support-ratio", str(cfg.data.support_ratio), "--query-ratio", str(cfg.data.query_ratio), "--validate",
-            ])
             try:
-                prepare.run_prepare(args, report_errors=False)
+                prepare.prepare_from_source(
+                    cfg.data.source, data_dir, seed=cfg.trainer.seed, support_ratio=cfg.data.support_ratio,
+                    query_ratio=cfg.data.query_ratio, validate=True,
+                )
             except (ValueError, OSError) as err:
                 raise DataError(f"preparing data.data_dir={data_dir} from data.source={cfg.data.source}: "
                                 f"{describe_error(err)}") from err
         model_dir = Path(cfg.model.partial_pretrain)
         if self.dist.is_main and cfg.model.build_tiny_if_missing and not model_dir.exists():
-            from lora_maml.tiny_model import main as build_tiny
-
             log.info("model: building a tiny random-init Qwen3 at %s", model_dir)
-            build_tiny(["--output-dir", str(model_dir), "--data-dir", str(data_dir), "--seed", str(cfg.trainer.seed)])
+            build_tiny_model(model_dir, texts_from_prepared(data_dir), seed=cfg.trainer.seed)
         barrier()
 
     def setup_model(self) -> None:

@@ -13,15 +13,15 @@ from recipe_helpers import RecipeInputs, run_args, run_in_process
 @pytest.fixture(scope="session")
 def recipe_inputs(tmp_path_factory) -> RecipeInputs:
     """A prepared synthetic data dir (40 problems per task) and a tiny Qwen3 (hidden 32, 2 layers)."""
-    from lora_maml.data.prepare import main as prepare_main
-    from lora_maml.tiny_model import main as tiny_model_main
+    from recipes.build_tiny_model import main as tiny_model_main
+    from recipes.prepare_math_data import main as prepare_main
 
     root = tmp_path_factory.mktemp("recipe_inputs")
     data_dir, model_dir = root / "data", root / "tiny_qwen3"
     code = prepare_main(
         ["--source", "synthetic", "--synthetic-per-task", "40", "--output-dir", str(data_dir), "--seed", "42"]
     )
-    assert code == 0, "lora_maml.data.prepare failed on the synthetic suite"
+    assert code == 0, "recipes/prepare_math_data.py failed on the synthetic suite"
     tiny_model_main([
         "--output-dir", str(model_dir), "--data-dir", str(data_dir), "--vocab-size", "512",
         "--hidden-size", "32", "--num-hidden-layers", "2", "--num-attention-heads", "2",
