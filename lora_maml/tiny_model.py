@@ -171,7 +171,8 @@ def _texts_from_records(records: Iterable[dict]) -> list[str]:
     return [f"{r['prompt']}\n{r['response']}" for r in records]
 
 
-def _texts_from_prepared(data_dir: str | os.PathLike) -> list[str]:
+def texts_from_prepared(data_dir: str | os.PathLike) -> list[str]:
+    """The texts of a prepared data directory: meta-training support + query, few-shot-eval test."""
     from lora_maml.data.prepare import list_tasks, load_split
 
     tasks = list_tasks(data_dir)
@@ -182,7 +183,7 @@ def _texts_from_prepared(data_dir: str | os.PathLike) -> list[str]:
     for task in tasks.get("few_shot_eval", []):
         records.extend(load_split(data_dir, task, "test"))
     if not records:
-        raise ValueError(f"--data-dir {data_dir}: the prepared splits hold no records")
+        raise ValueError(f"{data_dir}: the prepared splits hold no records")
     return _texts_from_records(records)
 
 
@@ -217,7 +218,7 @@ def add_tiny_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 def run_tiny_model(args: argparse.Namespace) -> Path:
     """Entry point of ``lora-maml tiny-model``: build the checkpoint described by ``args``; return its path."""
     if args.data_dir is not None:
-        texts = _texts_from_prepared(args.data_dir)
+        texts = texts_from_prepared(args.data_dir)
     else:
         from lora_maml.data.synthetic import synthetic_records
 

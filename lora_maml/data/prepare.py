@@ -589,32 +589,54 @@ def read_source(
     return records, tasks, list(dict.fromkeys(names)), description
 
 
+def prepare_from_source(
+    source: str,
+    output_dir: str | Path,
+    *,
+    seed: int = 42,
+    support_ratio: float = 0.30,
+    query_ratio: float = 0.40,
+    source_split: str = "train",
+    max_samples: int | None = None,
+    holdout_tasks: Sequence[str] = (),
+    synthetic_per_task: int = 200,
+    overwrite: bool = False,
+    validate: bool = False,
+) -> dict:
+    """Read ``source`` (:func:`read_source`), split it into ``output_dir`` (:func:`prepare`) and, with
+    ``validate``, re-read and check the written files; return the manifest. Raises what those raise
+    (``ValueError``, :class:`DataError`, ``OSError``); prints nothing."""
+    output_dir = Path(output_dir).expanduser()
+    # Fail before the (slow) read when the output directory is going to be refused anyway.
+    _check_output_dir(output_dir, overwrite)
+    records, tasks, holdout, description = read_source(
+        source, seed=seed, split=source_split, synthetic_per_task=synthetic_per_task, holdout_tasks=holdout_tasks
+    )
+    manifest = prepare(
+        records, output_dir, support_ratio=support_ratio, query_ratio=query_ratio, seed=seed, holdout_tasks=holdout,
+        max_samples=max_samples, source_description=description, overwrite=overwrite, tasks=tasks,
+    )
+    if validate:
+        _validate(output_dir)
+    return manifest
+
+
+_validate = validate  # prepare_from_source's ``validate`` flag hides the function's name
+
+
 def run_prepare(args: argparse.Namespace, *, report_errors: bool = True) -> int:
     """Run ``prepare`` for parsed arguments; errors go to stderr and give exit code 1 (raised as they
     are with ``report_errors=False``, for a caller that reports them itself)."""
     try:
-        # Fail before the (slow) read when the output directory is going to be refused anyway.
-        _check_output_dir(args.output_dir.expanduser(), args.overwrite)
-        records, tasks, holdout, source = read_source(
-            args.source, seed=args.seed, split=args.source_split, synthetic_per_task=args.synthetic_per_task,
+        manifest = prepare_from_source(
+            args.source, args.output_dir, seed=args.seed, support_ratio=args.support_ratio,
+            query_ratio=args.query_ratio, source_split=args.source_split, max_samples=args.max_samples,
             holdout_tasks=[name for name in args.holdout_tasks.split(",") if name.strip()],
-        )
-        manifest = prepare(
-            records,
-            args.output_dir,
-            support_ratio=args.support_ratio,
-            query_ratio=args.query_ratio,
-            seed=args.seed,
-            holdout_tasks=holdout,
-            max_samples=args.max_samples,
-            source_description=source,
-            overwrite=args.overwrite,
-            tasks=tasks,
+            synthetic_per_task=args.synthetic_per_task, overwrite=args.overwrite, validate=args.validate,
         )
         print_summary(manifest)
         print(f"Wrote {args.output_dir}")
         if args.validate:
-            validate(args.output_dir)
             print("Validation passed")
     except (ValueError, OSError) as exc:  # DataError is a ValueError
         if not report_errors:
