@@ -78,7 +78,7 @@ def parse_args(argv=None):
 
 
 def prepare_inputs(work: Path) -> tuple[Path, Path]:
-    """The synthetic data and the tiny model, made as ``TrainingRecipe.ensure_inputs`` makes them."""
+    """The synthetic data and the tiny model, made as ``Trainer.ensure_inputs`` makes them."""
     data_dir, model_dir = work / "data", work / "tiny_qwen3"
     cfg = load_config(CONFIG)
     if not data_dir.exists():

@@ -1,10 +1,11 @@
-"""Crash-safe checkpoints for the FOMAML and SFT recipes, and exact resumption.
+"""Crash-safe checkpoints of the training recipes, exact resumption and the policy of what may resume.
 
 Layout under ``trainer.default_local_dir`` (one checkpoint = one step ``N``)::
 
     maml_checkpoint_step_{N}.pt      torch.save dict: step, model_state_dict, optimizer_state_dict, config
     step_{N}/adapter/                PEFT adapter (adapter_config.json + adapter_model.safetensors)
     step_{N}/model/                  ... or, for full-parameter training, save_pretrained with safetensors
+    step_{N}/<adapter|model>/inner_lrs.json  Meta-SGD only: the learned inner rates {parameter name: rate}
     step_{N}/trainer_state.json      {"step", "trainer_state", "rng_states"} (scheduler, sampler, counters,
                                      metrics history, ... and one RNG state per rank)
     step_{N}/trainer_state.safetensors  tensors found inside trainer_state (only when there are any)
@@ -29,6 +30,12 @@ Multi-process runs: :func:`save_checkpoint` writes shared files and must be call
 Every rank calls :func:`gather_rng_states` (a collective) just before, so rank 0 receives the RNG
 state of every process; on resume each rank loads the checkpoint and calls
 ``restore_rng_state(ckpt["rng_states"][rank])``.
+
+Meta-SGD's learned inner learning rates have one encoding, the log-rates it learns (float64, one
+per adapted tensor, by parameter name), which :func:`save_checkpoint` receives. It keeps them in
+``trainer_state["log_inner_lrs"]`` (a resume continues bitwise: :func:`load_log_inner_lrs`) and
+writes the rates themselves to ``inner_lrs.json`` beside the adapter / model files (what a user
+reads and evaluation adapts with: :func:`load_inner_lrs`); it is the one place that converts.
 """
 
 from __future__ import annotations
@@ -36,19 +43,22 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import os
 import pickle
 import random
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError
 
 from lora_maml.atomic import fsync_dir, write_text_atomic
+from lora_maml.config import Config, ConfigError, config_to_dict
 from lora_maml.errors import LoraMamlError, write_failure
 
 logger = logging.getLogger(__name__)
@@ -59,8 +69,10 @@ LATEST_FILE = "latest"
 MANIFEST_FILE = "checkpoint_manifest.json"
 TRAINER_STATE_FILE = "trainer_state.json"
 TRAINER_TENSORS_FILE = "trainer_state.safetensors"
-# Meta-SGD's learned inner learning rates, {parameter name: rate}, beside the adapter / model files.
+# Meta-SGD's learned inner learning rates: {parameter name: rate} beside the adapter / model files,
+# {parameter name: log rate} in the trainer state.
 INNER_LRS_FILE = "inner_lrs.json"
+LOG_INNER_LRS_KEY = "log_inner_lrs"
 # Only names this module creates; other files in the run directory are never touched.
 _TEMP_PATTERN = re.compile(r"^(maml_checkpoint_step_\d+\.pt|step_\d+|latest)\.tmp-\d+(-old)?$")
 _TENSOR_REF = "__tensor__"
@@ -326,6 +338,7 @@ def save_checkpoint(
     save_pretrained: Callable[[Path], None] | None = None,
     pretrained_kind: Literal["adapter", "model"] = "adapter",
     max_to_keep: int | None = None,
+    log_inner_lrs: Mapping[str, float] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest`` at it, prune old ones; return the ``.pt``.
 
@@ -333,7 +346,9 @@ def save_checkpoint(
     :func:`gather_rng_states`). ``trainer_state`` is JSON data (str keys) whose tensors, if any, go to
     ``trainer_state.safetensors``; tuples come back as lists. ``save_pretrained(dir)`` writes the
     Hugging Face export into ``step_N/<pretrained_kind>/``, e.g.
-    ``lambda d: peft_model.save_pretrained(d, safe_serialization=True)``.
+    ``lambda d: peft_model.save_pretrained(d, safe_serialization=True)``. ``log_inner_lrs``: Meta-SGD's
+    learned log inner rates by parameter name, kept in ``trainer_state`` and, as rates, in the export's
+    ``inner_lrs.json`` (see the module docstring).
 
     Before writing, temporary leftovers of killed saves are deleted. An existing checkpoint for the
     same step (e.g. left by an abandoned run after resuming an older one) is replaced once the new
@@ -356,6 +371,11 @@ def save_checkpoint(
             f"{pt_path(out_dir, step)}: refusing to save non-finite weights ({len(nonfinite)} tensors, e.g. "
             f"{nonfinite[:3]}); the previous checkpoints are kept"
         )
+    rates = None
+    if log_inner_lrs is not None:
+        trainer_state = {**trainer_state, LOG_INNER_LRS_KEY: {n: float(v) for n, v in log_inner_lrs.items()}}
+        exp = torch.tensor(list(log_inner_lrs.values()), dtype=torch.float64).exp().tolist()
+        rates = dict(zip(log_inner_lrs, exp))
     # Fail on bad trainer_state before touching the directory.
     tensors: dict[str, torch.Tensor] = {}
     state_json = {
@@ -405,7 +425,7 @@ def save_checkpoint(
             ) from None
 
         try:
-            _write_step_dir(tmp_dir, save_pretrained, pretrained_kind, final_dir, state_text, tensors)
+            _write_step_dir(tmp_dir, save_pretrained, pretrained_kind, final_dir, state_text, tensors, rates)
         except CheckpointError:
             raise
         except (OSError, RuntimeError, SafetensorError) as err:  # e.g. a full disk
@@ -449,12 +469,14 @@ def save_checkpoint(
 
 
 def _write_step_dir(tmp_dir: Path, save_pretrained, kind: str, final_dir: Path, state_text: str,
-                    tensors: dict[str, torch.Tensor]) -> None:
+                    tensors: dict[str, torch.Tensor], inner_lrs: dict[str, float] | None) -> None:
     tmp_dir.mkdir()
     if save_pretrained is not None:
         export_dir = tmp_dir / kind
         save_pretrained(export_dir)
         _check_pretrained_export(export_dir, kind, final_dir / kind)
+        if inner_lrs is not None:
+            (export_dir / INNER_LRS_FILE).write_text(json.dumps(inner_lrs, indent=1), encoding="utf-8")
     (tmp_dir / TRAINER_STATE_FILE).write_text(state_text, encoding="utf-8")
     if tensors:
         from safetensors.torch import save_file
@@ -637,3 +659,114 @@ def load_checkpoint(path: str | Path) -> dict:
         "step_dir": sdir,
         "pretrained_dir": sdir / kind if kind else None,
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Meta-SGD's learned inner learning rates (see the module docstring)
+
+
+def load_log_inner_lrs(checkpoint: Mapping[str, Any], names: Iterable[str]) -> dict[str, float] | None:
+    """The learned log inner rates of a :func:`load_checkpoint` result, one per name in ``names`` (in
+    that order), exactly as saved; None when the run did not learn them."""
+    log_rates = checkpoint["trainer_state"].get(LOG_INNER_LRS_KEY)
+    if log_rates is None:
+        return None
+    where = f"{checkpoint['step_dir'] / TRAINER_STATE_FILE} trainer_state.{LOG_INNER_LRS_KEY}"
+    return _one_per_parameter(log_rates, names, where, "log inner learning rate", math.isfinite)
+
+
+def load_inner_lrs(directory: str | Path | None, names: Iterable[str]) -> dict[str, float] | None:
+    """The learned inner rates in ``directory/inner_lrs.json`` (an adapter or model directory, e.g. a
+    checkpoint's ``pretrained_dir``), one positive rate per name in ``names``; None without the file."""
+    if directory is None or not (Path(directory) / INNER_LRS_FILE).is_file():
+        return None
+    path = Path(directory) / INNER_LRS_FILE
+    try:
+        rates = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable: {err}") from None
+    return _one_per_parameter(rates, names, str(path), "positive inner learning rate", lambda v: v > 0)
+
+
+def _one_per_parameter(values: Any, names: Iterable[str], where: str, what: str,
+                       valid: Callable[[float], bool]) -> dict[str, float]:
+    names = list(names)
+    values = values if isinstance(values, dict) else {}
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and valid(v) for v in values.values())
+    if set(values) != set(names) or not numbers:
+        raise CheckpointError(
+            f"{where}: expected one {what} per adapted parameter ({len(names)}), got {len(values)} "
+            f"(e.g. unmatched names {sorted(set(values) ^ set(names))[:3]})"
+        )
+    return {name: float(values[name]) for name in names}
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume policy: which checkpoint, and whether a config may continue it
+
+# Config keys that fix the shape or the meaning of the saved weights: a resume must keep them.
+MUST_MATCH_KEYS = ("meta.adapter", "meta.learn_inner_lr")
+LORA_KEYS = ("model.lora.r", "model.lora.alpha", "model.lora.target_modules")
+# Config keys of the schedule and the optimizer: a resume continues with the new values (with a warning).
+SCHEDULE_KEYS = ("optim.lr_scheduler", "optim.lr_warmup_steps_ratio", "optim.betas", "optim.eps",
+                 "optim.weight_decay", "meta.outer_lr", "meta.inner_lr_lr", "sft.lr")
+
+
+def checkpoint_to_resume(cfg: Config) -> dict | None:
+    """The checkpoint ``trainer.resume_mode`` picks (:func:`find_resume_checkpoint`), loaded memory-mapped
+    (:func:`load_checkpoint`), or None to start fresh. Raises :class:`ConfigError` when ``cfg`` cannot
+    continue it (:func:`check_resumable`; the weights are checked once the model is built)."""
+    path = find_resume_checkpoint(cfg.trainer)
+    if path is None:
+        return None
+    checkpoint = load_checkpoint(path)
+    check_resumable(path, checkpoint["config"], cfg)
+    return checkpoint
+
+
+def _as_read_now(saved_cfg: dict) -> dict:
+    """A checkpoint's config as this version reads it: the keys it lacks get the defaults that keep its
+    meaning (e.g. ``sft.lr``: ``meta.outer_lr``); as saved when it no longer fits the schema."""
+    try:
+        return config_to_dict(Config.model_validate(saved_cfg))
+    except ValidationError:
+        return saved_cfg
+
+
+def config_differences(saved: dict, cfg: Config, keys: tuple[str, ...]) -> list[tuple[str, Any, Any]]:
+    """``(key, checkpoint's value, this config's value)`` of the dotted ``keys`` that differ."""
+    old_tree, new_tree = _as_read_now(saved), config_to_dict(cfg)
+    out = []
+    for key in keys:
+        old, new = old_tree, new_tree
+        for part in key.split("."):
+            old = old.get(part) if isinstance(old, dict) else None
+            new = new.get(part) if isinstance(new, dict) else None
+        if old != new:
+            out.append((key, old, new))
+    return out
+
+
+def check_resumable(path: Path, saved_cfg: dict, cfg: Config, saved: dict[str, torch.Tensor] | None = None,
+                    params: dict[str, torch.Tensor] | None = None) -> None:
+    """Raise :class:`ConfigError` naming every config key to set when checkpoint ``path`` cannot be
+    resumed by this run: adapter type, LoRA rank/alpha/targets, Meta-SGD and, once the model is built
+    (``saved`` weights vs the model's ``params``), every parameter's name and shape."""
+    keys = MUST_MATCH_KEYS + (LORA_KEYS if cfg.meta.adapter == "lora" else ())
+    problems = [f"{key}={json.dumps(new)} here, {json.dumps(old)} in the checkpoint (set {key}={json.dumps(old)})"
+                for key, old, new in config_differences(saved_cfg, cfg, keys)]
+    if not problems and params is not None:
+        names = sorted(set(saved) ^ set(params))
+        if names:
+            problems.append(f"{len(saved)} saved weights vs {len(params)} in this model, e.g. {names[:3]} (was "
+                            f"model.partial_pretrain changed? it is {cfg.model.partial_pretrain!r} here)")
+        shapes = [f"{n}: {tuple(saved[n].shape)} saved, {tuple(p.shape)} here" for n, p in params.items()
+                  if n in saved and saved[n].shape != p.shape]
+        if shapes:
+            problems.append(f"{len(shapes)} weights differ in shape (was model.partial_pretrain changed?), e.g. "
+                            + "; ".join(shapes[:2]))
+    if problems:
+        raise ConfigError(
+            f"cannot resume {path}: " + "; ".join(problems) + ". Or start a new run in another "
+            "trainer.default_local_dir."
+        )

@@ -150,7 +150,14 @@ class MetaConfig(_Section):
 
 
 class SFTConfig(_Section):
+    """The SFT baseline's own settings (``recipes/sft_math.py``); it shares model, data and optim."""
+
     batch_size: int = Field(16, ge=1)
+    # Sequences per forward/backward (they bound the memory; the step's gradient does not depend on them)
+    # and AdamW's learning rate. None: meta.query_batch_size and meta.outer_lr, filled in at validation
+    # (Config._sft_defaults): what SFT used before these keys existed, so an older run's config keeps
+    # its meaning.
+    micro_batch_size: int | None = Field(None, ge=1)
     lr: float | None = Field(None, gt=0)
     match_tokens_of: str | None = None
 
@@ -234,6 +241,14 @@ class Config(_Section):
             raise ValueError("model.quantization=nf4 freezes a 4-bit base: it needs meta.adapter=lora")
         return self
 
+    @model_validator(mode="after")
+    def _sft_defaults(self) -> "Config":
+        if self.sft.micro_batch_size is None:
+            self.sft.micro_batch_size = self.meta.query_batch_size
+        if self.sft.lr is None:
+            self.sft.lr = self.meta.outer_lr
+        return self
+
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
@@ -271,14 +286,14 @@ def apply_overrides(tree: dict, overrides: list[str] | tuple[str, ...]) -> dict:
 
 
 def resolve_config_path(config: str | Path | None = None, config_name: str | None = None) -> Path | None:
-    """``--config PATH`` or ``--config-name NAME`` (a file in recipes/configs/) → path."""
+    """A config file's path, or the name of one in recipes/configs/ (``qwen3_4b_math``) → path."""
     if config and config_name:
-        raise ConfigError("give either --config or --config-name, not both")
+        raise ConfigError("give either a config file or a config name, not both")
     if config_name:
         path = CONFIG_DIR / (config_name if config_name.endswith(".yaml") else f"{config_name}.yaml")
         if not path.exists():
             known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-            raise ConfigError(f"--config-name {config_name}: no {path} (known: {known})")
+            raise ConfigError(f"config name {config_name!r}: no {path} (known: {known})")
         return path
     return Path(config) if config else None
 

@@ -14,6 +14,7 @@ even when two were launched.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Sequence, TypeVar
@@ -71,6 +72,19 @@ def all_reduce_sum(flat: torch.Tensor) -> torch.Tensor:
     if is_multiprocess():
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     return flat
+
+
+def flat_buffer(
+    shapes: Sequence[torch.Size], n_sums: int, *, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """A zeroed buffer laid out [tensors of ``shapes`` | ``n_sums`` scalars], with views of the tensors
+    and of the scalars. A step writes what it sums across processes (gradients, loss and token sums)
+    into the views, then ONE :func:`all_reduce_sum` of the buffer sums all of it: one collective per
+    step whatever the number of tensors (the meta-gradient of ``lora_maml.meta.algorithms``, the SFT step)."""
+    numels = [math.prod(shape) for shape in shapes]
+    n = sum(numels)
+    flat = torch.zeros(n + n_sums, dtype=dtype, device=device)
+    return flat, [v.view(shape) for v, shape in zip(flat[:n].split(numels), shapes)], flat[n:]
 
 
 def all_gather_objects(obj: T) -> list[T]:

@@ -22,7 +22,6 @@ adaptations start from the same loaded weights.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,23 +244,11 @@ def _load_checkpoint(pt: str, base, dtype, device_map, options, keep_quantizatio
         model = add_lora(model, cfg.model.lora)
     params = adapted_parameters(model, cfg.meta.adapter)
     copy_saved_weights(params, saved["model_state_dict"], where=f"{pt} (meta.adapter={cfg.meta.adapter})")
-    log_rates = saved["trainer_state"].get("log_inner_lrs")
     return Trained(
         model=model, tokenizer=tokenizer, params=params, config=cfg, kind="checkpoint", adapter=cfg.meta.adapter,
         source=str(pt), base=model_cfg.partial_pretrain, native_dtype=cfg.model.dtype, step=int(saved["step"]),
-        inner_lrs=None if log_rates is None else _checked_inner_lrs(
-            {name: math.exp(v) for name, v in log_rates.items()}, params, f"{pt} trainer_state.log_inner_lrs"),
+        inner_lrs=ckpt.load_inner_lrs(saved["pretrained_dir"], params),
     )
-
-
-def _checked_inner_lrs(rates: dict, params: dict, where: str) -> dict[str, float]:
-    """Meta-SGD's learned rates: one positive float per adapted parameter, by the same names."""
-    if set(rates) != set(params) or not all(isinstance(v, (int, float)) and v > 0 for v in rates.values()):
-        raise ckpt.CheckpointError(
-            f"{where}: expected one positive inner learning rate per adapted parameter ({len(params)}), got "
-            f"{len(rates)} (e.g. unmatched names {sorted(set(rates) ^ set(params))[:3]})"
-        )
-    return {name: float(rates[name]) for name in params}
 
 
 def copy_saved_weights(params: dict[str, nn.Parameter], saved: dict[str, torch.Tensor], *, where: str) -> None:
@@ -332,17 +319,9 @@ def _load_adapter(directory: str, base, dtype, device_map, options) -> Trained:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(directory)  # an adapter that ships a tokenizer is meant with it
-    rates_path = Path(directory) / ckpt.INNER_LRS_FILE
-    inner_lrs = None
-    if rates_path.is_file():
-        try:
-            rates = json.loads(rates_path.read_text(encoding="utf-8"))
-        except ValueError as err:
-            raise LoadTrainedError(f"{rates_path}: not valid JSON: {err}") from None
-        inner_lrs = _checked_inner_lrs(rates if isinstance(rates, dict) else {}, params, str(rates_path))
     return Trained(
         model=model, tokenizer=tokenizer, params=params, config=None, kind="adapter", adapter="lora",
-        source=directory, base=base_id, native_dtype=native, inner_lrs=inner_lrs,
+        source=directory, base=base_id, native_dtype=native, inner_lrs=ckpt.load_inner_lrs(directory, params),
     )
 
 

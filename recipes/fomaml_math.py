@@ -1,4 +1,5 @@
-"""Meta-train a LoRA adapter (or every weight) with FOMAML on the MATH subjects as tasks.
+"""Meta-train a LoRA adapter (or every weight) on the MATH subjects as tasks: FOMAML, MAML, Reptile
+(``meta.algorithm``), each with Meta-SGD's learned inner rates on request (``meta.learn_inner_lr``).
 
     accelerate launch recipes/fomaml_math.py --config recipes/configs/qwen3_4b_math.yaml [key=value ...]
     accelerate launch recipes/fomaml_math.py --config-name tiny_cpu
@@ -11,26 +12,29 @@ all-reduce), so the result does not depend on the number of processes.
 
 from __future__ import annotations
 
-import json
+import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-from lora_maml.atomic import write_text_atomic
 from lora_maml.config import ConfigError
 from lora_maml.data.episodes import EpisodeSampler
+from lora_maml.distributed import all_gather_objects, all_reduce_sum, local_share
 from lora_maml.errors import run_main
 from lora_maml.meta.algorithms import MetaLearner, TaskBatch
 from lora_maml.meta.diagnostics import InertInnerLoopMonitor
-from lora_maml.checkpoint import INNER_LRS_FILE
 from lora_maml.optim import build_optimizer, build_scheduler
-from lora_maml.distributed import all_gather_objects, all_reduce_sum, local_share
-from lora_maml.train.recipe import TrainingRecipe, run
+from lora_maml.train.trainer import Trainer
+from recipes._config_args import config_from_args, config_parser
 
 
-class FOMAMLRecipe(TrainingRecipe):
-    kind = "fomaml"
+class MetaTrainingRecipe(Trainer):
+    """The meta-training recipe: ``Trainer`` with a meta-step (``lora_maml.meta.algorithms``) as its step."""
+
+    kind = "fomaml"  # the trainer_state value of every meta-training checkpoint, whatever meta.algorithm
+    metric_prefix = "meta"
+    step_unit = "meta-step"
+    fp32_master_weights = True
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -74,24 +78,19 @@ class FOMAMLRecipe(TrainingRecipe):
     def inner_lrs(self) -> dict[str, float]:
         return self.learner.inner_lrs()
 
-    def extra_state(self) -> dict:
-        state = {"sampler": self.sampler.state_dict()}
-        if self.learner.log_inner_lrs is not None:
-            state["log_inner_lrs"] = dict(zip(self.learner.names, self.learner.log_inner_lrs.tolist()))
-        return state
+    def log_inner_lrs(self) -> dict[str, float] | None:
+        if self.learner.log_inner_lrs is None:
+            return None
+        return dict(zip(self.learner.names, self.learner.log_inner_lrs.tolist()))
 
-    def load_extra_state(self, state: dict) -> None:
-        self.sampler.load_state_dict(state["sampler"])
-        if self.learner.log_inner_lrs is not None:  # check_resumable: saved too, for the same parameter names
+    def restore_log_inner_lrs(self, log_rates: dict[str, float] | None) -> None:
+        if self.learner.log_inner_lrs is not None:  # checkpoint.check_resumable: saved too, for the same names
             with torch.no_grad():
-                self.learner.log_inner_lrs.copy_(
-                    torch.tensor([state["log_inner_lrs"][n] for n in self.learner.names], dtype=torch.float64)
-                )
+                self.learner.log_inner_lrs.copy_(torch.tensor(list(log_rates.values()), dtype=torch.float64))
 
-    def save_pretrained(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        super().save_pretrained(directory, state_dict)
-        if self.learner.log_inner_lrs is not None:  # read back by lora_maml.load_trained for evaluation
-            write_text_atomic(directory / INNER_LRS_FILE, json.dumps(self.learner.inner_lrs(), indent=1))
+    def counted_label_tokens(self, metrics: dict[str, float]) -> int:
+        """Every inner-step support batch and the query batch of every task of the meta-step."""
+        return int(metrics["meta/support_tokens"]) + int(metrics["meta/query_tokens"])
 
     def episodes(self, step: int) -> list[TaskBatch]:
         """This process's share of the meta-batch drawn for ``step``, collated on the device: its share
@@ -124,8 +123,13 @@ class FOMAMLRecipe(TrainingRecipe):
         return metrics, [b for e in episodes for b in (*e.support, e.query)]
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return config_parser(__doc__.split("\n\n")[0].replace("\n", " "))
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run(FOMAMLRecipe, argv, __doc__.splitlines()[0])
+    MetaTrainingRecipe(config_from_args(build_parser().parse_args(argv))).run()
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,42 +5,52 @@
     lora-maml sft --config-name tiny_cpu trainer.default_local_dir=./outputs/tiny_sft
 
 It shares the model, LoRA, tokenisation, loss, optimizer, logging, checkpoints and periodic
-evaluation with FOMAML (lora_maml/train/recipe.py); only the step differs: one AdamW step on a batch
-drawn from all tasks pooled. With ``sft.match_tokens_of`` it trains for exactly as many label tokens
-as the named FOMAML run (matched compute); otherwise for ``trainer.total_steps`` steps (matched steps).
+evaluation with meta-training (lora_maml/train/trainer.py); only the step differs: one AdamW step
+(``sft.lr``) on a batch of ``sft.batch_size`` sequences drawn from all tasks pooled, in micro-batches
+of ``sft.micro_batch_size``. With ``sft.match_tokens_of`` it trains for exactly as many label tokens
+as the named meta-training run (matched compute); otherwise for ``trainer.total_steps`` steps
+(matched steps).
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import math
 import sys
+from pathlib import Path
 
 import torch
 
-from lora_maml.data.episodes import MixedBatchSampler
+from lora_maml.config import Config, ConfigError, load_config
+from lora_maml.data.episodes import EpisodeSampler, MixedBatchSampler
+from lora_maml.distributed import all_reduce_sum, flat_buffer, local_share
 from lora_maml.errors import run_main
+from lora_maml.load_trained import read_run_config, resolve_model_path
 from lora_maml.loss import causal_lm_loss_tensors
 from lora_maml.optim import apply_gradients, build_optimizer, build_scheduler
-from lora_maml.distributed import all_reduce_sum, local_share
-from lora_maml.train.recipe import (
-    TrainingRecipe,
-    fomaml_training_tokens,
-    label_tokens,
-    load_run_config,
-    log,
-    run,
-)
+from lora_maml.train.trainer import TaskData, Trainer
+from recipes._config_args import config_from_args, config_parser
+
+log = logging.getLogger("lora_maml")
 
 
-class SFTRecipe(TrainingRecipe):
+class SFTRecipe(Trainer):
     kind = "sft"
+    metric_prefix = "sft"
 
     def setup(self) -> None:
         cfg = self.cfg
+        if cfg.model.fsdp_config.enabled and cfg.meta.adapter == "full":
+            # Its step all-reduces whole gradients; the meta-training recipe is the one that trains on shards.
+            raise ConfigError(
+                "model.fsdp_config.enabled=true with meta.adapter=full is supported by the meta-training recipe "
+                "only, not by SFT: use meta.adapter=lora"
+            )
         self.check_even_share(
             self.micro_batches_per_step(),
-            f"the micro-batches per step (sft.batch_size={cfg.sft.batch_size} / meta.query_batch_size="
-            f"{cfg.meta.query_batch_size}, rounded up)",
+            f"the micro-batches per step (sft.batch_size={cfg.sft.batch_size} / sft.micro_batch_size="
+            f"{cfg.sft.micro_batch_size}, rounded up)",
         )
         self.ensure_inputs()
         self.setup_model()
@@ -52,76 +62,117 @@ class SFTRecipe(TrainingRecipe):
             seed=cfg.trainer.seed,
         )
         self.total_steps = self.matched_steps() if cfg.sft.match_tokens_of else cfg.trainer.total_steps
-        self.optimizer = build_optimizer(self.params, cfg.sft.lr or cfg.meta.outer_lr, cfg.optim)
+        self.optimizer = build_optimizer(self.params, cfg.sft.lr, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         resumed = self.resume()
         self.setup_logging(resumed, self.total_steps)
 
     def matched_steps(self) -> int:
-        """Steps whose batches hold at least as many label tokens as the FOMAML run trains on."""
-        fomaml = load_run_config(self.cfg.sft.match_tokens_of)
+        """Steps whose batches hold at least as many label tokens as the meta-training run trains on."""
+        meta_run = load_run_config(self.cfg.sft.match_tokens_of)
         for section in ("data", "model"):
-            if getattr(fomaml, section) != getattr(self.cfg, section):
+            if getattr(meta_run, section) != getattr(self.cfg, section):
                 raise ValueError(
                     f"sft.match_tokens_of={self.cfg.sft.match_tokens_of}: its {section} section differs from this "
                     f"run's; matched compute needs the same {section} (tokens are counted on this run's data)"
                 )
-        target = fomaml_training_tokens(fomaml, self.tasks)
+        target = meta_training_label_tokens(meta_run, self.tasks)
         seen, steps = 0, 0
         while seen < target:
             seen += sum(label_tokens(self.example(ref)) for ref in self.sampler.sample(steps))
             steps += 1
-        log.info("sft.match_tokens_of: %d label tokens of FOMAML -> %d SFT steps (%d tokens)", target, steps, seen)
+        log.info("sft.match_tokens_of: %d label tokens of meta-training -> %d SFT steps (%d tokens)",
+                 target, steps, seen)
         return steps
 
     def example(self, ref: tuple[str, str, int]) -> dict:
         task, part, index = ref
         return getattr(self.tasks[task], part)[index]
 
-    def extra_state(self) -> dict:
-        return {"sampler": self.sampler.state_dict()}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.sampler.load_state_dict(state["sampler"])
-
     def micro_batches_per_step(self) -> int:
-        return math.ceil(self.cfg.sft.batch_size / self.cfg.meta.query_batch_size)
+        return math.ceil(self.cfg.sft.batch_size / self.cfg.sft.micro_batch_size)
+
+    def counted_label_tokens(self, metrics: dict[str, float]) -> int:
+        return int(metrics["sft/tokens"])
 
     def train_step(self, step: int) -> tuple[dict[str, float], list[dict]]:
         """One AdamW step on the global batch of ``step``, cut into micro-batches of
-        ``meta.query_batch_size`` (they bound the memory); each process takes a round-robin share of
+        ``sft.micro_batch_size`` (they bound the memory); each process takes a round-robin share of
         the micro-batches and the loss is normalised by the GLOBAL label-token count, so the summed
         gradient is the same for any number of processes. Sharing whole micro-batches keeps each
         micro-batch's examples (and so its float rounding) the same whatever the number of processes."""
         examples = [self.example(ref) for ref in self.sampler.sample(step)]
         global_tokens = sum(label_tokens(e) for e in examples)
-        size = self.cfg.meta.query_batch_size
+        size = self.cfg.sft.micro_batch_size
         micro = [examples[i : i + size] for i in range(0, len(examples), size)]
         params = list(self.params.values())
         batches = []
-        loss_sum = torch.zeros((), device=self.dist.device, dtype=torch.float64)
+        # [the gradients | the loss sum], summed across processes by one all-reduce
+        flat, grads, loss_sum = flat_buffer([p.shape for p in params], 1, dtype=torch.float64, device=self.dist.device)
         for chunk in local_share(micro, self.dist.rank, self.dist.world_size):
             batch = self.batch(chunk)
             batches.append(batch)
             loss, n = causal_lm_loss_tensors(self.model, batch)
             (loss * n / max(global_tokens, 1)).backward()
             loss_sum += (loss * n).detach().double()
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]  # a process may get no examples
-        flat = torch.cat([torch.cat([g.flatten().double() for g in grads]), loss_sum.view(1)])
+        for g, p in zip(grads, params):
+            if p.grad is not None:  # a process may get no examples: its share of the sum stays 0
+                g.copy_(p.grad)
         all_reduce_sum(flat)
-        offset = 0
-        for p in params:
-            p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
-            offset += p.numel()
-        metrics = {"sft/loss": float(flat[-1]) / max(global_tokens, 1), "sft/tokens": global_tokens}
+        for g, p in zip(grads, params):
+            p.grad = g.to(p.dtype)
+        metrics = {"sft/loss": float(loss_sum[0]) / max(global_tokens, 1), "sft/tokens": global_tokens}
         update = apply_gradients(params, self.optimizer, self.scheduler, self.cfg.optim.clip_grad)
         metrics |= {f"sft/{k}": v for k, v in update.items()}
         return metrics, batches
 
 
+def label_tokens(example: dict) -> int:
+    """Target tokens of one encoded example (the HF shift never scores position 0)."""
+    return sum(label != -100 for label in example["labels"][1:])
+
+
+def meta_training_label_tokens(meta_cfg: Config, tasks: dict[str, TaskData]) -> int:
+    """Label tokens a meta-training run of ``meta_cfg`` trains on in ``trainer.total_steps`` meta-steps:
+    every inner-step support batch and every query batch, replayed from its (pure) episode sampler."""
+    meta = meta_cfg.meta
+    sampler = EpisodeSampler(
+        {t: (len(d.support), len(d.query)) for t, d in tasks.items()},
+        meta_batch_size=meta.meta_batch_size,
+        num_inner_steps=meta.num_inner_steps,
+        inner_batch_size=meta.inner_batch_size,
+        query_batch_size=meta.query_batch_size,
+        seed=meta_cfg.trainer.seed,
+    )
+    counts = {t: ([label_tokens(e) for e in d.support], [label_tokens(e) for e in d.query]) for t, d in tasks.items()}
+    total = 0
+    for step in range(meta_cfg.trainer.total_steps):
+        for draw in sampler.sample(step):
+            support, query = counts[draw.task]
+            total += sum(support[i] for batch in draw.support_batches for i in batch)
+            total += sum(query[i] for i in draw.query_indices)
+    return total
+
+
+def load_run_config(path: str | Path) -> Config:
+    """The config of a run: its YAML file, one of its ``.pt`` checkpoints, a ``step_N`` directory
+    or its run directory (the newest complete checkpoint)."""
+    path = Path(path)
+    if path.suffix in (".yaml", ".yml"):
+        return load_config(path)
+    kind, source = resolve_model_path(path)
+    if kind != "checkpoint":
+        raise ConfigError(f"{path}: expected a run config (.yaml), checkpoint (.pt) or run directory, found a {kind}")
+    return read_run_config(source)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return config_parser(__doc__.splitlines()[0])
+
 
 def main(argv: list[str] | None = None) -> int:
-    return run(SFTRecipe, argv, __doc__.splitlines()[0])
+    SFTRecipe(config_from_args(build_parser().parse_args(argv))).run()
+    return 0
 
 
 if __name__ == "__main__":

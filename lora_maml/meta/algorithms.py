@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from lora_maml.config import MetaConfig
+from lora_maml.distributed import flat_buffer
 from lora_maml.meta.fast_weights import Batches, FunctionalLoss, gradient_for
 from lora_maml.models import decoder_compiled, gradient_checkpointing_on
 from lora_maml.optim import apply_gradients
@@ -214,10 +215,8 @@ class MetaLearner:
             self.log_inner_lrs = nn.Parameter(init)
         # g lives in θ's layout as fn sees it (this process's shards under FSDP).
         shapes = [t.shape for t in self.fn.weights()] + ([self.log_inner_lrs.shape] if self.log_inner_lrs is not None else [])
-        numels = [math.prod(shape) for shape in shapes]
-        self._n = sum(numels)
-        self._flat = torch.zeros(self._n + len(_SLOTS), dtype=acc_dtype, device=device)
-        self._grads = [v.view(shape) for v, shape in zip(self._flat[: self._n].split(numels), shapes)]
+        self._flat, self._grads, self._sums = flat_buffer(shapes, len(_SLOTS), dtype=acc_dtype, device=device)
+        self._n = self._flat.numel() - len(_SLOTS)
 
     @property
     def meta_parameters(self) -> list[Tensor]:
@@ -284,10 +283,10 @@ class MetaLearner:
             torch._foreach_add_(self._grads, grads)
             rows.append(row)
         local = torch.stack(rows) if rows else self._flat.new_zeros(0, len(_SLOTS))
-        self._flat[self._n :] = local.sum(0)
+        self._sums.copy_(local.sum(0))
         self._all_reduce(self._flat)
-        self._flat[: self._n].div_(self._flat[self._n].clamp(min=1))
-        host = torch.cat([self._flat[self._n :], local.flatten()]).tolist()  # the one host sync
+        self._flat[: self._n].div_(self._sums[0].clamp(min=1))
+        host = torch.cat([self._sums, local.flatten()]).tolist()  # the one host sync
         total = dict(zip(_SLOTS, host[: len(_SLOTS)]))
         n_tasks = max(total["tasks"], 1.0)
         metrics = {

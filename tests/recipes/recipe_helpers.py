@@ -55,6 +55,7 @@ def run_args(inputs: RecipeInputs, out_dir: Path, *extra: str) -> list[str]:
         "trainer.eval_num_support=2",
         "trainer.eval_num_test=2",
         "sft.batch_size=5",  # micro-batches of 2, 2, 1 examples: 2 + 1 over 2 processes
+        "sft.micro_batch_size=2",
         *extra,
     ]
 

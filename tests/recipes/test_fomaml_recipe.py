@@ -39,7 +39,7 @@ from lora_maml.config import ConfigError
 from lora_maml.load_trained import load_trained
 from lora_maml import checkpoint as ckpt
 from lora_maml.distributed import Dist
-from lora_maml.train.recipe import load_run_config
+from recipes.sft_math import load_run_config
 
 # fp32 sums of the per-task gradients and losses happen in another order across processes.
 CROSS_PROCESS_REL = 1e-6
@@ -63,7 +63,7 @@ def straight_run(recipe_inputs, tmp_path_factory):
 @contextlib.contextmanager
 def sigterm_during_step(monkeypatch, stop_step: int):
     """In-process runs inside get a SIGTERM while meta-step ``stop_step`` (0-based) runs."""
-    train_step = fomaml.FOMAMLRecipe.train_step
+    train_step = fomaml.MetaTrainingRecipe.train_step
 
     def signalled_train_step(self, step):
         if step == stop_step:
@@ -71,7 +71,7 @@ def sigterm_during_step(monkeypatch, stop_step: int):
         return train_step(self, step)
 
     with monkeypatch.context() as patch:
-        patch.setattr(fomaml.FOMAMLRecipe, "train_step", signalled_train_step)
+        patch.setattr(fomaml.MetaTrainingRecipe, "train_step", signalled_train_step)
         yield
 
 
@@ -129,7 +129,7 @@ def test_fsdp_two_processes_match_one(recipe_inputs, tmp_path):
 def test_fsdp_refuses_an_uneven_share_of_tasks(recipe_inputs, tmp_path, monkeypatch):
     """Under FSDP a process with one task more than another would hang in its extra forward's
     all-gather: the recipe refuses such a meta-batch up front, naming the key."""
-    monkeypatch.setattr(fomaml.TrainingRecipe, "__init__", _init_as_rank_0_of_2(fomaml.TrainingRecipe.__init__))
+    monkeypatch.setattr(fomaml.Trainer, "__init__", _init_as_rank_0_of_2(fomaml.Trainer.__init__))
     args = run_args(recipe_inputs, tmp_path / "run", "model.fsdp_config.enabled=true", "meta.meta_batch_size=3")
     with pytest.raises(ConfigError, match=r"meta\.meta_batch_size = 3 must be a multiple of the number of processes \(2\)"):
         fomaml.main(args)
@@ -281,7 +281,7 @@ def test_nonfinite_steps_are_skipped_counted_and_leave_the_weights(recipe_inputs
     """NaN logits in meta-steps 3 and 4 of 6: both updates are skipped (weights, Adam moments and the
     LR schedule untouched), counted in metrics.jsonl, and training continues (limit 3 in a row)."""
     poisoned = {"on": False}
-    setup_model, train_step = fomaml.FOMAMLRecipe.setup_model, fomaml.FOMAMLRecipe.train_step
+    setup_model, train_step = fomaml.MetaTrainingRecipe.setup_model, fomaml.MetaTrainingRecipe.train_step
 
     def setup_model_with_nan_switch(self):
         setup_model(self)
@@ -300,8 +300,8 @@ def test_nonfinite_steps_are_skipped_counted_and_leave_the_weights(recipe_inputs
         finally:
             poisoned["on"] = False
 
-    monkeypatch.setattr(fomaml.FOMAMLRecipe, "setup_model", setup_model_with_nan_switch)
-    monkeypatch.setattr(fomaml.FOMAMLRecipe, "train_step", poisoned_train_step)
+    monkeypatch.setattr(fomaml.MetaTrainingRecipe, "setup_model", setup_model_with_nan_switch)
+    monkeypatch.setattr(fomaml.MetaTrainingRecipe, "train_step", poisoned_train_step)
     out = tmp_path / "run"
     args = run_args(recipe_inputs, out, "trainer.total_steps=6", "trainer.max_consecutive_nonfinite=3",
                     "trainer.max_ckpt_to_keep=null")

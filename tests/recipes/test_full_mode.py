@@ -194,7 +194,7 @@ def test_fsdp_full_refuses_meta_sgd_and_uneven_batches(recipe_inputs, tmp_path, 
     batches that 2 processes cannot share evenly (a process without examples would hang)."""
     from test_fomaml_recipe import _init_as_rank_0_of_2
 
-    monkeypatch.setattr(fomaml.TrainingRecipe, "__init__", _init_as_rank_0_of_2(fomaml.TrainingRecipe.__init__))
+    monkeypatch.setattr(fomaml.Trainer, "__init__", _init_as_rank_0_of_2(fomaml.Trainer.__init__))
     base = (*FULL, "model.fsdp_config.enabled=true")
     with pytest.raises(ConfigError, match=r"meta\.learn_inner_lr=True are not supported"):
         fomaml.main(run_args(recipe_inputs, tmp_path / "a", *base, "meta.learn_inner_lr=true"))

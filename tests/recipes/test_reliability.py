@@ -29,7 +29,7 @@ import recipes.fomaml_math as fomaml
 from lora_maml import cli
 from lora_maml.config import ConfigError, load_config
 from lora_maml import checkpoint as ckpt
-from lora_maml.train.recipe import check_resumable
+from lora_maml.checkpoint import check_resumable
 
 OUTER_LR = 3e-3  # optim.outer_lr of tiny_cpu.yaml; its warm-up rounds to 0 steps for these runs
 

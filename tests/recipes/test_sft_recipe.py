@@ -118,13 +118,13 @@ def test_match_tokens_of_refuses_a_run_on_other_data(recipe_inputs, fomaml_refer
 def test_fsdp_refuses_an_uneven_share_of_micro_batches(recipe_inputs, tmp_path, monkeypatch):
     """Under FSDP every process must run as many forwards: 5 examples in micro-batches of 2 make 3
     micro-batches, which 2 processes cannot share evenly; refused up front, naming the keys."""
-    init = sft.TrainingRecipe.__init__
+    init = sft.Trainer.__init__
 
     def init_as_rank_0_of_2(self, cfg):
         init(self, cfg)
         self.dist = Dist(rank=0, world_size=2, device=torch.device("cpu"))
 
-    monkeypatch.setattr(sft.TrainingRecipe, "__init__", init_as_rank_0_of_2)
+    monkeypatch.setattr(sft.Trainer, "__init__", init_as_rank_0_of_2)
     args = run_args(recipe_inputs, tmp_path / "run", "model.fsdp_config.enabled=true", "sft.batch_size=5")
-    with pytest.raises(ConfigError, match=r"sft\.batch_size=5 / meta\.query_batch_size=2, rounded up\) = 3 must be a multiple"):
+    with pytest.raises(ConfigError, match=r"sft\.batch_size=5 / sft\.micro_batch_size=2, rounded up\) = 3 must be a multiple"):
         sft.main(args)

@@ -1,47 +1,34 @@
-"""What the FOMAML and SFT recipes share: set-up, periodic evaluation, checkpoints, resume, shutdown.
+"""What every training recipe shares: set-up, periodic evaluation, checkpoints, resume, shutdown.
 
-A recipe (``recipes/fomaml_math.py``, ``recipes/sft_math.py``) subclasses :class:`TrainingRecipe`
-and writes its own ``setup`` and ``train`` top to bottom from the pieces here; the differences
-between the two are the training step and what the sampler draws.
+A recipe (``recipes/fomaml_math.py``: meta-training; ``recipes/sft_math.py``: the SFT baseline)
+subclasses :class:`Trainer`, sets its class attributes and writes its own ``setup`` and
+``train_step`` from the pieces here; the trainer knows nothing of its subclasses beyond those hooks.
+Whether a checkpoint can be resumed by a config is decided by ``lora_maml.checkpoint``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from lora_maml import checkpoint as ckpt
 from lora_maml.atomic import check_writable_dir
-from lora_maml.config import (
-    Config,
-    ConfigError,
-    config_to_dict,
-    load_config,
-    resolve_config_path,
-    with_absolute_paths,
-)
+from lora_maml.config import Config, ConfigError, config_to_dict, with_absolute_paths
 from lora_maml.data import prepare
 from lora_maml.data.math import DataError
 from lora_maml.data.tokenize import collate, encode_records
-from lora_maml.errors import describe as describe_error
-from lora_maml.meta.algorithms import inner_loop, per_tensor
-from lora_maml.meta.fast_weights import FunctionalLoss
-from lora_maml.meta.sharded import ShardedLoss
-from lora_maml.models import add_lora, adapted_parameters, compile_decoder, load_base, torch_dtype
-from lora_maml.tiny_model import build_tiny_model, texts_from_prepared
-from lora_maml import checkpoint as ckpt
 from lora_maml.distributed import (
     Dist,
     all_gather_objects,
@@ -56,22 +43,27 @@ from lora_maml.distributed import (
     shard_model,
     shard_optimizer_state,
 )
+from lora_maml.errors import describe as describe_error
+from lora_maml.meta.algorithms import inner_loop, per_tensor
+from lora_maml.meta.fast_weights import FunctionalLoss
+from lora_maml.meta.sharded import ShardedLoss
+from lora_maml.models import add_lora, adapted_parameters, compile_decoder, load_base, torch_dtype
+from lora_maml.tiny_model import build_tiny_model, texts_from_prepared
 from lora_maml.train.memory import describe, free_device_memory, full_mode_estimate
 from lora_maml.train.metrics import MetricLogger, ProgressBar, flops_per_token, mfu, peak_flops
 
 log = logging.getLogger("lora_maml")
 
 
-def parse_recipe_args(argv: list[str] | None, description: str) -> Config:
-    """``--config PATH | --config-name NAME`` followed by dotted overrides (``meta.inner_lr=1e-3``); raises
-    :class:`ConfigError` (the command line prints it as one ``error:`` line, exit code 2)."""
-    parser = argparse.ArgumentParser(description=description)
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--config", help="YAML config file")
-    group.add_argument("--config-name", help="a config in recipes/configs/, e.g. qwen3_4b_math")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. trainer.total_steps=10")
-    args = parser.parse_args(argv)
-    return load_config(resolve_config_path(args.config, args.config_name), args.overrides)
+class ResumableSampler(Protocol):
+    """What the trainer needs of a recipe's sampler (``lora_maml.data.episodes``): the draws of step s
+    are ``sample(s)``, a pure function of (seed, settings, s); the state to resume is the next step."""
+
+    next_step: int
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: Mapping) -> None: ...
 
 
 @dataclass
@@ -112,10 +104,22 @@ class GracefulStop:
             signal.signal(sig, handler)
 
 
-class TrainingRecipe:
-    """Shared state and steps of a training recipe. Subclasses define ``setup`` and ``train``."""
+class Trainer:
+    """Shared state and steps of a training recipe.
 
-    kind = "fomaml"  # names the metrics namespace and the run in logs
+    A subclass sets the class attributes below, and defines ``setup`` (which sets ``self.sampler``,
+    ``self.optimizer``, ``self.scheduler``, resumes and starts the logging) and ``train_step``.
+    """
+
+    # Saved as ``trainer_state["kind"]`` in every checkpoint (the values checkpoints already hold).
+    kind: str
+    # The namespace of the step's metrics: ``{metric_prefix}/loss``, ``/skipped_step``, ``/nonfinite_total``.
+    metric_prefix: str
+    # What the progress bar counts.
+    step_unit: str = "step"
+    # With ``meta.adapter=full``: keep fp32 master weights whatever ``model.dtype`` (see :meth:`setup_model`).
+    fp32_master_weights: bool = False
+    sampler: ResumableSampler  # set by ``setup``; its state is saved with every checkpoint
 
     def __init__(self, cfg: Config):
         cfg = with_absolute_paths(cfg)  # what the checkpoints record works from any directory
@@ -136,10 +140,7 @@ class TrainingRecipe:
         )
         # The checkpoint to resume (trainer.resume_mode), read now (memory-mapped) so that a config it
         # cannot be resumed with fails before the model loads; its weights are copied in by resume().
-        self.resume_path = ckpt.find_resume_checkpoint(cfg.trainer)
-        self.checkpoint = None if self.resume_path is None else ckpt.load_checkpoint(self.resume_path)
-        if self.checkpoint is not None:
-            check_resumable(self.resume_path, self.checkpoint["config"], cfg)
+        self.checkpoint = ckpt.checkpoint_to_resume(cfg)
 
     # -- set-up pieces -----------------------------------------------------------------------
     def check_even_share(self, count: int, what: str) -> None:
@@ -174,12 +175,13 @@ class TrainingRecipe:
         barrier()
 
     def setup_model(self) -> None:
-        """Frozen base (+ LoRA), the meta-learned parameters, optional FSDP2, the fast weights (``self.fast``).
+        """Frozen base (+ LoRA), the trained parameters, optional FSDP2, the fast weights (``self.fast``).
 
-        FOMAML in full mode keeps fp32 master weights whatever ``model.dtype``: the module's parameters
-        (and so AdamW's moments, the meta-gradient and the inner loop's updates) are fp32, while forward
-        and backward run in ``model.dtype`` (the fast weights are cast on the way in; under FSDP2 the
-        all-gather casts). Updates of ~1e-5 on weights of ~1e-2 would round away in bf16.
+        With :attr:`fp32_master_weights` (meta-training), full mode keeps fp32 master weights whatever
+        ``model.dtype``: the module's parameters (and so AdamW's moments, the meta-gradient and the inner
+        loop's updates) are fp32, while forward and backward run in ``model.dtype`` (the fast weights are
+        cast on the way in; under FSDP2 the all-gather casts). Updates of ~1e-5 on weights of ~1e-2 would
+        round away in bf16.
         """
         cfg = self.cfg
         torch.manual_seed(cfg.trainer.seed)  # same LoRA init on every process, whatever the world size
@@ -188,7 +190,7 @@ class TrainingRecipe:
             model = add_lora(model, cfg.model)
         model.to(self.dist.device)
         compute = torch_dtype(cfg.model.dtype)
-        master = self.kind == "fomaml" and cfg.meta.adapter == "full"
+        master = self.fp32_master_weights and cfg.meta.adapter == "full"
         if master:  # upcast on the device: the host holds one model.dtype copy per process, not an fp32 one
             model.to(torch.promote_types(compute, torch.float32))
         if cfg.model.compile:
@@ -196,11 +198,6 @@ class TrainingRecipe:
         self.params = adapted_parameters(model, cfg.meta.adapter)
         self.sharded = cfg.model.fsdp_config.enabled and cfg.meta.adapter == "full"
         if cfg.model.fsdp_config.enabled:
-            if self.sharded and not master:
-                raise ConfigError(
-                    f"model.fsdp_config.enabled=true with meta.adapter=full is supported by the FOMAML recipe only, "
-                    f"not by {self.kind}: use meta.adapter=lora"
-                )
             shard_model(
                 model,
                 replicated=[] if self.sharded else list(self.params.values()),
@@ -221,7 +218,7 @@ class TrainingRecipe:
         n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
         n_trainable = sum(p.numel() for p in self.params.values())
         self.param_counts = (n_frozen, n_trainable)
-        log.info("model: %s frozen + %s meta-learned parameters", f"{n_frozen:,}", f"{n_trainable:,}")
+        log.info("model: %s frozen + %s trained parameters", f"{n_frozen:,}", f"{n_trainable:,}")
         if master:
             log.info(describe(full_mode_estimate(model, cfg, self.dist.world_size), self.dist.world_size,
                               cfg.model.fsdp_config.enabled))
@@ -288,9 +285,8 @@ class TrainingRecipe:
             self.cfg.trainer, config_to_dict(self.cfg), self.out_dir, is_main=self.dist.is_main,
             resume_step=resume_step, total_steps=total_steps,
         )
-        fomaml = self.kind == "fomaml"
         self.progress = ProgressBar(total_steps, initial=self.step, is_main=self.dist.is_main,
-                                    unit="meta-step" if fomaml else "step", loss_name="meta/loss" if fomaml else "sft/loss")
+                                    unit=self.step_unit, loss_name=f"{self.metric_prefix}/loss")
         self.peak = peak_flops(self.dist.device) if self.dist.device.type == "cuda" else None
         self.stop = GracefulStop(self.dist.device)
 
@@ -378,6 +374,10 @@ class TrainingRecipe:
         """One optimizer step on the draw of ``step`` (numbered from 0); returns its metrics and batches."""
         raise NotImplementedError
 
+    def counted_label_tokens(self, metrics: dict[str, float]) -> int:
+        """The training label tokens of the step whose ``metrics`` these are (``train/label_tokens``)."""
+        raise NotImplementedError
+
     def train(self) -> None:
         """Steps until ``total_steps`` or a stop request; the draw of step s is a pure function of (seed, s)."""
         while self.step < self.total_steps:
@@ -392,14 +392,12 @@ class TrainingRecipe:
         checkpointing. Returns True when a stop was requested (the checkpoint is then written)."""
         cfg = self.cfg.trainer
         logging_step = self.is_logging_step(self.step)
-        prefix = "meta" if self.kind == "fomaml" else self.kind
-        self.sampler.next_step = self.step
+        prefix = self.metric_prefix
         self.count_nonfinite(not metrics[f"{prefix}/skipped_step"])
         tokens = input_tokens(batches)
         metrics |= self.perf_metrics(tokens, time.perf_counter() - started, mean_seq_len(batches))
         metrics[f"{prefix}/nonfinite_total"] = self.nonfinite_total
-        counted = ("meta/support_tokens", "meta/query_tokens") if prefix == "meta" else (f"{prefix}/tokens",)
-        self.label_tokens_seen += sum(int(metrics[key]) for key in counted)
+        self.label_tokens_seen += self.counted_label_tokens(metrics)
         metrics["train/label_tokens"] = self.label_tokens_seen
         self.progress.update(1, tokens * self.dist.world_size, metrics[f"{prefix}/loss"])
         periodic_eval = self.step % cfg.test_freq == 0 or self.step == self.total_steps
@@ -422,16 +420,16 @@ class TrainingRecipe:
         return stopping
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def extra_state(self) -> dict:
-        """Recipe-specific trainer state (sampler, counters); extended by subclasses."""
-        return {}
-
-    def load_extra_state(self, state: dict) -> None:
-        pass
-
     def inner_lrs(self) -> float | dict[str, float]:
         """The inner learning rate(s) the periodic evaluation adapts with (Meta-SGD: the learned ones)."""
         return self.cfg.meta.inner_lr
+
+    def log_inner_lrs(self) -> dict[str, float] | None:
+        """Learned log inner learning rates by parameter name, saved with each checkpoint; None: none learned."""
+        return None
+
+    def restore_log_inner_lrs(self, log_rates: dict[str, float] | None) -> None:
+        """Resume the learned log inner learning rates (:meth:`log_inner_lrs`) saved by the checkpoint."""
 
     def save_pretrained(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """The checkpoint's loadable directory: the PEFT adapter, or the whole model with ``meta.adapter=full``
@@ -448,6 +446,8 @@ class TrainingRecipe:
         optimizer_state = consolidated_optimizer_state(self.optimizer) if self.sharded else None
         if self.dist.is_main:
             full = self.cfg.meta.adapter == "full"
+            # The loop draws sampler.sample(step) itself: the sampler resumes at the next step to draw.
+            self.sampler.next_step = self.step
             state = {
                 "scheduler": self.scheduler.state_dict(),
                 "total_steps": self.total_steps,
@@ -456,7 +456,7 @@ class TrainingRecipe:
                 "label_tokens_seen": self.label_tokens_seen,
                 "world_size": self.dist.world_size,
                 "kind": self.kind,
-                **self.extra_state(),
+                "sampler": self.sampler.state_dict(),
             }
             ckpt.save_checkpoint(
                 self.out_dir,
@@ -469,6 +469,7 @@ class TrainingRecipe:
                 save_pretrained=lambda d: self.save_pretrained(Path(d), weights),
                 pretrained_kind="model" if full else "adapter",
                 max_to_keep=self.cfg.trainer.max_ckpt_to_keep,
+                log_inner_lrs=self.log_inner_lrs(),
             )
             log.info("step %d: checkpoint saved to %s", self.step, self.out_dir)
         barrier()
@@ -476,20 +477,23 @@ class TrainingRecipe:
     def resume(self) -> int | None:
         """Load the checkpoint chosen by ``trainer.resume_mode``; return its step (None: fresh start).
 
-        What fixes the shape or meaning of the saved weights must match (:func:`check_resumable`); a
-        changed schedule or optimizer setting is continued from the new config (:meth:`continue_schedule`).
+        What fixes the shape or meaning of the saved weights must match (``checkpoint.check_resumable``);
+        a changed schedule or optimizer setting is continued from the new config (:meth:`continue_schedule`).
         """
-        path, state = self.resume_path, self.checkpoint
+        state = self.checkpoint
         if state is None:
             return None
+        path = state["path"]
         self.checkpoint = None  # the weights are copied below; the mapping need not outlive this
-        check_resumable(path, state["config"], self.cfg, state["model_state_dict"], self.params)
+        ckpt.check_resumable(path, state["config"], self.cfg, state["model_state_dict"], self.params)
         saved = state["model_state_dict"]
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(shard_like(saved[name], p))
         trainer_state = state["trainer_state"]
-        self.load_extra_state(trainer_state)  # first: it names a config mismatch the optimizer would not
+        # First: the sampler names a changed data or sampling setting, which the optimizer would not.
+        self.sampler.load_state_dict(trainer_state["sampler"])
+        self.restore_log_inner_lrs(ckpt.load_log_inner_lrs(state, list(self.params)))
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         optimizer_state = state["optimizer_state_dict"]
         self.optimizer.load_state_dict(shard_optimizer_state(optimizer_state, self.optimizer) if self.sharded else optimizer_state)
@@ -515,7 +519,8 @@ class TrainingRecipe:
         changed. (The optimizer state alone would keep the checkpoint's settings and its last lr, e.g.
         0 at the end of a cosine, until the next scheduler step jumps to the new schedule.)"""
         changed = [f"trainer.total_steps {saved_total} -> {self.total_steps}"] if saved_total != self.total_steps else []
-        changed += [f"{key} {old} -> {new}" for key, old, new in config_differences(saved_cfg, self.cfg, SCHEDULE_KEYS)]
+        changed += [f"{key} {old} -> {new}"
+                    for key, old, new in ckpt.config_differences(saved_cfg, self.cfg, ckpt.SCHEDULE_KEYS)]
         sched = self.scheduler
         old_lrs = [g["lr"] for g in self.optimizer.param_groups]
         for group, settings in zip(self.optimizer.param_groups, configured):
@@ -542,52 +547,15 @@ class TrainingRecipe:
             self.stop.restore()
         destroy_distributed()
 
-
-# Config keys that fix the shape or the meaning of the saved weights: a resume must keep them.
-MUST_MATCH_KEYS = ("meta.adapter", "meta.learn_inner_lr")
-LORA_KEYS = ("model.lora.r", "model.lora.alpha", "model.lora.target_modules")
-# Config keys of the schedule and the optimizer: a resume continues with the new values (with a warning).
-SCHEDULE_KEYS = ("optim.lr_scheduler", "optim.lr_warmup_steps_ratio", "optim.betas", "optim.eps",
-                 "optim.weight_decay", "meta.outer_lr", "meta.inner_lr_lr", "sft.lr")
-
-
-def config_differences(saved: dict, cfg: Config, keys: tuple[str, ...]) -> list[tuple[str, Any, Any]]:
-    """``(key, checkpoint's value, this config's value)`` of the dotted ``keys`` that differ."""
-    now = config_to_dict(cfg)
-    out = []
-    for key in keys:
-        old, new = saved, now
-        for part in key.split("."):
-            old = old.get(part) if isinstance(old, dict) else None
-            new = new.get(part) if isinstance(new, dict) else None
-        if old != new:
-            out.append((key, old, new))
-    return out
-
-
-def check_resumable(path: Path, saved_cfg: dict, cfg: Config, saved: dict[str, torch.Tensor] | None = None,
-                    params: dict[str, torch.Tensor] | None = None) -> None:
-    """Raise :class:`ConfigError` naming every config key to set when checkpoint ``path`` cannot be
-    resumed by this run: adapter type, LoRA rank/alpha/targets, Meta-SGD and, once the model is built
-    (``saved`` weights vs the model's ``params``), every parameter's name and shape."""
-    keys = MUST_MATCH_KEYS + (LORA_KEYS if cfg.meta.adapter == "lora" else ())
-    problems = [f"{key}={json.dumps(new)} here, {json.dumps(old)} in the checkpoint (set {key}={json.dumps(old)})"
-                for key, old, new in config_differences(saved_cfg, cfg, keys)]
-    if not problems and params is not None:
-        names = sorted(set(saved) ^ set(params))
-        if names:
-            problems.append(f"{len(saved)} saved weights vs {len(params)} in this model, e.g. {names[:3]} (was "
-                            f"model.partial_pretrain changed? it is {cfg.model.partial_pretrain!r} here)")
-        shapes = [f"{n}: {tuple(saved[n].shape)} saved, {tuple(p.shape)} here" for n, p in params.items()
-                  if n in saved and saved[n].shape != p.shape]
-        if shapes:
-            problems.append(f"{len(shapes)} weights differ in shape (was model.partial_pretrain changed?), e.g. "
-                            + "; ".join(shapes[:2]))
-    if problems:
-        raise ConfigError(
-            f"cannot resume {path}: " + "; ".join(problems) + ". Or start a new run in another "
-            "trainer.default_local_dir."
-        )
+    def run(self) -> None:
+        """setup → train (which saves the checkpoints) → cleanup, on an error too."""
+        try:
+            self.setup()
+            # Log records (warnings during training) print above the progress bar, not through it.
+            with logging_redirect_tqdm():
+                self.train()
+        finally:
+            self.cleanup()
 
 
 def mean_seq_len(batches: list[dict[str, torch.Tensor]]) -> float:
@@ -606,59 +574,3 @@ def input_tokens(batches: list[dict[str, torch.Tensor]]) -> int:
     """Real (non-padding) input tokens of a list of batches: the tokens the model computes on."""
     return sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
 
-
-
-def label_tokens(example: dict) -> int:
-    """Target tokens of one encoded example (the HF shift never scores position 0)."""
-    return sum(label != -100 for label in example["labels"][1:])
-
-
-def fomaml_training_tokens(fomaml_cfg: Config, tasks: dict[str, TaskData]) -> int:
-    """Label tokens a FOMAML run of ``fomaml_cfg`` trains on in ``trainer.total_steps`` meta-steps:
-    every inner-step support batch and every query batch, replayed from its (pure) episode sampler."""
-    from lora_maml.data.episodes import EpisodeSampler
-
-    meta = fomaml_cfg.meta
-    sampler = EpisodeSampler(
-        {t: (len(d.support), len(d.query)) for t, d in tasks.items()},
-        meta_batch_size=meta.meta_batch_size,
-        num_inner_steps=meta.num_inner_steps,
-        inner_batch_size=meta.inner_batch_size,
-        query_batch_size=meta.query_batch_size,
-        seed=fomaml_cfg.trainer.seed,
-    )
-    counts = {t: ([label_tokens(e) for e in d.support], [label_tokens(e) for e in d.query]) for t, d in tasks.items()}
-    total = 0
-    for step in range(fomaml_cfg.trainer.total_steps):
-        for draw in sampler.sample(step):
-            support, query = counts[draw.task]
-            total += sum(support[i] for batch in draw.support_batches for i in batch)
-            total += sum(query[i] for i in draw.query_indices)
-    return total
-
-
-def load_run_config(path: str | Path) -> Config:
-    """The config of a run: its YAML file, one of its ``.pt`` checkpoints, a ``step_N`` directory
-    or its run directory (the newest complete checkpoint)."""
-    path = Path(path)
-    if path.suffix in (".yaml", ".yml"):
-        return load_config(path)
-    from lora_maml.load_trained import resolve_model_path
-
-    kind, source = resolve_model_path(path)
-    if kind != "checkpoint":
-        raise ConfigError(f"{path}: expected a run config (.yaml), checkpoint (.pt) or run directory, found a {kind}")
-    return Config.model_validate(ckpt.load_checkpoint(source)["config"])
-
-
-def run(recipe_class: type[TrainingRecipe], argv: list[str] | None, description: str) -> int:
-    """The shape of every recipe: parse the config, setup → train (which saves) → cleanup."""
-    recipe = recipe_class(parse_recipe_args(argv, description))
-    try:
-        recipe.setup()
-        # Log records (warnings during training) print above the progress bar, not through it.
-        with logging_redirect_tqdm():
-            recipe.train()
-    finally:
-        recipe.cleanup()
-    return 0
