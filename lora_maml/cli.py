@@ -16,7 +16,7 @@ COMMANDS = {
     "tiny-model": ("lora_maml.tiny_model", "build a tiny random-init Qwen3 + tokenizer for CPU runs and tests"),
     "train": ("recipes.fomaml_math", "meta-train with FOMAML / MAML / Reptile (recipes/fomaml_math.py)"),
     "sft": ("recipes.sft_math", "the multi-task LoRA SFT baseline (recipes/sft_math.py)"),
-    "eval": ("lora_maml.eval.few_shot", "few-shot adaptation: adapt on n shots, grade generated answers, compare"),
+    "eval": ("recipes.evaluate_few_shot", "few-shot adaptation: adapt on n shots, grade generated answers, compare"),
     "merge": ("lora_maml.export", "merge a trained adapter into its base and save a verified HF model for vLLM"),
 }
 
