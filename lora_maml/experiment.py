@@ -413,7 +413,8 @@ def evaluate_all(args: argparse.Namespace, cfg, base_dir: Path, data_dir: Path, 
     import torch
 
     from lora_maml.data.prepare import list_tasks
-    from lora_maml.eval.few_shot import episode_records, evaluate_model, plan_episodes, plan_fingerprint
+    from lora_maml.eval.few_shot import AdaptSettings, evaluate_model
+    from lora_maml.eval.plan import episode_records, plan_episodes, plan_fingerprint
     from lora_maml.load_trained import load_trained
 
     if args.eval_on == "holdout":
@@ -454,11 +455,10 @@ def evaluate_all(args: argparse.Namespace, cfg, base_dir: Path, data_dir: Path, 
             continue
         start = time.perf_counter()
         trained = load_trained(str(path), dtype=dtype, device=device, lora=cfg.model.lora if name == "base" else None)
-        rows = evaluate_model(
-            trained, episodes, records, adapt_lr=trained.inner_lrs or meta.inner_lr, adapt_steps=meta.num_inner_steps,
-            adapt_batch_size=meta.inner_batch_size, adapt_optimizer=meta.inner_optimizer, generate=False,
-            max_length=cfg.data.max_length, truncation=cfg.data.truncation, desc=name,
-        )
+        adapt = AdaptSettings(lr=trained.inner_lrs or meta.inner_lr, steps=meta.num_inner_steps,
+                              batch_size=meta.inner_batch_size, optimizer=meta.inner_optimizer,
+                              max_length=cfg.data.max_length, truncation=cfg.data.truncation)
+        rows = evaluate_model(trained, episodes, records, adapt, generate=False, desc=name)
         del trained
         gc.collect()
         rows = [{k: r[k] for k in ROW_KEYS} for r in rows]

@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 from pydantic import ValidationError
@@ -85,7 +86,18 @@ class Trained:
 # What a path names
 
 
-def resolve_model_path(path: str | Path) -> tuple[str, str]:
+class ModelPath(NamedTuple):
+    """A classified model path (:func:`resolve_model_path`); ``str()`` gives ``source``. Passing it
+    on (to :func:`load_trained`, or back to :func:`resolve_model_path`) does not classify it again."""
+
+    kind: str
+    source: str
+
+    def __str__(self) -> str:
+        return self.source
+
+
+def resolve_model_path(path: str | Path | ModelPath) -> ModelPath:
     """``(kind, source)`` of a model path, loading no weights.
 
     ``kind`` is ``checkpoint`` (``source`` = the ``.pt``), ``adapter`` (the adapter directory) or
@@ -93,29 +105,31 @@ def resolve_model_path(path: str | Path) -> tuple[str, str]:
     :class:`LoadTrainedError` for one that is none of these, ``CheckpointError`` for a run directory
     without a complete checkpoint.
     """
+    if isinstance(path, ModelPath):
+        return path
     text = str(path)
     p = Path(text).expanduser()
     if p.is_file():
         if ckpt.PT_PATTERN.match(p.name):
-            return "checkpoint", str(p)
+            return ModelPath("checkpoint", str(p))
         raise LoadTrainedError(f"{p}: a file, but not a run checkpoint; {EXPECTED}")
     if p.is_dir():
         m = ckpt.DIR_PATTERN.match(p.name)
         step_files = (ckpt.MANIFEST_FILE, ckpt.TRAINER_STATE_FILE)
         if m and (ckpt.pt_path(p.parent, int(m.group(1))).exists() or any((p / f).exists() for f in step_files)):
             # load_checkpoint reports what is missing when the step is incomplete.
-            return "checkpoint", str(ckpt.pt_path(p.parent, int(m.group(1))))
+            return ModelPath("checkpoint", str(ckpt.pt_path(p.parent, int(m.group(1)))))
         if (p / ckpt.LATEST_FILE).exists() or any(ckpt.PT_PATTERN.match(e.name) for e in p.iterdir()):
             found = ckpt.find_resume_checkpoint(SimpleNamespace(resume_mode="auto", default_local_dir=str(p)))
             if found is None:
                 raise ckpt.CheckpointError(
                     f"{p}: a run directory without a complete checkpoint (see the warnings above)"
                 )
-            return "checkpoint", str(found)
+            return ModelPath("checkpoint", str(found))
         if (p / ADAPTER_CONFIG).is_file():
-            return "adapter", str(p)
+            return ModelPath("adapter", str(p))
         if (p / MODEL_CONFIG).is_file():
-            return "model", str(p)
+            return ModelPath("model", str(p))
         shown = sorted(e.name for e in p.iterdir())[:8]
         raise LoadTrainedError(f"{p}: a directory holding none of these ({shown or 'empty'}); {EXPECTED}")
     if text.endswith(".pt") or not _HUB_ID.fullmatch(text):
@@ -134,7 +148,7 @@ def resolve_model_path(path: str | Path) -> tuple[str, str]:
         except OSError as err:  # e.g. no such repository
             raise FileNotFoundError(f"{text}: no such file or directory, nor a hub repository: {err}") from err
         if found is not None:
-            return kind, str(Path(found).parent) if kind == "adapter" else text
+            return ModelPath(kind, str(Path(found).parent) if kind == "adapter" else text)
     raise FileNotFoundError(
         f"{text}: no such file or directory, nor a hub model or adapter in the local cache (or on the hub when "
         f"online); {EXPECTED}"
@@ -172,7 +186,7 @@ def read_run_config(pt: str | Path, saved: dict | None = None) -> Config:
 
 
 def load_trained(
-    path: str | Path,
+    path: str | Path | ModelPath,
     *,
     base: str | None = None,
     dtype: str | None = None,

@@ -313,7 +313,7 @@ def test_an_unreadable_pickle_is_one_line_in_merge_and_eval(fp32_run, tmp_path, 
 
     from lora_maml.data.prepare import prepare
     from lora_maml.data.synthetic import synthetic_records
-    from lora_maml.eval import few_shot
+    from lora_maml.cli import main as cli_main
 
     run_dir = tmp_path / "run"
     shutil.copytree(Path(fp32_run[0]).parent, run_dir)
@@ -333,7 +333,7 @@ def test_an_unreadable_pickle_is_one_line_in_merge_and_eval(fp32_run, tmp_path, 
     data = tmp_path / "data"
     prepare(synthetic_records(12, 0), data, support_ratio=0.4, query_ratio=0.2, seed=0,
             source_description={"source": "synthetic"})
-    assert few_shot.main(["--model-path", str(run_dir), "--data-dir", str(data), "--n-shots", "0", "--output-dir",
-                          str(tmp_path / "eval")]) == 1
+    assert cli_main(["eval", "--model-path", str(run_dir), "--data-dir", str(data), "--n-shots", "0", "--output-dir",
+                     str(tmp_path / "eval")]) == 1
     assert one_error_line(capsys.readouterr().err).startswith(f"error: {pt}: corrupt or not loadable with torch.load")
     assert not (tmp_path / "owned").exists()

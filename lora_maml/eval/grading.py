@@ -448,7 +448,8 @@ def accuracy(grades: Sequence[dict]) -> dict[str, float]:
 
 
 def load_metric(**load_kwargs):
-    """The ``math_accuracy`` :mod:`evaluate` metric, loaded offline from this package's file.
+    """The ``math_accuracy`` :mod:`evaluate` metric (:data:`METRIC_PATH`), loaded offline: the grader
+    the few-shot evaluation uses, and ``evaluate.load(str(METRIC_PATH))`` for your own generations.
 
     ``load_kwargs`` go to :func:`evaluate.load`; ``keep_in_memory`` defaults to True (no Arrow
     cache files for a single-process metric).

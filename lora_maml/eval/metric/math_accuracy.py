@@ -1,12 +1,18 @@
-"""``math_accuracy``: MATH final-answer accuracy as an :mod:`evaluate` metric.
+"""``math_accuracy``: MATH final-answer accuracy as an :mod:`evaluate` metric, the grader of ``lora-maml eval``.
 
-Load it offline from this file (no Hub access is involved):
+Load it offline from this file (no Hub access is involved)::
 
-    evaluate.load("<repo>/lora_maml/eval/metric/math_accuracy.py")
-    # or: lora_maml.eval.grading.load_metric()
+    import evaluate
+    from lora_maml.eval.grading import METRIC_PATH   # this file, inside the installed package
 
-``evaluate`` copies this script into its modules cache before importing it, so everything is
-imported from the installed ``lora_maml`` package rather than relative to this file.
+    metric = evaluate.load(str(METRIC_PATH))          # or lora_maml.eval.grading.load_metric()
+    metric.compute(predictions=["so $\\boxed{0.5}$"], references=["\\frac{1}{2}"])
+    # {'accuracy': 1.0, 'strict_accuracy': 0.0}
+
+The evaluation grades its generations through this metric (``return_grades=True``), so the accuracy
+of your own generations computed here is judged exactly as the evaluation judges. ``evaluate`` copies
+this script into its modules cache before importing it, so everything is imported from the installed
+``lora_maml`` package rather than relative to this file.
 """
 
 import datasets
@@ -26,9 +32,12 @@ Args:
     references (list of str): reference answers (a full reference solution also works: its
         last box is used).
     timeout_s (int, optional): math-verify timeout per parse/comparison, in seconds.
+    return_grades (bool, optional): also return every generation's verdicts (default False).
 Returns:
     accuracy (float): fraction judged correct by math-verify.
     strict_accuracy (float): fraction equal after notational normalisation.
+    grades (list of dict, with return_grades=True): per generation, as lora_maml.eval.grading.grade:
+        {"extracted": the answer compared (None: no box), "math_verify": bool, "strict": bool}.
 Examples:
     >>> metric = evaluate.load("lora_maml/eval/metric/math_accuracy.py")
     >>> metric.compute(predictions=["so $\\\\boxed{0.5}$"], references=["\\\\frac{1}{2}"])
@@ -58,5 +67,6 @@ class MathAccuracy(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions, references, timeout_s=DEFAULT_TIMEOUT_S):
-        return accuracy(grade_batch(predictions, references, timeout_s=timeout_s))
+    def _compute(self, predictions, references, timeout_s=DEFAULT_TIMEOUT_S, return_grades=False):
+        grades = grade_batch(predictions, references, timeout_s=timeout_s)
+        return {**accuracy(grades), "grades": grades} if return_grades else accuracy(grades)
