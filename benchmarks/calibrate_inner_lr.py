@@ -31,7 +31,7 @@ import torch
 from lora_maml.atomic import write_text_atomic
 from lora_maml.config import ModelConfig
 from lora_maml.data.math import load_math_records
-from lora_maml.data.tokenize import collate, encode_records
+from lora_maml.data.tokenize import collate, records_that_fit
 from lora_maml.meta.algorithms import adapt
 from lora_maml.meta.fast_weights import FunctionalLoss
 from lora_maml.models import adapted_parameters, add_lora, load_base
@@ -66,9 +66,8 @@ def draw_problems(args, tokenizer) -> list[tuple[str, list[dict], list[dict]]]:
     records, _ = load_math_records(args.math, split="train")
     draws = []
     for subject in args.subjects:
-        encoded, _ = encode_records([r for r in records if r["subject"] == subject], tokenizer,
-                                    max_length=args.max_length, truncation="right")
-        fitting = [e for e in encoded if not e["truncated"]]
+        _, fitting = records_that_fit([r for r in records if r["subject"] == subject], tokenizer,
+                                      max_length=args.max_length)
         rng = np.random.default_rng([args.seed, len(draws)])
         for _ in range(args.draws):
             order = rng.permutation(len(fitting))

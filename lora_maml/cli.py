@@ -20,6 +20,7 @@ COMMANDS = {
     "sft": ("recipes.sft_math", "the multi-task LoRA SFT baseline (recipes/sft_math.py)"),
     "eval": ("recipes.evaluate_few_shot", "few-shot adaptation: adapt on n shots, grade generated answers, compare"),
     "merge": ("recipes.merge_adapter", "merge a trained adapter into its base and save a verified HF model for vLLM"),
+    "experiment": ("recipes.meta_vs_sft", "meta-learning vs SFT from one base: train, evaluate on one plan, compare"),
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -298,8 +299,16 @@ def resolve_config_path(config: str | Path | None = None, config_name: str | Non
     return Path(config) if config else None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    settings: Mapping[str, Any] | None = None,
+) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None), apply the command line's ``key=value``
+    ``overrides``, then ``settings`` (dotted key → value: what a program sets itself), validate.
+
+    Both apply to the file's tree before validation, so defaults that depend on other keys (the inner
+    loop's rate on ``meta.adapter``) follow them."""
     tree: dict = {}
     source = "defaults"
     if path is not None:
@@ -316,6 +325,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if overrides:
         tree = apply_overrides(tree, overrides)
         source += " + overrides"
+    if settings:
+        tree = copy.deepcopy(tree)
+        for key, value in settings.items():
+            _set_dotted(tree, key, value)
+        source += " + settings"
     try:
         return Config.model_validate(tree)
     except ValidationError as err:

@@ -3,14 +3,18 @@
 ``load_base`` → frozen (optionally nf4-quantised, optionally GGUF-dequantised) causal LM with
 non-reentrant activation checkpointing and the ``model.loss_chunk_size`` of its loss; ``add_lora`` →
 PeftModel with fp32 LoRA weights whatever the base dtype; ``adapted_parameters`` → the parameters the
-meta-learner adapts and meta-learns; ``compile_decoder`` → ``model.compile`` (the training recipe).
+meta-learner adapts and meta-learns; ``compile_decoder`` → ``model.compile`` (the training recipe);
+``dequantize_gguf`` → a GGUF file saved once as a plain fp32 model directory.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from lora_maml.atomic import atomic_dir
 from lora_maml.config import LoraConfig, ModelConfig
 from lora_maml.loss import decoder_body, set_loss_chunk_size
 
@@ -121,6 +125,21 @@ def load_base(model_cfg: ModelConfig, *, device_map=None):
         enable_gradient_checkpointing(model)
     set_loss_chunk_size(model, model_cfg.loss_chunk_size)  # read by every lora_maml.loss call on the model
     return model, tokenizer
+
+
+def dequantize_gguf(gguf_path: str | Path, output_dir: str | Path) -> Path:
+    """Load the GGUF file ``gguf_path`` dequantised to fp32 and save it with its tokenizer as a plain Hugging
+    Face model directory ``output_dir`` (written atomically): a base that later loads without dequantising.
+    Raises ValueError when its tokenizer has no chat template (every example is chat-formatted)."""
+    gguf_path = Path(gguf_path)
+    model, tokenizer = load_base(ModelConfig(partial_pretrain=str(gguf_path.parent), gguf_file=gguf_path.name,
+                                             dtype="fp32", enable_gradient_checkpointing=False))
+    if not tokenizer.chat_template:
+        raise ValueError(f"{gguf_path}: its tokenizer has no chat template; every example is chat-formatted")
+    with atomic_dir(output_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return Path(output_dir)
 
 
 def _check_target_modules(model: nn.Module, targets: list[str]) -> None:

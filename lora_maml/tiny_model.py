@@ -105,6 +105,18 @@ def train_tiny_tokenizer(texts: Iterable[str], *, vocab_size: int = 512, model_m
     )
 
 
+def tiny_qwen3_dims(hidden_size: int, num_hidden_layers: int) -> dict[str, int]:
+    """The sizes (:func:`build_tiny_model`'s keywords) of a tiny Qwen3 of ``hidden_size`` and
+    ``num_hidden_layers``: heads of 32 (GQA 2:1), an MLP of 2 x ``hidden_size``, a 512-entry vocabulary.
+    Raises ValueError unless ``hidden_size`` is a positive multiple of 64 and ``num_hidden_layers`` >= 1."""
+    if hidden_size < 64 or hidden_size % 64 or num_hidden_layers < 1:
+        raise ValueError(f"hidden_size={hidden_size}, num_hidden_layers={num_hidden_layers}: hidden_size must be "
+                         "a multiple of 64 and num_hidden_layers >= 1")
+    return dict(vocab_size=512, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                num_attention_heads=hidden_size // 32, num_key_value_heads=hidden_size // 64, head_dim=32,
+                intermediate_size=2 * hidden_size)
+
+
 def build_tiny_model(
     output_dir: str | os.PathLike,
     texts: Iterable[str],
@@ -168,7 +180,8 @@ def build_tiny_model(
     return output_dir
 
 
-def _texts(records: Iterable[dict]) -> list[str]:
+def texts_from_records(records: Iterable[dict]) -> list[str]:
+    """The tokenizer's training texts of records: each prompt and response."""
     return [f"{r['prompt']}\n{r['response']}" for r in records]
 
 
@@ -184,7 +197,7 @@ def texts_from_prepared(data_dir: str | os.PathLike) -> list[str]:
         records.extend(load_split(data_dir, task, "test"))
     if not records:
         raise ValueError(f"data_dir {data_dir}: the prepared splits hold no records")
-    return _texts(records)
+    return texts_from_records(records)
 
 
 def texts_from_synthetic(n_per_task: int, seed: int) -> list[str]:
@@ -192,4 +205,4 @@ def texts_from_synthetic(n_per_task: int, seed: int) -> list[str]:
     (:func:`lora_maml.data.synthetic.synthetic_records`)."""
     if isinstance(n_per_task, bool) or not isinstance(n_per_task, int) or n_per_task < 1:
         raise ValueError(f"n_per_task must be an integer >= 1, got {n_per_task!r}")
-    return _texts(synthetic_records(n_per_task, seed))
+    return texts_from_records(synthetic_records(n_per_task, seed))

@@ -1,16 +1,606 @@
-"""Is meta-learning worth it here? Meta-learners and SFT from one base at matched compute, one evaluation plan,
-paired statistics (lora_maml/experiment.py has the phases and what each writes).
+"""Is meta-learning worth it here? Meta-learners and SFT trained from one base at matched compute, every init
+evaluated on one plan, paired statistics.
 
-    python recipes/meta_vs_sft.py --tiny --source synthetic-rules --pretrain "synthetic-rules:named=8,per_task=400" \
+    python recipes/meta_vs_sft.py --tiny --source synthetic-rules --pretrain "synthetic-rules:named=8,per_task=400" \\
         --config recipes/configs/rules_tiny.yaml --methods fomaml sft_tokens --eval-on holdout   # the README demo
-    python recipes/meta_vs_sft.py --model /path/SmolLM2-135M-Instruct.Q4_1.gguf --episodes 2  # MATH, a real model
+    python recipes/meta_vs_sft.py --model /path/SmolLM2-135M-Instruct.Q4_1.gguf         # MATH, ~65 min on 2 CPU cores
+    lora-maml experiment --tiny --out /tmp/mvs -- trainer.total_steps=3                  # smoke run, seconds
+
+``--source`` is any ``prepare`` source and ``--model`` any base, so the demo, the real-model study and a study
+on your own data run the same phases. Trailing ``key=value`` config overrides (after ``--``) apply to every
+training run. Everything goes under ``--out``; each phase skips what an earlier invocation finished (a run
+killed half-way resumes from its checkpoint); every file is written atomically.
+
+1. Base model. ``--model DIR`` as it is; ``--model FILE.gguf`` dequantised ONCE to fp32 into
+   ``<out>/base_model``; ``--tiny``: a tiny random-init Qwen3 (``--tiny-dims``) whose tokenizer is trained on
+   the texts of ``--source`` (and ``--pretrain``).
+2. Data. ``--source`` prepared into ``<out>/data`` with the config's ratios and ``--data-seed``. Of a MATH
+   source, the config's ``data.tasks`` keep the problems whose encoded example fits ``data.max_length``; a
+   generated source (``synthetic``, ``synthetic-rules``) is prepared as it is (a rules family holds out its
+   unseen tasks).
+3. Pretraining (``--pretrain SOURCE``, optional): a competent base, as real runs start from. The SFT recipe
+   trains EVERY weight (``meta.adapter=full``) for ``--pretrain-steps`` at ``--pretrain-lr`` on ``SOURCE``
+   (prepared into ``<out>/pretrain_data``), exported to ``<out>/pretrained_model``, the base of every later
+   phase. Its loss curve stays in ``<out>/runs/pretrain/metrics.jsonl``.
+4. Training, per seed s (``trainer.seed=s``), from the same base: every method of ``--methods``
+   (:data:`METHODS`): ``fomaml``, ``maml`` (second order), ``metasgd`` (FOMAML with learned per-tensor inner
+   rates), ``sft_steps`` (the same optimizer steps) and ``sft_tokens`` (``sft.match_tokens_of`` the FOMAML
+   run: as many training label tokens). Each run's config is ``<out>/runs/<name>/config.yaml``; its recipe
+   runs in a subprocess (``--in-process``: in this one); ``<out>/runs/<name>.done.json`` marks it finished
+   and holds that config.
+5. Evaluation: ONE plan (``--eval-on all``: the config's tasks; ``holdout``: the tasks never seen in
+   meta-training; ``--n-shots``, ``--episodes`` shot draws per task and n, ``--test-per-episode`` scored
+   problems per task) for every init: ``base`` (a fresh LoRA shaped like the runs', B = 0) and every run.
+   Every init adapts with the config's inner loop (full-batch steps over the n shots); a Meta-SGD run with
+   the rates it learned. Teacher-forced scores only: ``nll`` of the reference solution, ``answer_nll`` and
+   ``answer_accuracy`` on its final answer's tokens; ``*_pre`` at the init's own weights.
+   Rows in ``<out>/eval/rows/<init>.json``.
+6. Statistics (:mod:`lora_maml.eval.stats`), per n, pooled over tasks: per init and per method (seeds pooled)
+   the mean of every metric and the gain ``pre - post`` of the NLLs; paired differences A - B (seed s with
+   seed s, the same episode and problem). 95% CIs: two-way bootstrap of episodes and problems within each
+   task (``--eval-on holdout``: the tasks drawn too). A verdict per comparison on ``--verdict-metric``:
+   better or worse needs the CI to exclude 0 AND every seed's paired mean on that side.
+   ``<out>/results.json``, ``results.md``, ``few_shot_curve.png``, ``learning_curves.png``
+   (:mod:`lora_maml.eval.report`).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import subprocess
 import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import IO, Any
 
-from lora_maml.experiment import main
+import torch
+import yaml
+from transformers import AutoTokenizer
+
+from lora_maml.atomic import write_text_atomic
+from lora_maml.config import Config, config_to_dict, load_config
+from lora_maml.data import SUBJECTS
+from lora_maml.data.prepare import MANIFEST, list_tasks, prepare, read_manifest, read_source, summary_text, validate
+from lora_maml.data.rules import is_rules_source
+from lora_maml.data.tokenize import records_that_fit
+from lora_maml.errors import LoraMamlError, run_main
+from lora_maml.eval import report, stats
+from lora_maml.eval.few_shot import AdaptSettings, evaluate_model
+from lora_maml.eval.plan import episode_records, plan_episodes, plan_fingerprint
+from lora_maml.export import merge_and_save
+from lora_maml.load_trained import load_trained, resolve_model_path
+from lora_maml.models import dequantize_gguf
+from lora_maml.tiny_model import build_tiny_model, texts_from_records, tiny_qwen3_dims
+from recipes import fomaml_math, sft_math
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPES_DIR = REPO_ROOT / "recipes"
+DEFAULT_CONFIG = RECIPES_DIR / "configs" / "smollm2_135m_math.yaml"
+TINY_CONFIG = RECIPES_DIR / "configs" / "tiny_cpu.yaml"
+DEFAULT_MATH = REPO_ROOT.parent / "shared" / "data" / "MATH.tar.gz"
+DEFAULT_OUT = REPO_ROOT / "outputs" / "meta_vs_sft"
+# method -> (training recipe, the config keys it sets). sft_tokens is matched to the same seed's fomaml run
+# (set in run_config).
+METHODS: dict[str, tuple[ModuleType, dict[str, Any]]] = {
+    "fomaml": (fomaml_math, {}),
+    "maml": (fomaml_math, {"meta.algorithm": "maml", "model.attn_implementation": "eager",
+                           "model.enable_gradient_checkpointing": False, "model.compile": False}),
+    "metasgd": (fomaml_math, {"meta.learn_inner_lr": True}),
+    "sft_steps": (sft_math, {"sft.match_tokens_of": None}),
+    "sft_tokens": (sft_math, {}),
+}
+ROW_KEYS = ("task", "n", "seed", "id", "shot_ids", "tokens", "nll", "nll_pre", "answer_nll", "answer_nll_pre",
+            "answer_accuracy", "answer_tokens")
+# Keys this script sets (or relies on) per run; a user override of one would silently break the design.
+CONTROLLED = ("model.partial_pretrain", "model.gguf_file", "model.build_tiny_if_missing", "data.data_dir",
+              "data.source", "trainer.seed", "trainer.default_local_dir", "trainer.experiment_name",
+              "trainer.resume_mode", "sft.match_tokens_of", "meta.algorithm", "meta.learn_inner_lr", "meta.adapter")
+BASE_SOURCE_FILE = "meta_vs_sft_source.json"
+RUN_CONFIG = "config.yaml"
+
+
+# --- command line ----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="recipes/meta_vs_sft.py",
+        description="Meta-learning (FOMAML, MAML, Meta-SGD) vs multi-task SFT (matched steps, matched tokens) as an "
+        "initialisation for few-shot adaptation: train from one base, evaluate on one plan, paired statistics. "
+        "Resumable.",
+        epilog="key=value overrides go after '--' (or before the options); they apply to every training run.",
+    )
+    p.add_argument("--model", help="base model: a Hugging Face model directory or a .gguf file (dequantised once)")
+    p.add_argument("--tiny", action="store_true", help="a tiny random-init Qwen3 as the base (no --model)")
+    p.add_argument("--tiny-dims", default="128,4", metavar="HIDDEN,LAYERS",
+                   help="size of the --tiny model (default 128,4: 4 layers learn the rules family's lookup)")
+    p.add_argument("--source", help="data: any `lora-maml prepare --source` (default: the MATH archive "
+                   f"{DEFAULT_MATH}; with --tiny: synthetic)")
+    p.add_argument("--pretrain", metavar="SOURCE", help="first train every weight of the base on this source's text "
+                   "(e.g. synthetic-rules:named=8,per_task=400)")
+    p.add_argument("--pretrain-steps", type=int, default=500, help="pretraining steps (default 500)")
+    p.add_argument("--pretrain-lr", type=float, default=1e-3, help="pretraining learning rate (default 1e-3)")
+    p.add_argument("--config", help=f"training config (default {DEFAULT_CONFIG.relative_to(REPO_ROOT)}; "
+                   f"with --tiny {TINY_CONFIG.relative_to(REPO_ROOT)})")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=["fomaml", "sft_steps", "sft_tokens"],
+                   help="what to train from the base (default: fomaml sft_steps sft_tokens)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (default %(default)s)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds (default 0 1)")
+    p.add_argument("--n-shots", nargs="+", type=int, default=[5, 10], help="shot counts (default 5 10)")
+    p.add_argument("--eval-on", choices=["all", "holdout"], default="all",
+                   help="evaluate the config's tasks (all) or only tasks never seen in meta-training (holdout)")
+    p.add_argument("--episodes", type=int, default=2, help="shot draws per task and n (default 2)")
+    p.add_argument("--test-per-episode", type=int, default=8, help="scored problems per task (default 8)")
+    p.add_argument("--plan-seed", type=int, default=0, help="seed of the scored problems and shot draws (default 0)")
+    p.add_argument("--data-seed", type=int, default=42, help="seed of the data (generation and split; default 42)")
+    p.add_argument("--tiny-per-task", type=int, default=40, help="problems per task of --source synthetic (default 40)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "fp64"], help="evaluation dtype (default: model.dtype)")
+    p.add_argument("--verdict-metric", default="nll", choices=[name for name, _ in report.series_names()],
+                   help="the metric verdicts are given on (default nll)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--boot-seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--in-process", action="store_true", help="run the training recipes in this process, not subprocesses")
+    p.add_argument("--jobs", type=int, default=1, help="training runs at a time (subprocesses sharing OMP_NUM_THREADS; "
+                   "default 1). The runs of a seed are independent: 2 halves the training time on 2 cores")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every training run")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.tiny == (args.model is not None):
+        raise ValueError("give exactly one of --model PATH or --tiny")
+    if args.tiny:
+        tiny_dims(args.tiny_dims)
+    for flag, value in (("--episodes", args.episodes), ("--test-per-episode", args.test_per_episode),
+                        ("--n-boot", args.n_boot), ("--tiny-per-task", args.tiny_per_task),
+                        ("--pretrain-steps", args.pretrain_steps)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.jobs < 1 or (args.jobs > 1 and args.in_process):
+        raise ValueError(f"--jobs {args.jobs}: expected >= 1, and 1 with --in-process")
+    if not args.pretrain_lr > 0 or not math.isfinite(args.pretrain_lr):
+        raise ValueError(f"--pretrain-lr must be a positive finite number, got {args.pretrain_lr}")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds: duplicates in {args.seeds}")
+    if len(set(args.methods)) != len(args.methods):
+        raise ValueError(f"--methods: duplicates in {args.methods}")
+    if "sft_tokens" in args.methods and "fomaml" not in args.methods:
+        raise ValueError("--methods: sft_tokens is matched to the fomaml run's tokens; add fomaml")
+    if min(args.n_shots) < 0 or len(set(args.n_shots)) != len(args.n_shots):
+        raise ValueError(f"--n-shots {args.n_shots}: expected distinct integers >= 0")
+    for item in args.overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r}: expected key=value (e.g. trainer.total_steps=100)")
+        if key in CONTROLLED:
+            raise ValueError(f"override {item!r}: {key} is managed by this script ({', '.join(CONTROLLED)})")
+
+
+def tiny_dims(spec: str) -> dict[str, int]:
+    """``--tiny-dims HIDDEN,LAYERS`` → the tiny Qwen3's sizes (:func:`lora_maml.tiny_model.tiny_qwen3_dims`)."""
+    try:
+        hidden, layers = (int(v) for v in spec.split(","))
+        return tiny_qwen3_dims(hidden, layers)
+    except ValueError:
+        raise ValueError(f"--tiny-dims {spec!r}: expected HIDDEN,LAYERS with HIDDEN a multiple of 64 and "
+                         "LAYERS >= 1, e.g. 128,4") from None
+
+
+# --- small helpers ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def phase(name: str, timings: dict[str, float]) -> Iterator[None]:
+    print(f"\n== {name}", flush=True)
+    start = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - start, 1)
+    print(f"== {name}: {timings[name]:.1f} s", flush=True)
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def is_math_source(source: str) -> bool:
+    return source != "synthetic" and not is_rules_source(source)
+
+
+def run_name(method: str, seed: int) -> str:
+    return f"{method}_{seed}"
+
+
+# --- 1. base model ---------------------------------------------------------------------------
+def base_model(args: argparse.Namespace, out: Path) -> Path:
+    """The base model directory every run starts from (see the module docstring, 1)."""
+    target = out / "base_model"
+    if args.tiny:
+        made_from = {"tiny": tiny_dims(args.tiny_dims), "source": args.source, "pretrain": args.pretrain,
+                     "data_seed": args.data_seed}
+    else:
+        model = Path(args.model).expanduser().resolve()
+        if model.is_dir():
+            if not (model / "config.json").is_file():
+                raise ValueError(f"--model {model}: a directory without config.json (expected a Hugging Face model dir)")
+            print(f"base model: {model} (used as it is)")
+            return model
+        if not model.is_file() or model.suffix != ".gguf":
+            raise ValueError(f"--model {model}: expected a model directory or an existing .gguf file")
+        made_from = {"gguf": str(model), "bytes": model.stat().st_size}
+    stamp = read_json(target / BASE_SOURCE_FILE)
+    if stamp is not None:
+        if stamp != made_from:
+            raise ValueError(f"{target} was made from {stamp}, not {made_from}; use another --out")
+        print(f"base model: {target} (made earlier, skipped)")
+        return target
+    if args.tiny:
+        texts = []
+        for spec in filter(None, (args.source, args.pretrain)):
+            texts += texts_from_records(read_source(spec, seed=args.data_seed, synthetic_per_task=args.tiny_per_task)[0])
+        build_tiny_model(target, texts, overwrite=True, **made_from["tiny"])
+        print(f"base model: tiny random-init Qwen3 at {target}")
+    else:
+        print(f"base model: dequantising {model} to fp32 (once) ...", flush=True)
+        dequantize_gguf(model, target)
+        print(f"base model: {target}")
+    write_json(target / BASE_SOURCE_FILE, made_from)  # last: its presence means the model is complete
+    return target
+
+
+# --- 2. data ---------------------------------------------------------------------------------
+def prepare_data(args: argparse.Namespace, cfg: Config, base_dir: Path, data_dir: Path, source: str) -> Path:
+    """``data_dir``: ``source`` prepared with the config's ratios (a MATH source length-filtered first)."""
+    stamp_path = data_dir.with_name(f"{data_dir.name}_settings.json")
+    math_source = is_math_source(source)
+    if math_source and Path(source).expanduser().exists():  # a hub id stays as it is
+        source = str(Path(source).expanduser().resolve())
+    settings = {"source": source, "tokenizer": str(base_dir), "tasks": cfg.data.tasks if math_source else None,
+                "max_length": cfg.data.max_length, "support_ratio": cfg.data.support_ratio,
+                "query_ratio": cfg.data.query_ratio, "seed": args.data_seed, "per_task": args.tiny_per_task}
+    stamp = read_json(stamp_path)
+    if (data_dir / MANIFEST).is_file() and stamp is not None:
+        if stamp != settings:
+            raise ValueError(f"{data_dir} was prepared with {stamp}, not {settings}; use another --out")
+        print(f"data: {data_dir} (prepared earlier, skipped)")
+        return data_dir
+    write_json(stamp_path, settings)  # first: a directory prepared after it is known to match it
+    records, tasks, holdout, description = read_source(source, seed=args.data_seed,
+                                                       synthetic_per_task=args.tiny_per_task)
+    if math_source:
+        records, description["length_filter"] = fitting_math_records(records, cfg, base_dir)
+    manifest = prepare(records, data_dir, support_ratio=cfg.data.support_ratio, query_ratio=cfg.data.query_ratio,
+                       seed=args.data_seed, holdout_tasks=holdout, source_description=description, overwrite=True,
+                       tasks=tasks)
+    print(summary_text(manifest), end="")
+    validate(data_dir)
+    return data_dir
+
+
+def fitting_math_records(records: Sequence[dict], cfg: Config, base_dir: Path) -> tuple[list[dict], dict]:
+    """The MATH records of the config's tasks whose encoded example fits ``data.max_length`` (the base's
+    tokenizer), the other subjects' as they are; and ``{"max_length", "kept", "total"}`` per task."""
+    tasks = list(cfg.data.tasks or SUBJECTS)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    # The other subjects are kept unfiltered only because prepare splits every subject; nothing reads them.
+    kept = [r for r in records if r["subject"] not in tasks]
+    counts: dict[str, dict[str, int]] = {"kept": {}, "total": {}}
+    for task in tasks:
+        of_task = [r for r in records if r["subject"] == task]
+        fit, _ = records_that_fit(of_task, tokenizer, max_length=cfg.data.max_length,
+                                  desc=f"{task}: length filter (<= {cfg.data.max_length} tokens)")
+        kept += fit
+        counts["kept"][task], counts["total"][task] = len(fit), len(of_task)
+        print(f"data: {task}: {len(fit)} of {len(of_task)} problems fit data.max_length={cfg.data.max_length}")
+    return kept, {"max_length": cfg.data.max_length, **counts}
+
+
+# --- 3 and 4. training -----------------------------------------------------------------------
+@dataclass
+class Run:
+    """One training run: the recipe that trains it, its config and how it is named in the output."""
+
+    recipe: ModuleType
+    cfg: Config
+    label: str
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.trainer.default_local_dir)
+
+    @property
+    def config_path(self) -> Path:
+        return self.run_dir / RUN_CONFIG
+
+    @property
+    def marker(self) -> Path:
+        return self.run_dir.with_name(f"{self.run_dir.name}.done.json")
+
+    @property
+    def log(self) -> Path:
+        return self.run_dir.with_name(f"{self.run_dir.name}.log")
+
+
+def finished(run: Run) -> bool:
+    """Whether ``run``'s done marker says it finished with the same config (another config: an error)."""
+    done = read_json(run.marker)
+    if done is None:
+        return False
+    was, now = done.get("config"), config_to_dict(run.cfg)
+    if was != now:
+        changed = "no config recorded" if was is None else "; ".join(
+            f"{section}.{key}: was {was.get(section, {}).get(key)!r}, now {value!r}"
+            for section, values in now.items() for key, value in values.items()
+            if was.get(section, {}).get(key) != value)
+        raise ValueError(f"{run.run_dir} was trained with other arguments ({run.marker}: {changed}); use another "
+                         "--out or delete both to retrain")
+    print(f"{run.label}: finished earlier, skipped ({run.run_dir})")
+    return True
+
+
+# The scheduler stays in this program: it is the one place that launches training recipes, and how runs
+# are resumed, refused and stopped is part of this experiment's story, not a library service.
+def train_runs(runs: Sequence[Run], *, jobs: int, in_process: bool) -> None:
+    """Train the unfinished ``runs``: one by one in this process (``in_process``), or as subprocesses
+    (``python -m <recipe> --config <run dir>/config.yaml``), ``jobs`` at a time, sharing ``OMP_NUM_THREADS``
+    (default: every core) between them; a parallel run's output goes to ``<run dir>.log``. A run that fails
+    stops the experiment (rerun to resume it)."""
+    todo = [run for run in runs if not finished(run)]
+    for run in runs:  # a finished run's too: sft_tokens reads its fomaml run's config
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run.config_path, yaml.safe_dump(config_to_dict(run.cfg), sort_keys=False))
+    jobs = min(jobs, max(len(todo), 1))
+    threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // jobs)),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    running: list[tuple[Run, subprocess.Popen, float, IO | None]] = []
+    try:
+        while todo or running:
+            while todo and (in_process or len(running) < jobs):
+                run = todo.pop(0)
+                command = ["--config", str(run.config_path)]
+                print(f"{run.label}: {run.recipe.__name__} {' '.join(command)}", flush=True)
+                start = time.perf_counter()
+                if in_process:  # the same program as the subprocess, called in this process
+                    mark_done(run, run.recipe.main(command), start, log=None)
+                    continue
+                log = open(run.log, "w") if jobs > 1 else None
+                process = subprocess.Popen([sys.executable, "-m", run.recipe.__name__, *command], env=env,
+                                           stdout=log, stderr=subprocess.STDOUT if log else None)
+                running.append((run, process, start, log))
+            for item in list(running):
+                run, process, start, log = item
+                if process.poll() is not None:
+                    running.remove(item)
+                    if log:
+                        log.close()
+                    mark_done(run, process.returncode, start, log=run.log if log else None)
+            if running:
+                time.sleep(0.5)
+    finally:
+        # A failed run, Ctrl-C or SIGTERM (run_main unwinds it as SystemExit): the runs still going get SIGTERM
+        # (the trainer finishes its step and saves) and are waited for, so no run directory is left to an
+        # orphan that still writes to it when this command is rerun.
+        for _, process, _, _ in running:
+            process.terminate()
+        for _, process, _, log in running:
+            process.wait()
+            if log:
+                log.close()
+
+
+def mark_done(run: Run, code: int | None, start: float, *, log: Path | None) -> None:
+    """Mark ``run`` finished (its config and time), or raise for a failed run (exit code ``code``)."""
+    if code:
+        where = f" (its output: {log})" if log else " (output above)"
+        raise LoraMamlError(f"{run.label}: {run.recipe.__name__} exited with {code}{where}; rerun this command to "
+                            f"resume it from its last checkpoint in {run.run_dir}")
+    write_json(run.marker, {"config": config_to_dict(run.cfg), "seconds": round(time.perf_counter() - start, 1)})
+    print(f"{run.label}: trained in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def pretrain(args: argparse.Namespace, config: Path, base_dir: Path, data_dir: Path, out: Path) -> tuple[Path, float]:
+    """Full-parameter SFT of the base on ``--pretrain`` text, exported as a plain model directory; returns
+    it and the last logged training loss (see the module docstring, 3)."""
+    run_dir, target = out / "runs" / "pretrain", out / "pretrained_model"
+    cfg = load_config(config, args.overrides, {
+        "model.partial_pretrain": str(base_dir), "model.gguf_file": None, "model.build_tiny_if_missing": False,
+        "data.data_dir": str(data_dir), "data.source": args.pretrain, "meta.adapter": "full",
+        "trainer.total_steps": args.pretrain_steps, "sft.lr": args.pretrain_lr, "sft.match_tokens_of": None,
+        "trainer.save_freq": args.pretrain_steps, "trainer.test_freq": args.pretrain_steps,
+        "trainer.default_local_dir": str(run_dir), "trainer.experiment_name": "meta_vs_sft_pretrain", "trainer.seed": 0,
+    })
+    train_runs([Run(sft_math, cfg, "pretrain (all weights)")], jobs=1, in_process=args.in_process)
+    if not (target / "config.json").is_file():
+        merge_and_save(run_dir, target, overwrite=True)
+    losses = [r["sft/loss"] for r in report.read_metrics(run_dir) if "sft/loss" in r]
+    print(f"pretrained base: {target} (last sft/loss {losses[-1]:.4f} after {args.pretrain_steps} steps)")
+    return target, losses[-1]
+
+
+def run_config(config: Path, overrides: Sequence[str], shared: Mapping[str, Any], out: Path, method: str,
+               seed: int) -> Config:
+    """The config of one run: the user's overrides, then what this script sets (``shared``, the method's
+    keys, the seed and the run directory)."""
+    name = run_name(method, seed)
+    settings = {**shared, **METHODS[method][1], "trainer.seed": seed,
+                "trainer.default_local_dir": str(out / "runs" / name), "trainer.experiment_name": f"meta_vs_sft_{name}"}
+    if method == "sft_tokens":
+        settings["sft.match_tokens_of"] = str(out / "runs" / run_name("fomaml", seed) / RUN_CONFIG)
+    return load_config(config, overrides, settings)
+
+
+def train_all(args: argparse.Namespace, config: Path, shared: Mapping[str, Any], out: Path) -> dict[str, Path]:
+    """Train every (method, seed), ``--jobs`` at a time; return ``{name: run dir}``. SFT matched in tokens is
+    matched to the FOMAML run's config (written before anything trains), so it need not wait for that run:
+    the token count is replayed from the config alone."""
+    plan = [(method, seed) for seed in args.seeds for method in args.methods]
+    runs = [Run(METHODS[method][0], run_config(config, args.overrides, shared, out, method, seed),
+                f"[{i}/{len(plan)}] {run_name(method, seed)}") for i, (method, seed) in enumerate(plan, 1)]
+    train_runs(runs, jobs=args.jobs, in_process=args.in_process)
+    return {run.run_dir.name: run.run_dir for run in runs}
+
+
+# --- 5. evaluation ---------------------------------------------------------------------------
+def weights_stamp(path: Path) -> list:
+    """(name, size, mtime) of the files an init loads: a retrained run or a rebuilt base is evaluated again."""
+    source = Path(resolve_model_path(path)[1])
+    files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def evaluate_init(name: str, path: Path, cfg: Config, episodes, records: Mapping[str, dict], *, dtype: str,
+                  device: str) -> list[dict]:
+    """The teacher-forced rows (:data:`ROW_KEYS`) of init ``name`` (at ``path``) on the plan, every episode
+    adapted with the config's inner loop; a Meta-SGD run with the rates it learned, the base with a fresh
+    LoRA (B = 0) shaped like the runs'."""
+    init = load_trained(str(path), dtype=dtype, device=device, lora=cfg.model.lora if name == "base" else None)
+    meta = cfg.meta
+    adapt = AdaptSettings(lr=init.inner_lrs or meta.inner_lr, steps=meta.num_inner_steps,
+                          batch_size=meta.inner_batch_size, optimizer=meta.inner_optimizer,
+                          max_length=cfg.data.max_length, truncation=cfg.data.truncation)
+    rows = evaluate_model(init, episodes, records, adapt, generate=False, desc=name)
+    del init
+    gc.collect()  # free this init before the next one loads
+    return [{k: r[k] for k in ROW_KEYS} for r in rows]
+
+
+def evaluate_all(args: argparse.Namespace, cfg: Config, base_dir: Path, data_dir: Path, runs: dict[str, Path],
+                 out: Path) -> tuple[dict[str, list[dict]], dict]:
+    """Evaluate base + every run on one plan (rows files reused when plan, settings and weights match)."""
+    if args.eval_on == "holdout":
+        tasks = list_tasks(data_dir)["holdout"]
+        if not tasks:
+            raise ValueError(f"--eval-on holdout: {data_dir} has no held-out tasks")
+    else:
+        tasks = list(cfg.data.tasks) if cfg.data.tasks else None
+    episodes = plan_episodes(data_dir, tasks, args.n_shots, args.episodes, args.test_per_episode, args.plan_seed)
+    short = sorted({ep.task for ep in episodes if len(ep.test_ids) < args.test_per_episode})
+    if short:
+        # Equal cluster sizes make the pooled episode means the mean over rows (module docstring, 6).
+        raise ValueError(f"tasks {short[:5]} have fewer than --test-per-episode={args.test_per_episode} test problems "
+                         f"to score; lower --test-per-episode")
+    records = episode_records(data_dir, episodes)
+    fingerprint = plan_fingerprint(episodes)
+    write_json(out / "eval" / "plan.json", {"plan_sha256": fingerprint, "episodes": [asdict(ep) for ep in episodes]})
+    meta = cfg.meta
+    settings = {"adapt_lr": meta.inner_lr, "adapt_steps": meta.num_inner_steps, "adapt_batch_size": meta.inner_batch_size,
+                "adapt_optimizer": meta.inner_optimizer, "max_length": cfg.data.max_length,
+                "truncation": cfg.data.truncation}
+    dtype = args.dtype or cfg.model.dtype
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"{len(episodes)} episodes over {len({ep.task for ep in episodes})} tasks, "
+          f"{sum(len(ep.test_ids) for ep in episodes)} scored problems per init (plan sha256 {fingerprint[:12]}); "
+          f"every init adapts: {meta.inner_optimizer} lr={meta.inner_lr} steps={meta.num_inner_steps} "
+          f"micro-batch={meta.inner_batch_size} (Meta-SGD: its learned rates); {dtype} on {device}")
+    inits = {"base": base_dir, **runs}
+    rows_by_init = {}
+    for i, (name, path) in enumerate(inits.items(), 1):
+        rows_path = out / "eval" / "rows" / f"{name}.json"
+        identity = {"init": name, "path": str(path), "weights": weights_stamp(path), "plan_sha256": fingerprint,
+                    "settings": settings, "dtype": dtype}
+        saved = read_json(rows_path)
+        if saved is not None and saved["identity"] == identity:
+            print(f"[{i}/{len(inits)}] {name}: evaluated earlier, skipped")
+            rows_by_init[name] = saved["rows"]
+            continue
+        start = time.perf_counter()
+        rows = evaluate_init(name, path, cfg, episodes, records, dtype=dtype, device=device)
+        write_json(rows_path, report.jsonable({"identity": identity, "seconds": round(time.perf_counter() - start, 1),
+                                               "rows": rows}))
+        rows_by_init[name] = rows
+        print(f"[{i}/{len(inits)}] {name}: evaluated in {time.perf_counter() - start:.1f} s")
+    return rows_by_init, settings | {"dtype": dtype, "plan_sha256": fingerprint, "eval_on": args.eval_on}
+
+
+# --- 6. statistics ---------------------------------------------------------------------------
+def compare(args: argparse.Namespace, rows_by_init: dict[str, list[dict]]) -> dict:
+    """Summary rows per init / method and n, paired comparisons, verdicts (see the module docstring, 6)."""
+    series = [name for name, _ in report.series_names()]
+    values = stats.paired_values(rows_by_init, [*report.TEACHER_FORCED, *(f"{m}_pre" for m in report.PRE_ADAPTATION)])
+    inits = {method: {seed: run_name(method, seed) for seed in args.seeds} for method in args.methods}
+    units = {"base": ["base"], **{method: list(by_seed.values()) for method, by_seed in inits.items()},
+             **{name: [name] for by_seed in inits.values() for name in by_seed.values()}}
+    bootstrap = {"n_boot": args.n_boot, "boot_seed": args.boot_seed, "sampled_tasks": args.eval_on == "holdout"}
+    summary = stats.pooled_summary(values, units, args.n_shots, series, **bootstrap)
+    comparisons = stats.seed_paired_comparisons(values, report.comparisons(args.methods), inits, args.n_shots, series,
+                                                **bootstrap)
+    for row in comparisons:
+        row["verdict"] = report.verdict_text(row, args.verdict_metric)
+    return {"summary": summary, "comparisons": comparisons,
+            "verdicts": [report.verdict_line(row, args.verdict_metric) for row in comparisons]}
+
+
+# --- the program -----------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    args.source = args.source or ("synthetic" if args.tiny else str(DEFAULT_MATH))
+    config = Path(args.config).expanduser().resolve() if args.config else (TINY_CONFIG if args.tiny else DEFAULT_CONFIG)
+    if not config.is_file():
+        raise FileNotFoundError(f"--config {config}: no such file")
+    out = Path(args.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    with phase("1/6 base model", timings):
+        base_dir = base_model(args, out)
+    # The settings every run shares (seed and run dir aside), validated before anything is trained.
+    shared = {"model.partial_pretrain": str(base_dir), "model.gguf_file": None, "model.build_tiny_if_missing": False,
+              "data.data_dir": str(out / "data"), "data.source": args.source}
+    cfg = load_config(config, args.overrides, shared)
+
+    with phase("2/6 data", timings):
+        data_dir = prepare_data(args, cfg, base_dir, out / "data", args.source)
+
+    pretrained = None
+    with phase("3/6 pretraining", timings):
+        if args.pretrain:
+            pretrain_data = prepare_data(args, cfg, base_dir, out / "pretrain_data", args.pretrain)
+            base_dir, last_loss = pretrain(args, config, base_dir, pretrain_data, out)
+            pretrained = {"source": args.pretrain, "steps": args.pretrain_steps, "lr": args.pretrain_lr,
+                          "last_loss": last_loss, "model": str(base_dir)}
+            shared["model.partial_pretrain"] = str(base_dir)
+        else:
+            print("no --pretrain: the runs start from the base model as it is")
+
+    with phase("4/6 training", timings):
+        runs = train_all(args, config, shared, out)
+
+    with phase("5/6 evaluation", timings):
+        rows_by_init, settings = evaluate_all(args, cfg, base_dir, data_dir, runs, out)
+
+    with phase("6/6 statistics", timings):
+        statistics = compare(args, rows_by_init)
+    timings["total"] = round(time.perf_counter() - started, 1)
+
+    result = report.jsonable({
+        "config": str(config), "overrides": list(args.overrides), "base_model": str(base_dir), "source": args.source,
+        "pretrain": pretrained, "methods": list(args.methods), "seeds": list(args.seeds),
+        "n_shots": sorted(args.n_shots), "episodes": args.episodes, "test_per_episode": args.test_per_episode,
+        "n_boot": args.n_boot, "boot_seed": args.boot_seed, "verdict_metric": args.verdict_metric,
+        "chance_nll_per_answer_token": read_manifest(data_dir)["source"].get("chance_nll_per_answer_token"),
+        "settings": settings, "runs": {k: str(v) for k, v in runs.items()}, **statistics, "timings_s": timings,
+    })
+    markdown = report.render_experiment_markdown(result)
+    write_json(out / "results.json", result)
+    write_text_atomic(out / "results.md", markdown)
+    report.plot_experiment_curve(result, out / "few_shot_curve.png")
+    report.plot_learning_curves({name: path for name, path in runs.items() if name.endswith(f"_{args.seeds[0]}")},
+                                out / "learning_curves.png")
+    print("\n" + markdown)
+    print(f"wrote {out / 'results.md'}, results.json, few_shot_curve.png, learning_curves.png")
+    return 0
+
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""lora_maml/experiment.py (recipes/meta_vs_sft.py) end to end in --tiny mode (tiny random Qwen3, synthetic
+"""recipes/meta_vs_sft.py end to end in --tiny mode (tiny random Qwen3, synthetic
 suite, 2-step runs): every init is scored on the same (episode, problem) set, the statistics are what the
 saved rows say, and a rerun skips what is finished (and retrains only what was removed, identically, in a
 subprocess)."""
@@ -8,16 +8,21 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
+from lora_maml.errors import run_main
+from lora_maml.eval.report import verdict_text
+from recipes import meta_vs_sft
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INITS = ("base", "fomaml_0", "sft_steps_0", "sft_tokens_0")
 N_SHOTS = (0, 2, 4)
 OVERRIDES = [
     "data.tasks=[algebra,geometry]", "data.max_length=96", "trainer.total_steps=2", "meta.meta_batch_size=2",
-    "meta.num_inner_steps=2", "meta.inner_batch_size=2", "meta.query_batch_size=2", "meta.inner_optimizer=adam",
+    "meta.num_inner_steps=2", "meta.inner_batch_size=2", "meta.query_batch_size=2", "sft.micro_batch_size=2", "meta.inner_optimizer=adam",
     "meta.inner_lr=0.01", "sft.batch_size=4", "trainer.save_freq=2", "trainer.test_freq=2",
     "trainer.eval_num_support=2", "trainer.eval_num_test=2", "trainer.logger=[jsonl]",
 ]
@@ -25,9 +30,9 @@ OVERRIDES = [
 
 @pytest.fixture(scope="module")
 def bench():
-    from lora_maml import experiment
-
-    return experiment
+    """The program as its command line runs it (a user error: exit code 1), and the verdict on nll."""
+    return SimpleNamespace(main=lambda argv: run_main(meta_vs_sft.main, argv),
+                           verdict=lambda row: verdict_text(row, "nll"))
 
 
 def argv(out: Path, *extra: str) -> list[str]:

@@ -15,7 +15,7 @@ import json
 
 import pytest
 
-from lora_maml import experiment
+from recipes import meta_vs_sft as experiment
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from lora_maml.data.tokenize import (
     encode_example,
     encode_records,
     padding_efficiency,
+    records_that_fit,
 )
 from lora_maml.loss import label_token_count
 from lora_maml.tiny_model import build_tiny_model
@@ -103,6 +104,15 @@ def test_encode_records_counts_truncations_and_names_bad_records(tok):
     assert [ex["truncated"] for ex in examples] == [length > n for length in lengths]
     with pytest.raises(ValueError, match="id=r"):
         encode_records(records, tok, max_length=n, truncation="error")
+
+
+def test_records_that_fit_keeps_the_untruncated_examples_in_order(tok):
+    records = [{"id": f"r{i}", "prompt": p, "response": r} for i, (p, r) in enumerate(PROBLEMS)]
+    lengths = [len(full_example(tok, p, r)["input_ids"]) for p, r in PROBLEMS]
+    n = sorted(lengths)[1]
+    kept, examples = records_that_fit(records, tok, max_length=n)
+    assert kept == [r for r, length in zip(records, lengths) if length <= n] and len(kept) >= 2
+    assert examples == [full_example(tok, r["prompt"], r["response"]) for r in kept]
 
 
 def test_encode_records_warns_when_truncation_leaves_nothing_to_learn(tok, caplog):

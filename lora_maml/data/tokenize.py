@@ -33,6 +33,7 @@ from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
+from tqdm.auto import tqdm
 
 IGNORE_INDEX = -100
 
@@ -122,8 +123,6 @@ def encode_records(
     Returns the examples, in order, and how many were truncated. ``desc`` shows a tqdm progress bar.
     """
     if desc is not None:
-        from tqdm.auto import tqdm
-
         records = tqdm(records, desc=desc)
     examples, n_truncated, n_untrained = [], 0, 0
     for i, rec in enumerate(records):
@@ -145,6 +144,22 @@ def encode_records(
             max_length,
         )
     return examples, n_truncated
+
+
+def records_that_fit(
+    records: Iterable[dict], tokenizer, *, max_length: int, desc: str | None = None
+) -> tuple[list[dict], list[dict]]:
+    """The records whose whole example (chat-templated prompt, response and EOS) fits ``max_length`` tokens,
+    and those examples (:func:`encode_example`), in order: problems that train and score untruncated."""
+    if desc is not None:
+        records = tqdm(records, desc=desc, unit="record")
+    kept, examples = [], []
+    for rec in records:
+        ex = encode_example(tokenizer, rec["prompt"], rec["response"], max_length=max_length, truncation="right")
+        if not ex["truncated"]:
+            kept.append(rec)
+            examples.append(ex)
+    return kept, examples
 
 
 def collate(examples: Sequence[dict], pad_token_id: int, *, packed: bool) -> dict[str, torch.Tensor]:

@@ -33,6 +33,10 @@ Files (each written to a temporary name and renamed): ``results.json`` (metadata
 significance, all rows with their method), ``results.md``, ``few_shot_curve.png`` (accuracy and NLL
 vs n per method, 95% CI bands; held-out subjects dashed), ``learning_curves.png`` (from training runs'
 ``metrics.jsonl``: meta/loss or sft/loss, meta/avg_adaptation_gap, {task}/query_loss, eval/loss_pre/post).
+
+The meta-vs-SFT experiment (``recipes/meta_vs_sft.py``) renders its seed-pooled statistics
+(:mod:`lora_maml.eval.stats`) with the same helpers: :func:`render_experiment_markdown`,
+:func:`plot_experiment_curve`, :func:`plot_learning_curves`.
 """
 
 from __future__ import annotations
@@ -41,21 +45,23 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lora_maml.atomic import write_text_atomic
-from lora_maml.eval.stats import CONFIDENCE, bootstrap_mean, mcnemar_exact, paired_bootstrap, seeded_rng
+from lora_maml.eval.stats import CONFIDENCE, bootstrap_mean, mcnemar_exact, paired_bootstrap, seed_verdict, seeded_rng
 from lora_maml.train.metrics import METRICS_FILE
 
 log = logging.getLogger(__name__)
 
-# A vs B pairs reported when both methods are present (maml / metasgd: the same demo with those flags).
-COMPARISONS = (("fomaml", "sft"), ("fomaml", "base"), ("sft", "base"), ("maml", "sft"), ("metasgd", "sft"),
-               ("maml", "fomaml"), ("metasgd", "fomaml"))
+# A vs B pairs reported when both methods are present (maml / metasgd: the same demo with those flags;
+# sft_tokens / sft_steps: the experiment's SFT matched in training tokens / optimizer steps), in this order.
+COMPARISONS = (("fomaml", "sft"), ("fomaml", "sft_tokens"), ("fomaml", "sft_steps"), ("fomaml", "base"),
+               ("sft", "base"), ("maml", "sft"), ("maml", "sft_tokens"), ("maml", "sft_steps"), ("metasgd", "sft"),
+               ("metasgd", "sft_tokens"), ("metasgd", "sft_steps"), ("maml", "fomaml"), ("metasgd", "fomaml"))
 # Per-row metrics: (row key, report name, title). ``correct``/``strict`` come from generation (None when it
 # was skipped); ``answer_*`` score the reference's final-answer tokens under teacher forcing.
 METRICS = (("correct", "accuracy", "Accuracy (math-verify, generated answer)"),
@@ -67,6 +73,12 @@ METRICS = (("correct", "accuracy", "Accuracy (math-verify, generated answer)"),
 MAX_TASK_ROWS = 10
 ALL = "ALL"
 SECTIONS = (("meta_train", "Meta-training subjects"), ("holdout", "Adaptation to an unseen subject (held out of meta-training)"))
+
+
+def comparisons(methods: Collection[str]) -> list[tuple[str, str]]:
+    """The pairs of :data:`COMPARISONS` whose two methods are both in ``methods``: every meta-learner against
+    every SFT baseline (and the base), and MAML / Meta-SGD against FOMAML."""
+    return [(a, b) for a, b in COMPARISONS if a in methods and b in methods]
 
 
 # --- grids -----------------------------------------------------------------------------------
@@ -145,7 +157,7 @@ def build_report(rows_by_method: Mapping[str, Sequence[dict]], *, n_boot: int = 
         "meta_train": [t for t in tasks if not layout[(t, shots[0])]["holdout"]],
         "holdout": [t for t in tasks if layout[(t, shots[0])]["holdout"]],
     }
-    comparisons = [(a, b) for a, b in COMPARISONS if a in rows_by_method and b in rows_by_method]
+    pairs = comparisons(rows_by_method)
 
     summary, significance = [], []
     for section, _ in SECTIONS:
@@ -163,7 +175,7 @@ def build_report(rows_by_method: Mapping[str, Sequence[dict]], *, n_boot: int = 
                         stat = bootstrap_mean([c[key] for c in cells], n_boot=n_boot, rng=seeded_rng(seed, section, task, n, key))
                         row[name], row[f"{name}_ci"] = stat["mean"], stat["ci"]
                     summary.append(row)
-                for a, b in comparisons:
+                for a, b in pairs:
                     ca = [cells_by_method[a][k] for k in keys]
                     cb = [cells_by_method[b][k] for k in keys]
                     row = {"section": section, "task": task, "n": n, "a": a, "b": b,
@@ -188,12 +200,13 @@ def build_report(rows_by_method: Mapping[str, Sequence[dict]], *, n_boot: int = 
             "summary": summary, "significance": significance, "diagnostics": diagnostics}
 
 
-def _fmt(value: float, ci: Sequence[float] | None = None, digits: int = 3) -> str:
+def _fmt(value: float | None, ci: Sequence[float | None] | None = None, digits: int = 3, sign: bool = False) -> str:
     if value is None or not math.isfinite(value):
         return "–"
-    text = f"{value:.{digits}f}"
+    spec = f"{'+' if sign else ''}.{digits}f"
+    text = format(value, spec)
     if ci is not None and all(c is not None and math.isfinite(c) for c in ci):
-        text += f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+        text += f" [{format(ci[0], spec)}, {format(ci[1], spec)}]"
     return text
 
 
@@ -455,3 +468,104 @@ def write_report(
         if curves is not None:
             paths["learning_curves.png"] = curves
     return {"report": report, "markdown": markdown, "paths": paths}
+
+
+# --- the meta-vs-SFT experiment (recipes/meta_vs_sft.py) -------------------------------------
+# Its inits and methods as its tables name them.
+LABELS = {"base": "base", "fomaml": "FOMAML", "maml": "MAML", "metasgd": "Meta-SGD",
+          "sft_steps": "SFT (matched steps)", "sft_tokens": "SFT (matched tokens)"}
+# The metrics scored without generating (evaluate_model(generate=False)), in the experiment's order; lower
+# is better for LOWER_IS_BETTER (else higher); rows also carry "<key>_pre" (at the loaded weights) for PRE_ADAPTATION.
+TEACHER_FORCED = ("nll", "answer_nll", "answer_accuracy")
+LOWER_IS_BETTER = frozenset({"nll", "answer_nll"})
+PRE_ADAPTATION = ("nll", "answer_nll")
+
+
+def series_names() -> list[tuple[str, bool]]:
+    """(name, lower is better) of every series the experiment reports: the teacher-forced metrics, then the
+    gain ``<metric>_gain = <metric>_pre - <metric>`` (higher is better) of those with a pre value."""
+    return [(m, m in LOWER_IS_BETTER) for m in TEACHER_FORCED] + [(f"{m}_gain", False) for m in PRE_ADAPTATION]
+
+
+def verdict_text(row: dict, metric: str) -> str:
+    """The verdict of a comparison row (:func:`lora_maml.eval.stats.seed_verdict`) in words."""
+    outcome = seed_verdict(row, metric, dict(series_names())[metric])
+    if outcome in ("better", "worse"):
+        return f"{LABELS[row['a']]} init {outcome}"
+    return {"seeds disagree": "not distinguishable: the 95% CI excludes 0 but the training seeds disagree in sign",
+            "not distinguishable": "not distinguishable at 95%", "no CI": "no 95% CI"}[outcome]
+
+
+def verdict_line(row: dict, metric: str) -> str:
+    return (f"n={row['n']}: {LABELS[row['a']]} vs {LABELS[row['b']]}: {row['verdict']} on {metric} "
+            f"({row['a']} − {row['b']} {_fmt(row[f'{metric}_diff'], row[f'{metric}_diff_ci'], sign=True)}, "
+            f"p {_fmt_p(row[f'{metric}_p'])})")
+
+
+def render_experiment_markdown(result: dict) -> str:
+    """``results.md`` of the experiment: the summary per init and n, the paired comparisons, the verdicts."""
+    s = result["settings"]
+    headline = ("answer_accuracy", "answer_nll", "nll")
+    lines = [
+        "# Meta-learning vs multi-task SFT as an initialisation for few-shot adaptation", "",
+        f"Config `{result['config']}`, seeds {result['seeds']}, tasks: {s['eval_on']}, {result['episodes']} episodes "
+        f"per task and n, {result['test_per_episode']} scored problems per task; every init adapts alike: "
+        f"{s['adapt_optimizer']} lr {s['adapt_lr']}, {s['adapt_steps']} full-batch steps over the n shots "
+        "(Meta-SGD: its learned rates). answer_accuracy: fraction of the final answer's tokens the model ranks "
+        "first (teacher forcing); answer_nll / nll: mean token NLL of the answer / the whole reference solution "
+        "(lower is better). Means over every (seed, episode, problem); [95% CI]: bootstrap of episodes and "
+        f"problems within tasks{', and of the tasks' if s['eval_on'] == 'holdout' else ''} (B = {result['n_boot']}). "
+        "Method rows pool their seeds.", "",
+    ]
+    if result.get("pretrain"):
+        p = result["pretrain"]
+        lines += [f"Base: pretrained on all weights for {p['steps']} steps on `{p['source']}` "
+                  f"(last training loss {p['last_loss']:.4f}).", ""]
+    if result.get("chance_nll_per_answer_token") is not None:
+        chance = result["chance_nll_per_answer_token"]
+        lines += [f"Without adapting, no model beats answer_nll {chance:.3f} / answer_accuracy "
+                  f"{1 / math.exp(chance):.3f} on these tasks (chance).", ""]
+    methods = ["base", *result["methods"]]
+    lines += ["| n | " + " | ".join(f"{LABELS[m]}: {' / '.join(headline)}" for m in methods) + " |",
+              "|---:|" + "---:|" * len(methods)]
+    by = {(r["init"], r["n"]): r for r in result["summary"]}
+    for n in result["n_shots"]:
+        cells = [" / ".join(_fmt(by[(m, n)][k]) for k in headline) for m in methods]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired differences A − B (seed s with seed s, the same episode and problem) [95% CI]:", "",
+              "| A − B | n | Δ answer_accuracy | Δ answer_nll | Δ nll | Δ nll gain | per seed (" + result["verdict_metric"]
+              + ") | verdict |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in result["comparisons"]:
+        per_seed = ", ".join(_fmt(d, sign=True) for d in r[f"{result['verdict_metric']}_diff_by_seed"].values())
+        cells = [_fmt(r[f"{k}_diff"], r[f"{k}_diff_ci"], sign=True) for k in (*headline, "nll_gain")]
+        lines.append(f"| {LABELS[r['a']]} − {LABELS[r['b']]} | {r['n']} | " + " | ".join(cells)
+                     + f" | {per_seed} | {r['verdict']} |")
+    lines += ["", *(f"- {v}" for v in result["verdicts"]), "",
+              "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result["timings_s"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def plot_experiment_curve(result: dict, path: str | Path) -> Path:
+    """The experiment's ``few_shot_curve.png``: every teacher-forced metric vs n per method (seeds pooled),
+    95% CI bands."""
+    plt = _pyplot()
+    path = Path(path)
+    fig, axes = plt.subplots(1, len(TEACHER_FORCED), figsize=(5 * len(TEACHER_FORCED), 4), layout="constrained")
+    for method in ["base", *result["methods"]]:
+        rows = sorted((r for r in result["summary"] if r["init"] == method), key=lambda r: r["n"])
+        x = [r["n"] for r in rows]
+        for ax, metric in zip(axes, TEACHER_FORCED):
+            y = [r[metric] if r[metric] is not None else math.nan for r in rows]
+            line, = ax.plot(x, y, marker="o", label=LABELS[method])
+            lo = [r[f"{metric}_ci"][0] for r in rows]
+            hi = [r[f"{metric}_ci"][1] for r in rows]
+            keep = [i for i in range(len(x)) if lo[i] is not None and hi[i] is not None]
+            ax.fill_between([x[i] for i in keep], [lo[i] for i in keep], [hi[i] for i in keep],
+                            color=line.get_color(), alpha=0.15, linewidth=0)
+    for ax, metric in zip(axes, TEACHER_FORCED):
+        shots_axis(ax, result["n_shots"], metric)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Few-shot adaptation ({result['settings']['eval_on']} tasks, 95% CI)")
+    _save_figure(fig, path)
+    plt.close(fig)
+    return path
