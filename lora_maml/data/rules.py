@@ -10,11 +10,20 @@ Every task asks the same kind of question::
     response "The code gives \\boxed{ h c a b e}."
 
 so the same prompt has a different answer under every task. (No MATH instruction before the problem:
-with the chat template an example is ~35 tokens, which keeps the CPU demo to minutes.) Without adapting to a task, no model can
-do better than chance on the answer letters: each digit's letter is uniform over the 10 letters across
-codes, a floor of ``log 10 = 2.303`` nats per answer letter and an accuracy of 0.1 (:data:`CHANCE_NLL`,
-:data:`CHANCE_ACCURACY`). A few shots determine the rule: 5 shots show 25 digits, and a digit is missing
-from all of them with probability 0.9^25 = 7%.
+with the chat template an example is ~35 tokens, which keeps the CPU demo to minutes.)
+
+What is scored (``answer_nll`` / ``answer_accuracy``, teacher forcing) is the tokens that overlap the
+answer's characters ``h c a b e`` inside the box (:func:`lora_maml.data.tokenize.encode_example`). Qwen's
+pre-tokeniser makes every `` x`` its own pre-token, so with the tiny tokenizer (and Qwen's) those are
+exactly the k letter tokens `` h``, `` c``, ...; ``\\boxed``, ``{``, ``}.`` and the EOS are not scored.
+Per scored token is therefore per answer letter.
+
+The floor is not chance (0.1 / log 10). Without the code, the Bayes-optimal predictor under a uniform
+prior over bijections (:func:`code_agnostic_floor`) still knows two things every code shares: a digit
+already seen in the problem has the letter teacher forcing revealed for it, and a new digit's letter is
+uniform over the letters not used yet. For k = 5 that is accuracy 0.281 and 1.732 nats per answer letter
+(first occurrences alone: 0.122 / 2.115). A few shots determine the rule: 5 shots show 25 digits, and a
+digit is missing from all of them with probability 0.9^25 = 7%.
 
 Tasks ``code_000 .. code_{T-1}`` are meta-training tasks; the last ``unseen`` of them are meta-test
 tasks (``prepare`` holds them out: every record in ``few_shot_eval``, none in ``meta_train``), so
@@ -23,9 +32,10 @@ few-shot evaluation adapts to codes never seen in training.
 ``named=K`` writes the text a *competent base* is pretrained on, from the meta-training codes only: the
 first K codes with their name in the prompt ("... with the secret code 3."), so that the base learns to
 route each digit to its answer position and look its letter up (what a pretrained LLM brings to a new
-task), and the other codes unnamed, so that on an unnamed prompt the base answers the letters' uniform
-marginal (chance) instead of confidently guessing one of the K codes. Meta-learning then has to learn an
-initialisation from which a few gradient steps write a NEW code. A base trained on unnamed codes only
+task), and the other codes unnamed, so that on an unnamed prompt the base answers at best the
+code-agnostic optimum above instead of confidently guessing one of the K codes. (A named prompt says
+which code it is, so no floor holds there: the floor is that of an unnamed code.) Meta-learning then has
+to learn an initialisation from which a few gradient steps write a NEW code. A base trained on unnamed codes only
 learns no lookup, and nothing meta-learns on top of it.
 """
 
@@ -34,13 +44,13 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Callable
+from fractions import Fraction
 
 from lora_maml.data.math import DataError
 
 DIGITS = "0123456789"
 LETTERS = "abcdefghij"
-CHANCE_NLL = math.log(len(LETTERS))  # nats per answer letter without knowing the code
-CHANCE_ACCURACY = 1 / len(LETTERS)
 SOURCE_NAME = "synthetic-rules"
 DEFAULTS = {"tasks": 440, "unseen": 40, "per_task": 40, "digits": 5, "named": 0, "named_per_task": 400}
 _SOURCE = re.compile(rf"^{SOURCE_NAME}(?::(.*))?$")
@@ -129,3 +139,57 @@ def rules_records(source: str, seed: int) -> tuple[list[dict], list[str]]:
             })
     unseen = [] if named else [task_name(i) for i in range(n_train, settings["tasks"])]
     return records, unseen
+
+
+def distinct_digits_distribution(digits: int, symbols: int = len(DIGITS)) -> list[Fraction]:
+    """``p[d]``: exact probability that ``digits`` uniform draws from ``symbols`` show ``d`` distinct values
+    (the occupancy distribution, ``C(symbols, d) d! S(digits, d) / symbols^digits``)."""
+    p = [Fraction(1)] + [Fraction(0)] * symbols
+    for _ in range(digits):
+        p = [p[d] * Fraction(d, symbols) + (p[d - 1] * Fraction(symbols - d + 1, symbols) if d else 0)
+             for d in range(symbols + 1)]
+    return p
+
+
+def code_agnostic_floor(digits: int, symbols: int = len(DIGITS)) -> dict[str, float]:
+    """The best any model can score on a problem of ``digits`` digits without knowing its code.
+
+    The predictor is Bayes-optimal for a code uniform over the bijections of ``symbols`` digits to
+    ``symbols`` letters, scored as evaluation scores (teacher forcing: answer letter j is predicted from
+    the prompt's digits and letters 1..j-1): if digit j appeared earlier its letter is known (accuracy 1,
+    NLL 0); otherwise, with m distinct digits before it, the letter is uniform over the ``symbols - m``
+    unused letters (accuracy ``1/(symbols - m)``, NLL ``log(symbols - m)``). A problem with D distinct
+    digits thus scores ``digits - D + sum_{m<D} 1/(symbols-m)`` expected hits and
+    ``log(symbols!/(symbols-D)!)`` nats (minus the log-probability of its whole answer), so everything
+    follows exactly from D's distribution (:func:`distinct_digits_distribution`). Every problem has
+    ``digits`` letters, one scored token each.
+
+    Returns means per answer letter (= per scored token, see the module docstring): ``accuracy``, ``nll``;
+    over first-occurrence letters only (their digit not earlier in the problem), ``first_occurrence_accuracy``
+    / ``first_occurrence_nll`` pooled over all such letters and ``..._per_problem`` as a mean over problems
+    of each problem's mean; ``first_occurrence_share``: the expected share of letters that are first
+    occurrences. (A guess among tied letters is right with probability 1/(symbols-m): the expected
+    accuracy, which no predictor without the code can exceed.)
+    Raises ValueError unless ``1 <= digits`` and ``1 <= symbols``.
+    """
+    if digits < 1 or symbols < 1:
+        raise ValueError(f"code_agnostic_floor: need digits >= 1 and symbols >= 1, got {digits}, {symbols}")
+    # first_hits[D], first_nats[D]: expected hits and nats summed over the D first-occurrence letters of a
+    # problem with D distinct digits (its other letters score 1 hit and 0 nats).
+    first_hits = [sum(1 / (symbols - m) for m in range(d)) for d in range(symbols + 1)]
+    first_nats = [sum(math.log(symbols - m) for m in range(d)) for d in range(symbols + 1)]
+    p = [float(x) for x in distinct_digits_distribution(digits, symbols)]
+
+    def mean(per_problem: Callable[[int], float]) -> float:  # expectation of a function of D (D >= 1)
+        return sum(p[d] * per_problem(d) for d in range(1, symbols + 1))
+
+    mean_distinct = mean(lambda d: d)
+    return {
+        "accuracy": mean(lambda d: digits - d + first_hits[d]) / digits,
+        "nll": mean(lambda d: first_nats[d]) / digits,
+        "first_occurrence_accuracy": mean(lambda d: first_hits[d]) / mean_distinct,
+        "first_occurrence_nll": mean(lambda d: first_nats[d]) / mean_distinct,
+        "first_occurrence_accuracy_per_problem": mean(lambda d: first_hits[d] / d),
+        "first_occurrence_nll_per_problem": mean(lambda d: first_nats[d] / d),
+        "first_occurrence_share": mean_distinct / digits,
+    }
