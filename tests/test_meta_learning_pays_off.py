@@ -15,6 +15,7 @@ import json
 
 import pytest
 
+from lora_maml.data.rules import DEFAULTS, code_agnostic_floor
 from recipes import meta_vs_sft as experiment
 
 
@@ -51,7 +52,9 @@ def test_the_gain_comes_from_adaptation(result):
     lo, hi = before["answer_accuracy_diff_ci"]
     assert lo <= 0, f"FOMAML is better than SFT without adapting: {before['answer_accuracy_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
     summary = {(r["init"], r["n"]): r for r in result["summary"]}
-    # Without adapting, nobody beats chance on unseen codes (the family's floor) by much.
+    # Without adapting, nobody beats the family's floor on unseen codes (the code-agnostic optimum) by more
+    # than sampling noise.
+    floor = code_agnostic_floor(DEFAULTS["digits"])["accuracy"]
     for init in ("base", "fomaml", "sft_tokens"):
-        assert summary[(init, 0)]["answer_accuracy"] < 0.2
+        assert summary[(init, 0)]["answer_accuracy"] < floor + 0.05
     assert summary[("fomaml", 5)]["answer_accuracy"] > summary[("fomaml", 0)]["answer_accuracy"] + 0.05

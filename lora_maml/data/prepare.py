@@ -50,7 +50,7 @@ from lora_maml import __version__
 from lora_maml.boxed import last_boxed
 from lora_maml.data import SUBJECTS
 from lora_maml.data.math import DataError, load_math_records, normalise_subject
-from lora_maml.data.rules import CHANCE_NLL, is_rules_source, parse_source, rules_records
+from lora_maml.data.rules import code_agnostic_floor, is_rules_source, parse_source, rules_records
 from lora_maml.data.synthetic import synthetic_records
 
 MANIFEST = "manifest.json"
@@ -501,7 +501,8 @@ def read_source(
         records, unseen = rules_records(source, seed)
         tasks = list(dict.fromkeys(r["subject"] for r in records))
         names = [*unseen, *names]
-        description = {"source": source, **parse_source(source), "seed": seed, "chance_nll_per_answer_token": CHANCE_NLL}
+        description = {"source": source, **parse_source(source), "seed": seed,
+                       "code_agnostic_floor": code_agnostic_floor(parse_source(source)["digits"])}
     else:
         # The loader's report (source, split, read, kept, skipped) describes the source.
         records, description = load_math_records(source, split=split)
@@ -590,8 +591,8 @@ def summary_text(manifest: dict) -> str:
     lines.append(f"{'total':<{width}} " + " ".join(f"{totals[k]:>{cell}}" for k in keys))
     if holdout:
         lines.append("* held out: all records in few_shot_eval, none in meta_train")
-    chance = manifest["source"].get("chance_nll_per_answer_token") if isinstance(manifest["source"], dict) else None
-    if chance is not None:
-        lines.append(f"Tasks conflict: without adapting, no model beats {chance:.3f} nats per answer letter "
-                     f"(log {round(math.exp(chance))}) or accuracy {1 / math.exp(chance):.3f}")
+    floor = manifest["source"].get("code_agnostic_floor") if isinstance(manifest["source"], dict) else None
+    if floor is not None:
+        lines.append(f"Tasks conflict: without adapting to an unnamed code, no model beats answer accuracy "
+                     f"{floor['accuracy']:.3f} / {floor['nll']:.3f} nats per answer letter (the exact floor)")
     return "\n".join(lines) + "\n"

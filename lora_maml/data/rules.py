@@ -2,31 +2,33 @@
 
 Why it exists: on the 7 MATH subjects the test tasks are the training tasks, so multi-task SFT can
 learn all of them and adaptation has little left to do. Meta-learning earns its keep when tasks
-*conflict* and the test tasks are *new*. Here a task is a secret substitution code, a random bijection
-from the digits 0-9 to the letters a-j, drawn from ``random.Random(f"rules-code:{seed}:{task}")``.
-Every task asks the same kind of question::
+*conflict* and the test tasks are *new*. Here a task is a secret code, a random function from the
+digits 0-9 to the letters a-j (each digit's letter drawn independently and uniformly, so two digits
+may share a letter), from ``random.Random(f"rules-code:{seed}:{task}")``. Every task asks the same
+kind of question, ``digits`` DISTINCT digits in random order::
 
     prompt   "Encode 4 7 1 2 5 with the secret code."
-    response "The code gives \\boxed{ h c a b e}."
+    response "The code gives \\boxed{ h c a h e}."
 
-so the same prompt has a different answer under every task. (No MATH instruction before the problem:
-with the chat template an example is ~35 tokens, which keeps the CPU demo to minutes.) Without adapting to a task, no model can
-do better than chance on the answer letters: each digit's letter is uniform over the 10 letters across
-codes, a floor of ``log 10 = 2.303`` nats per answer letter and an accuracy of 0.1 (:data:`CHANCE_NLL`,
-:data:`CHANCE_ACCURACY`). A few shots determine the rule: 5 shots show 25 digits, and a digit is missing
-from all of them with probability 0.9^25 = 7%.
+so the same prompt has a different answer under every task.
 
-Tasks ``code_000 .. code_{T-1}`` are meta-training tasks; the last ``unseen`` of them are meta-test
-tasks (``prepare`` holds them out: every record in ``few_shot_eval``, none in ``meta_train``), so
-few-shot evaluation adapts to codes never seen in training.
+What is scored (``answer_nll`` / ``answer_accuracy``, teacher forcing) is exactly the k letter tokens
+`` h``, `` c``, ... of the box (Qwen's pre-tokeniser makes every `` x`` its own pre-token; ``\\boxed``,
+``{``, ``}.`` and the EOS are not scored), so "per scored token" is "per answer letter".
 
-``named=K`` writes the text a *competent base* is pretrained on, from the meta-training codes only: the
-first K codes with their name in the prompt ("... with the secret code 3."), so that the base learns to
-route each digit to its answer position and look its letter up (what a pretrained LLM brings to a new
-task), and the other codes unnamed, so that on an unnamed prompt the base answers the letters' uniform
-marginal (chance) instead of confidently guessing one of the K codes. Meta-learning then has to learn an
-initialisation from which a few gradient steps write a NEW code. A base trained on unnamed codes only
-learns no lookup, and nothing meta-learns on top of it.
+The floor is exact and simple by construction (:func:`code_agnostic_floor`): the digits of a problem
+are distinct and a code's letters are independent, so without the code every answer letter is
+independent of the prompt and of the letters teacher forcing has revealed: accuracy 1/10 and
+log 10 = 2.303 nats per letter is the best any model can do. (With bijections and repeated digits,
+the previous version of this family, the floor was 0.281 / 1.732 and needed a copy rule that the
+tiny models never learned, so "at the floor" and "reads the code" were confounded.) Every letter is a
+first occurrence, so all-letter accuracy IS first-occurrence accuracy. 5 shots show 25 digits; a digit
+is missing from all of them with probability (1/2)^5 = 3%.
+
+Tasks ``code_000 .. code_{T-1}``; the last ``unseen`` are meta-test tasks (``prepare`` holds them out).
+``named=K`` writes the pretraining text of a *competent base* from the meta-training codes only: the
+first K codes named in the prompt ("... with the secret code 3."), the others unnamed, so the base
+learns to look a letter up and answers at the floor on an unnamed prompt (docs/experiments.md).
 """
 
 from __future__ import annotations
@@ -39,8 +41,6 @@ from lora_maml.data.math import DataError
 
 DIGITS = "0123456789"
 LETTERS = "abcdefghij"
-CHANCE_NLL = math.log(len(LETTERS))  # nats per answer letter without knowing the code
-CHANCE_ACCURACY = 1 / len(LETTERS)
 SOURCE_NAME = "synthetic-rules"
 DEFAULTS = {"tasks": 440, "unseen": 40, "per_task": 40, "digits": 5, "named": 0, "named_per_task": 400}
 _SOURCE = re.compile(rf"^{SOURCE_NAME}(?::(.*))?$")
@@ -76,7 +76,7 @@ def parse_source(source: str) -> dict[str, int]:
         raise DataError(f"source {source!r}: need 1 <= digits <= 10 and per_task >= 2 (>= 0 with named)")
     if settings["named"] > settings["tasks"] - settings["unseen"]:
         raise DataError(f"source {source!r}: named={settings['named']} exceeds the meta-training codes")
-    if max(settings["per_task"], settings["named_per_task"]) > len(DIGITS) ** settings["digits"] // 2:
+    if max(settings["per_task"], settings["named_per_task"]) > math.perm(len(DIGITS), settings["digits"]) // 2:
         raise DataError(f"source {source!r}: per_task / named_per_task distinct problems need more digits")
     return settings
 
@@ -86,10 +86,9 @@ def task_name(index: int) -> str:
 
 
 def code(seed: int, task: str) -> dict[str, str]:
-    """The hidden rule of ``task``: digit → letter (a bijection)."""
-    letters = list(LETTERS)
-    random.Random(f"rules-code:{seed}:{task}").shuffle(letters)
-    return dict(zip(DIGITS, letters))
+    """The hidden rule of ``task``: digit → letter, each letter drawn independently and uniformly."""
+    rng = random.Random(f"rules-code:{seed}:{task}")
+    return {digit: rng.choice(LETTERS) for digit in DIGITS}
 
 
 def rules_records(source: str, seed: int) -> tuple[list[dict], list[str]]:
@@ -112,7 +111,7 @@ def rules_records(source: str, seed: int) -> tuple[list[dict], list[str]]:
         seen: set[str] = set()
         count = settings["named_per_task"] if index < named else settings["per_task"]
         while len(seen) < count:
-            digits = [rng.choice(DIGITS) for _ in range(settings["digits"])]
+            digits = rng.sample(DIGITS, settings["digits"])  # distinct: see the module docstring
             key = " ".join(digits)
             if key in seen:
                 continue
@@ -129,3 +128,18 @@ def rules_records(source: str, seed: int) -> tuple[list[dict], list[str]]:
             })
     unseen = [] if named else [task_name(i) for i in range(n_train, settings["tasks"])]
     return records, unseen
+
+
+def code_agnostic_floor(digits: int) -> dict[str, float]:
+    """The best any model can score per answer letter of a ``digits``-digit problem without its code:
+    ``{"accuracy": 1/10, "nll": log 10}`` (nats), for any ``digits``.
+
+    Exact, not an approximation: a code's letters are i.i.d. uniform over the 10 letters and a problem's
+    digits are distinct, so letter j is independent of the prompt and of letters 1..j-1 (all that teacher
+    forcing reveals); the Bayes posterior over it is uniform. tests/test_rules.py checks this against the
+    posterior enumerated over every code of small alphabets and against a simulation of the family.
+    Raises ValueError unless ``1 <= digits <= 10``.
+    """
+    if not 1 <= digits <= len(DIGITS):
+        raise ValueError(f"code_agnostic_floor: need 1 <= digits <= {len(DIGITS)}, got {digits}")
+    return {"accuracy": 1 / len(LETTERS), "nll": math.log(len(LETTERS))}
