@@ -28,18 +28,22 @@ killed half-way resumes from its checkpoint); every file is written atomically.
    run: as many training label tokens). Each run's config is ``<out>/runs/<name>/config.yaml``; its recipe
    runs in a subprocess (``--in-process``: in this one); ``<out>/runs/<name>.done.json`` marks it finished
    and holds that config.
-5. Evaluation: ONE plan (``--eval-on all``: the config's tasks; ``holdout``: the tasks never seen in
-   meta-training; ``--n-shots``, ``--episodes`` shot draws per task and n, ``--test-per-episode`` scored
-   problems per task) for every init: ``base`` (a fresh LoRA shaped like the runs', B = 0) and every run.
-   Every init adapts with the config's inner loop (full-batch steps over the n shots); a Meta-SGD run with
-   the rates it learned. Teacher-forced scores only: ``nll`` of the reference solution, ``answer_nll`` and
-   ``answer_accuracy`` on its final answer's tokens; ``*_pre`` at the init's own weights.
-   Rows in ``<out>/eval/rows/<init>.json``.
-6. Statistics (:mod:`lora_maml.eval.stats`), per n, pooled over tasks: per init and per method (seeds pooled)
-   the mean of every metric and the gain ``pre - post`` of the NLLs; paired differences A - B (seed s with
-   seed s, the same episode and problem). 95% CIs: two-way bootstrap of episodes and problems within each
-   task (``--eval-on holdout``: the tasks drawn too). A verdict per comparison on ``--verdict-metric``:
-   better or worse needs the CI to exclude 0 AND every seed's paired mean on that side.
+5. Evaluation, on tasks split once (``--eval-on holdout``: the family's unseen tasks; ``--validation-tasks K``
+   of them, a draw seeded by ``--plan-seed``, only ever tune, the others are reported). SFT's rate
+   (``--sft-lrs``, first seed, lowest validation answer NLL at n = 0) is chosen during training. Every init
+   (``base`` with a fresh LoRA, B = 0, and every run) gets its own adaptation: the ``--adapt-grid`` setting
+   with the lowest validation answer NLL at the largest n (a Meta-SGD run: its learned rates). Then ONE test
+   plan (``--n-shots``, ``--episodes`` shot draws per task and n, ``--test-per-episode`` problems per task)
+   and the wrong-code control (the largest n, each task adapted on the same episode's shots of another test
+   task) score every init, teacher forcing only: ``nll``, ``answer_nll``, ``answer_accuracy`` (and ``*_pre``
+   at the init's own weights). Files in ``<out>/eval/{rows,validation,control}/``, each cached with what it
+   depends on.
+6. Statistics (:mod:`lora_maml.eval.stats`), per n, pooled over the test tasks: per init and per method
+   (seeds pooled) the mean of every metric and the gain ``pre - post`` of the NLLs; paired differences A - B
+   (seed s with seed s, the same episode and problem), and each init against its wrong-code control. 95% CIs:
+   two-way bootstrap of episodes and problems within each task (``--eval-on holdout``: the tasks drawn too).
+   A verdict per comparison on ``--verdict-metric``: better or worse needs the CI to exclude 0 AND every
+   seed's paired mean on that side. The exact floor of a generated family (its manifest) is shown beside.
    ``<out>/results.json``, ``results.md``, ``few_shot_curve.png``, ``learning_curves.png``
    (:mod:`lora_maml.eval.report`).
 """
@@ -52,11 +56,12 @@ import gc
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import IO, Any
@@ -74,7 +79,7 @@ from lora_maml.data.tokenize import records_that_fit
 from lora_maml.errors import LoraMamlError, run_main
 from lora_maml.eval import report, stats
 from lora_maml.eval.few_shot import AdaptSettings, evaluate_model
-from lora_maml.eval.plan import episode_records, plan_episodes, plan_fingerprint
+from lora_maml.eval.plan import Episode, episode_records, plan_episodes, plan_fingerprint
 from lora_maml.export import merge_and_save
 from lora_maml.load_trained import load_trained, resolve_model_path
 from lora_maml.models import dequantize_gguf
@@ -138,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=2, help="shot draws per task and n (default 2)")
     p.add_argument("--test-per-episode", type=int, default=8, help="scored problems per task (default 8)")
     p.add_argument("--plan-seed", type=int, default=0, help="seed of the scored problems and shot draws (default 0)")
+    p.add_argument("--validation-tasks", type=int, default=0, metavar="K",
+                   help="with --eval-on holdout: K of the held-out tasks (a seeded draw) choose each init's adaptation "
+                   "(--adapt-grid) and SFT's rate (--sft-lrs); they are never reported (default 0: no tuning)")
+    p.add_argument("--adapt-grid", nargs="+", default=[], metavar="LR:STEPS",
+                   help="adaptations tried per init on the validation tasks at the largest n (the config's inner "
+                   "optimizer and micro-batch); the lowest answer NLL is used on the test tasks (default: the "
+                   "config's inner loop for every init)")
+    p.add_argument("--sft-lrs", nargs="+", type=float, default=[], metavar="LR",
+                   help="SFT learning rates trained with the first seed; the lowest validation answer NLL at n = 0 "
+                   "(the multi-task objective) trains the other seeds (default: the config's sft.lr)")
     p.add_argument("--data-seed", type=int, default=42, help="seed of the data (generation and split; default 42)")
     p.add_argument("--tiny-per-task", type=int, default=40, help="problems per task of --source synthetic (default 40)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "fp64"], help="evaluation dtype (default: model.dtype)")
@@ -174,12 +189,36 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--methods: sft_tokens is matched to the fomaml run's tokens; add fomaml")
     if min(args.n_shots) < 0 or len(set(args.n_shots)) != len(args.n_shots):
         raise ValueError(f"--n-shots {args.n_shots}: expected distinct integers >= 0")
+    tuning = args.adapt_grid or args.sft_lrs
+    if args.validation_tasks < 0 or bool(tuning) != bool(args.validation_tasks) or (tuning and args.eval_on != "holdout"):
+        raise ValueError("--adapt-grid / --sft-lrs are chosen on --validation-tasks K > 0 held-out tasks: give both, "
+                         "with --eval-on holdout")
+    adapt_grid(args.adapt_grid)
+    if any(not (lr > 0 and math.isfinite(lr)) for lr in args.sft_lrs) or len(set(args.sft_lrs)) != len(args.sft_lrs):
+        raise ValueError(f"--sft-lrs {args.sft_lrs}: expected distinct positive finite rates")
     for item in args.overrides:
         key, sep, _ = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r}: expected key=value (e.g. trainer.total_steps=100)")
         if key in CONTROLLED:
             raise ValueError(f"override {item!r}: {key} is managed by this script ({', '.join(CONTROLLED)})")
+
+
+def adapt_grid(specs: Sequence[str]) -> list[tuple[float, int]]:
+    """``--adapt-grid LR:STEPS ...`` → ``[(lr, steps), ...]``."""
+    grid = []
+    for spec in specs:
+        lr, sep, steps = spec.partition(":")
+        try:
+            entry = (float(lr), int(steps))
+        except ValueError:
+            entry = None
+        if not sep or entry is None or not (entry[0] > 0 and math.isfinite(entry[0])) or entry[1] < 1:
+            raise ValueError(f"--adapt-grid {spec!r}: expected LR:STEPS with LR > 0 and STEPS >= 1, e.g. 1e-2:3")
+        grid.append(entry)
+    if len(set(grid)) != len(grid):
+        raise ValueError(f"--adapt-grid {specs}: duplicates")
+    return grid
 
 
 def tiny_dims(spec: str) -> dict[str, int]:
@@ -427,10 +466,9 @@ def pretrain(args: argparse.Namespace, config: Path, base_dir: Path, data_dir: P
 
 
 def run_config(config: Path, overrides: Sequence[str], shared: Mapping[str, Any], out: Path, method: str,
-               seed: int) -> Config:
-    """The config of one run: the user's overrides, then what this script sets (``shared``, the method's
+               seed: int, name: str) -> Config:
+    """The config of run ``name``: the user's overrides, then what this script sets (``shared``, the method's
     keys, the seed and the run directory)."""
-    name = run_name(method, seed)
     settings = {**shared, **METHODS[method][1], "trainer.seed": seed,
                 "trainer.default_local_dir": str(out / "runs" / name), "trainer.experiment_name": f"meta_vs_sft_{name}"}
     if method == "sft_tokens":
@@ -438,18 +476,89 @@ def run_config(config: Path, overrides: Sequence[str], shared: Mapping[str, Any]
     return load_config(config, overrides, settings)
 
 
-def train_all(args: argparse.Namespace, config: Path, shared: Mapping[str, Any], out: Path) -> dict[str, Path]:
-    """Train every (method, seed), ``--jobs`` at a time; return ``{name: run dir}``. SFT matched in tokens is
-    matched to the FOMAML run's config (written before anything trains), so it need not wait for that run:
-    the token count is replayed from the config alone."""
-    plan = [(method, seed) for seed in args.seeds for method in args.methods]
-    runs = [Run(METHODS[method][0], run_config(config, args.overrides, shared, out, method, seed),
-                f"[{i}/{len(plan)}] {run_name(method, seed)}") for i, (method, seed) in enumerate(plan, 1)]
-    train_runs(runs, jobs=args.jobs, in_process=args.in_process)
-    return {run.run_dir.name: run.run_dir for run in runs}
+def train_all(args: argparse.Namespace, config: Path, shared: Mapping[str, Any], out: Path,
+              plan: "EvalPlan", evaluator: "Evaluator") -> tuple[dict[str, Path], dict]:
+    """Train every (method, seed), ``--jobs`` at a time; return ``{name: run dir}`` and the SFT sweep.
+
+    SFT matched in tokens is matched to the FOMAML run's config (written before anything trains), so it need
+    not wait for that run. With ``--sft-lrs`` an SFT method is first trained at every rate with the first
+    seed (beside everything else), the rate with the lowest validation answer NLL at n = 0 is kept (that run
+    is the first seed's), and the other seeds train at it."""
+    swept = [m for m in args.methods if m.startswith("sft") and args.sft_lrs]
+    first, *rest = args.seeds
+
+    def run(method: str, seed: int, name: str, extra: Mapping[str, Any] = {}) -> Run:
+        return Run(METHODS[method][0], run_config(config, args.overrides, {**shared, **extra}, out, method, seed, name),
+                   name)
+
+    batch = [run(m, seed, run_name(m, seed)) for seed in args.seeds for m in args.methods if m not in swept]
+    sweep_runs = {(m, lr): run(m, first, f"{m}_lr{lr:g}_{first}", {"sft.lr": lr}) for m in swept for lr in args.sft_lrs}
+    train_runs([*batch, *sweep_runs.values()], jobs=args.jobs, in_process=args.in_process)
+    runs = {r.run_dir.name: r.run_dir for r in batch}
+    sweep: dict[str, dict] = {}
+    for method in swept:
+        scores = {lr: evaluator.validation_score(sweep_runs[(method, lr)].run_dir, plan) for lr in args.sft_lrs}
+        chosen = min(scores, key=lambda lr: scores[lr])
+        sweep[method] = {"validation_answer_nll_n0": {f"{lr:g}": v for lr, v in scores.items()}, "chosen_lr": chosen}
+        print(f"{method}: sft.lr {chosen:g} chosen on the validation tasks (answer NLL at n = 0: "
+              + ", ".join(f"{lr:g} -> {v:.4f}" for lr, v in scores.items()) + ")")
+        runs[run_name(method, first)] = sweep_runs[(method, chosen)].run_dir
+        later = [run(method, seed, run_name(method, seed), {"sft.lr": chosen}) for seed in rest]
+        train_runs(later, jobs=args.jobs, in_process=args.in_process)
+        runs |= {r.run_dir.name: r.run_dir for r in later}
+    return {run_name(m, seed): runs[run_name(m, seed)] for seed in args.seeds for m in args.methods}, sweep
 
 
 # --- 5. evaluation ---------------------------------------------------------------------------
+WRONG_CODE = report.WRONG_CODE  # suffix of an init's rows adapted on another task's shots (the control)
+
+
+@dataclass
+class EvalPlan:
+    """Validation tasks (tuning only), test tasks (reported) and the episodes of each (see the module docstring)."""
+
+    validation: list[Episode]
+    test: list[Episode]
+    control: list[Episode]
+    tune_n: int
+    records: dict[str, dict]
+
+
+def wrong_code_episodes(episodes: Sequence[Episode], n: int) -> list[Episode]:
+    """The control: each task's episodes at ``n`` with the shots of the same episode of ANOTHER task (task i
+    takes task i+1's, in sorted order), the scored problems unchanged. A gain that comes from reading the task
+    from its shots vanishes here; one from what all tasks share does not."""
+    at_n = {(ep.task, ep.seed): ep for ep in episodes if ep.n == n}
+    tasks = sorted({task for task, _ in at_n})
+    partner = dict(zip(tasks, tasks[1:] + tasks[:1]))
+    return [replace(ep, shot_ids=at_n[(partner[ep.task], ep.seed)].shot_ids) for ep in episodes if ep.n == n]
+
+
+def eval_plan(args: argparse.Namespace, cfg: Config, data_dir: Path) -> EvalPlan:
+    """The plans of every evaluation: validation tasks (``--validation-tasks``, a draw seeded by ``--plan-seed``)
+    at n = 0 and the largest n; the other tasks at every n; the wrong-code control at the largest n."""
+    if args.eval_on == "holdout":
+        tasks = list_tasks(data_dir)["holdout"]
+        if len(tasks) < args.validation_tasks + 2:
+            raise ValueError(f"--eval-on holdout: {data_dir} has {len(tasks)} held-out tasks; need --validation-tasks "
+                             f"({args.validation_tasks}) + at least 2 to report")
+    else:
+        tasks = list(cfg.data.tasks) if cfg.data.tasks else list_tasks(data_dir)["few_shot_eval"]
+    validation = sorted(random.Random(f"validation-tasks:{args.plan_seed}").sample(tasks, args.validation_tasks))
+    test_tasks = [t for t in tasks if t not in validation]
+    tune_n = max(args.n_shots)
+    test = plan_episodes(data_dir, test_tasks, args.n_shots, args.episodes, args.test_per_episode, args.plan_seed)
+    val = (plan_episodes(data_dir, validation, sorted({0, tune_n}), args.episodes, args.test_per_episode,
+                         args.plan_seed) if validation else [])
+    control = wrong_code_episodes(test, tune_n) if args.eval_on == "holdout" and tune_n > 0 else []
+    short = sorted({ep.task for ep in [*test, *val] if len(ep.test_ids) < args.test_per_episode})
+    if short:
+        # Equal cluster sizes make the pooled episode means the mean over rows (module docstring, 6).
+        raise ValueError(f"tasks {short[:5]} have fewer than --test-per-episode={args.test_per_episode} test problems "
+                         f"to score; lower --test-per-episode")
+    return EvalPlan(val, test, control, tune_n, episode_records(data_dir, [*test, *val]))
+
+
 def weights_stamp(path: Path) -> list:
     """(name, size, mtime) of the files an init loads: a retrained run or a rebuilt base is evaluated again."""
     source = Path(resolve_model_path(path)[1])
@@ -457,75 +566,112 @@ def weights_stamp(path: Path) -> list:
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-def evaluate_init(name: str, path: Path, cfg: Config, episodes, records: Mapping[str, dict], *, dtype: str,
-                  device: str) -> list[dict]:
-    """The teacher-forced rows (:data:`ROW_KEYS`) of init ``name`` (at ``path``) on the plan, every episode
-    adapted with the config's inner loop; a Meta-SGD run with the rates it learned, the base with a fresh
-    LoRA (B = 0) shaped like the runs'."""
-    init = load_trained(str(path), dtype=dtype, device=device, lora=cfg.model.lora if name == "base" else None)
-    meta = cfg.meta
-    adapt = AdaptSettings(lr=init.inner_lrs or meta.inner_lr, steps=meta.num_inner_steps,
-                          batch_size=meta.inner_batch_size, optimizer=meta.inner_optimizer,
-                          max_length=cfg.data.max_length, truncation=cfg.data.truncation)
-    rows = evaluate_model(init, episodes, records, adapt, generate=False, desc=name)
-    del init
-    gc.collect()  # free this init before the next one loads
-    return [{k: r[k] for k in ROW_KEYS} for r in rows]
+@dataclass
+class Evaluator:
+    """Scores inits on plans, teacher forcing only (:data:`ROW_KEYS`); every result is cached in
+    ``<out>/eval/<kind>/<file>.json`` with what it depends on (weights, plan, settings, dtype)."""
+
+    cfg: Config
+    out: Path
+    base_dir: Path
+    dtype: str
+    device: str
+
+    def settings(self, init, lr: float | None, steps: int | None) -> AdaptSettings:
+        """The config's inner loop with ``lr`` / ``steps`` (None: the config's); a Meta-SGD run adapts with
+        the rates it learned, whatever ``lr``."""
+        meta, data = self.cfg.meta, self.cfg.data
+        return AdaptSettings(lr=init.inner_lrs or (meta.inner_lr if lr is None else lr),
+                             steps=meta.num_inner_steps if steps is None else steps, batch_size=meta.inner_batch_size,
+                             optimizer=meta.inner_optimizer, max_length=data.max_length, truncation=data.truncation)
+
+    def rows(self, name: str, path: Path, jobs: Sequence[tuple[str, Sequence[Episode], float | None, int | None]],
+             records: Mapping[str, dict]) -> list[list[dict]]:
+        """For each job ``(file, episodes, lr, steps)``: the rows of init ``name`` at ``path`` (the base with a
+        fresh LoRA shaped like the runs', B = 0), loaded once for all jobs not cached yet."""
+        results: list[list[dict] | None] = []
+        todo = []
+        for file, episodes, lr, steps in jobs:
+            identity = {"init": name, "path": str(path), "weights": weights_stamp(path), "dtype": self.dtype,
+                        "plan_sha256": plan_fingerprint(episodes), "lr": lr, "steps": steps,
+                        "inner_loop": [self.cfg.meta.inner_optimizer, self.cfg.meta.inner_batch_size,
+                                       self.cfg.data.max_length, self.cfg.data.truncation]}
+            saved = read_json(self.out / "eval" / f"{file}.json")
+            results.append(saved["rows"] if saved is not None and saved["identity"] == identity else None)
+            if results[-1] is None:
+                todo.append((len(results) - 1, file, episodes, lr, steps, identity))
+        if todo:
+            init = load_trained(str(path), dtype=self.dtype, device=self.device,
+                                lora=self.cfg.model.lora if name == "base" else None)
+            for i, file, episodes, lr, steps, identity in todo:
+                start = time.perf_counter()
+                rows = evaluate_model(init, episodes, records, self.settings(init, lr, steps), generate=False,
+                                      desc=f"{name} {file}")
+                results[i] = [{k: r[k] for k in ROW_KEYS} for r in rows]
+                write_json(self.out / "eval" / f"{file}.json", report.jsonable(
+                    {"identity": identity, "seconds": round(time.perf_counter() - start, 1), "rows": results[i]}))
+            del init
+            gc.collect()  # free this init before the next one loads
+        return results
+
+    def validation_score(self, path: Path, plan: EvalPlan) -> float:
+        """Mean answer NLL (NLL where there is no answer) of an init at n = 0 on the validation tasks."""
+        at_0 = [ep for ep in plan.validation if ep.n == 0]
+        (rows,) = self.rows(path.name, path, [(f"validation/{path.name}_n0", at_0, None, None)], plan.records)
+        return answer_nll(rows)
 
 
-def evaluate_all(args: argparse.Namespace, cfg: Config, base_dir: Path, data_dir: Path, runs: dict[str, Path],
-                 out: Path) -> tuple[dict[str, list[dict]], dict]:
-    """Evaluate base + every run on one plan (rows files reused when plan, settings and weights match)."""
-    if args.eval_on == "holdout":
-        tasks = list_tasks(data_dir)["holdout"]
-        if not tasks:
-            raise ValueError(f"--eval-on holdout: {data_dir} has no held-out tasks")
-    else:
-        tasks = list(cfg.data.tasks) if cfg.data.tasks else None
-    episodes = plan_episodes(data_dir, tasks, args.n_shots, args.episodes, args.test_per_episode, args.plan_seed)
-    short = sorted({ep.task for ep in episodes if len(ep.test_ids) < args.test_per_episode})
-    if short:
-        # Equal cluster sizes make the pooled episode means the mean over rows (module docstring, 6).
-        raise ValueError(f"tasks {short[:5]} have fewer than --test-per-episode={args.test_per_episode} test problems "
-                         f"to score; lower --test-per-episode")
-    records = episode_records(data_dir, episodes)
-    fingerprint = plan_fingerprint(episodes)
-    write_json(out / "eval" / "plan.json", {"plan_sha256": fingerprint, "episodes": [asdict(ep) for ep in episodes]})
-    meta = cfg.meta
-    settings = {"adapt_lr": meta.inner_lr, "adapt_steps": meta.num_inner_steps, "adapt_batch_size": meta.inner_batch_size,
-                "adapt_optimizer": meta.inner_optimizer, "max_length": cfg.data.max_length,
-                "truncation": cfg.data.truncation}
-    dtype = args.dtype or cfg.model.dtype
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"{len(episodes)} episodes over {len({ep.task for ep in episodes})} tasks, "
-          f"{sum(len(ep.test_ids) for ep in episodes)} scored problems per init (plan sha256 {fingerprint[:12]}); "
-          f"every init adapts: {meta.inner_optimizer} lr={meta.inner_lr} steps={meta.num_inner_steps} "
-          f"micro-batch={meta.inner_batch_size} (Meta-SGD: its learned rates); {dtype} on {device}")
-    inits = {"base": base_dir, **runs}
-    rows_by_init = {}
+def answer_nll(rows: Sequence[dict]) -> float:
+    """The tuning criterion: mean answer-token NLL of the rows (whole-reference NLL for rows without an answer);
+    a proper score, smoother than accuracy on a few validation problems."""
+    key = "answer_nll" if any(r.get("answer_nll") is not None for r in rows) else "nll"
+    return stats.finite_mean(r[key] for r in rows if r.get(key) is not None)
+
+
+def evaluate_all(args: argparse.Namespace, plan: EvalPlan, evaluator: Evaluator, runs: dict[str, Path]) -> dict:
+    """Every init (base + runs): its adaptation chosen on the validation tasks (``--adapt-grid``; else the
+    config's), then scored on the test plan and on the wrong-code control with it."""
+    inits = {"base": evaluator.base_dir, **runs}
+    grid = adapt_grid(args.adapt_grid)
+    tuned = [ep for ep in plan.validation if ep.n == plan.tune_n]
+    print(f"{len(plan.test)} test episodes over {len({ep.task for ep in plan.test})} tasks "
+          f"({sum(len(ep.test_ids) for ep in plan.test)} scored problems per init), {len(plan.validation)} validation "
+          f"episodes over {len({ep.task for ep in plan.validation})} tasks, {len(plan.control)} wrong-code control "
+          f"episodes; {evaluator.dtype} on {evaluator.device}")
+    rows_by_init, control_rows, adaptation = {}, {}, {}
     for i, (name, path) in enumerate(inits.items(), 1):
-        rows_path = out / "eval" / "rows" / f"{name}.json"
-        identity = {"init": name, "path": str(path), "weights": weights_stamp(path), "plan_sha256": fingerprint,
-                    "settings": settings, "dtype": dtype}
-        saved = read_json(rows_path)
-        if saved is not None and saved["identity"] == identity:
-            print(f"[{i}/{len(inits)}] {name}: evaluated earlier, skipped")
-            rows_by_init[name] = saved["rows"]
-            continue
-        start = time.perf_counter()
-        rows = evaluate_init(name, path, cfg, episodes, records, dtype=dtype, device=device)
-        write_json(rows_path, report.jsonable({"identity": identity, "seconds": round(time.perf_counter() - start, 1),
-                                               "rows": rows}))
-        rows_by_init[name] = rows
-        print(f"[{i}/{len(inits)}] {name}: evaluated in {time.perf_counter() - start:.1f} s")
-    return rows_by_init, settings | {"dtype": dtype, "plan_sha256": fingerprint, "eval_on": args.eval_on}
+        chosen: tuple[float | None, int | None] = (None, None)  # None: the config's
+        if grid and tuned and "metasgd" not in name:  # Meta-SGD adapts with the rates it learned
+            scored = evaluator.rows(name, path, [(f"validation/{name}_lr{lr:g}_k{k}", tuned, lr, k) for lr, k in grid],
+                                    plan.records)
+            scores = {setting: answer_nll(rows) for setting, rows in zip(grid, scored)}
+            chosen = min(scores, key=lambda setting: scores[setting])
+            adaptation[name] = {"validation_answer_nll": [{"lr": lr, "steps": k, "answer_nll": v}
+                                                          for (lr, k), v in scores.items()]}
+        meta = evaluator.cfg.meta
+        lr = "learned" if "metasgd" in name else meta.inner_lr if chosen[0] is None else chosen[0]
+        steps = meta.num_inner_steps if chosen[1] is None else chosen[1]
+        adaptation[name] = {"lr": lr, "steps": steps, **adaptation.get(name, {})}
+        jobs = [(f"rows/{name}", plan.test, *chosen)]
+        if plan.control:
+            jobs.append((f"control/{name}", plan.control, *chosen))
+        test_rows, *control = evaluator.rows(name, path, jobs, plan.records)
+        rows_by_init[name] = test_rows
+        if control:
+            control_rows[name + WRONG_CODE] = control[0]
+        print(f"[{i}/{len(inits)}] {name}: adapts with lr {lr}, {steps} steps"
+              + (" (chosen on the validation tasks)" if "validation_answer_nll" in adaptation[name] else ""))
+    return {"rows": rows_by_init, "control_rows": control_rows, "adaptation": adaptation}
 
 
 # --- 6. statistics ---------------------------------------------------------------------------
-def compare(args: argparse.Namespace, rows_by_init: dict[str, list[dict]]) -> dict:
-    """Summary rows per init / method and n, paired comparisons, verdicts (see the module docstring, 6)."""
+def compare(args: argparse.Namespace, evaluated: dict, tune_n: int) -> dict:
+    """Summary rows per init / method and n, paired comparisons, verdicts (see the module docstring, 6), and the
+    wrong-code control at the largest n: each init against itself adapted on another task's shots."""
+    rows_by_init = evaluated["rows"]
     series = [name for name, _ in report.series_names()]
-    values = stats.paired_values(rows_by_init, [*report.TEACHER_FORCED, *(f"{m}_pre" for m in report.PRE_ADAPTATION)])
+    keys = [*report.TEACHER_FORCED, *(f"{m}_pre" for m in report.PRE_ADAPTATION)]
+    values = stats.paired_values(rows_by_init, keys)
     inits = {method: {seed: run_name(method, seed) for seed in args.seeds} for method in args.methods}
     units = {"base": ["base"], **{method: list(by_seed.values()) for method, by_seed in inits.items()},
              **{name: [name] for by_seed in inits.values() for name in by_seed.values()}}
@@ -535,8 +681,26 @@ def compare(args: argparse.Namespace, rows_by_init: dict[str, list[dict]]) -> di
                                                 **bootstrap)
     for row in comparisons:
         row["verdict"] = report.verdict_text(row, args.verdict_metric)
-    return {"summary": summary, "comparisons": comparisons,
-            "verdicts": [report.verdict_line(row, args.verdict_metric) for row in comparisons]}
+    result = {"summary": summary, "comparisons": comparisons,
+              "verdicts": [report.verdict_line(row, args.verdict_metric) for row in comparisons]}
+    if evaluated["control_rows"]:
+        at_n = {name: [r for r in rows if r["n"] == tune_n] for name, rows in rows_by_init.items()}
+        control_values = stats.paired_values({**at_n, **evaluated["control_rows"]}, keys)
+        control_inits = {"base": {0: "base"}, "base" + WRONG_CODE: {0: "base" + WRONG_CODE}}
+        for method, by_seed in inits.items():
+            control_inits[method] = by_seed
+            control_inits[method + WRONG_CODE] = {s: name + WRONG_CODE for s, name in by_seed.items()}
+        control_units = {unit: list(by_seed.values()) for unit, by_seed in control_inits.items()
+                         if unit.endswith(WRONG_CODE)}
+        pairs = [(m, m + WRONG_CODE) for m in ["base", *args.methods]]
+        control_comparisons = stats.seed_paired_comparisons(control_values, pairs, control_inits, [tune_n], series,
+                                                            **bootstrap)
+        for row in control_comparisons:
+            row["verdict"] = report.verdict_text(row, args.verdict_metric)
+        result["control"] = {"n": tune_n, "summary": stats.pooled_summary(control_values, control_units, [tune_n],
+                                                                          series, **bootstrap),
+                             "comparisons": control_comparisons}
+    return result
 
 
 # --- the program -----------------------------------------------------------------------------
@@ -573,14 +737,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print("no --pretrain: the runs start from the base model as it is")
 
+    plan = eval_plan(args, cfg, data_dir)
+    write_json(out / "eval" / "plan.json", {
+        "plan_sha256": plan_fingerprint(plan.test), "episodes": [asdict(ep) for ep in plan.test],
+        "validation_episodes": [asdict(ep) for ep in plan.validation], "control_episodes": [asdict(ep) for ep in plan.control]})
+    evaluator = Evaluator(cfg, out, base_dir, args.dtype or cfg.model.dtype, "cuda" if torch.cuda.is_available() else "cpu")
+
     with phase("4/6 training", timings):
-        runs = train_all(args, config, shared, out)
+        runs, sft_sweep = train_all(args, config, shared, out, plan, evaluator)
 
     with phase("5/6 evaluation", timings):
-        rows_by_init, settings = evaluate_all(args, cfg, base_dir, data_dir, runs, out)
+        evaluated = evaluate_all(args, plan, evaluator, runs)
 
     with phase("6/6 statistics", timings):
-        statistics = compare(args, rows_by_init)
+        statistics = compare(args, evaluated, plan.tune_n)
     timings["total"] = round(time.perf_counter() - started, 1)
 
     result = report.jsonable({
@@ -588,8 +758,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pretrain": pretrained, "methods": list(args.methods), "seeds": list(args.seeds),
         "n_shots": sorted(args.n_shots), "episodes": args.episodes, "test_per_episode": args.test_per_episode,
         "n_boot": args.n_boot, "boot_seed": args.boot_seed, "verdict_metric": args.verdict_metric,
-        "chance_nll_per_answer_token": read_manifest(data_dir)["source"].get("chance_nll_per_answer_token"),
-        "settings": settings, "runs": {k: str(v) for k, v in runs.items()}, **statistics, "timings_s": timings,
+        "floor": read_manifest(data_dir)["source"].get("code_agnostic_floor"),
+        "eval_on": args.eval_on, "test_tasks": sorted({ep.task for ep in plan.test}),
+        "validation_tasks": sorted({ep.task for ep in plan.validation}), "tune_n": plan.tune_n,
+        "settings": {"dtype": evaluator.dtype, "plan_sha256": plan_fingerprint(plan.test), "eval_on": args.eval_on,
+                     "adapt_optimizer": cfg.meta.inner_optimizer, "adapt_batch_size": cfg.meta.inner_batch_size,
+                     "adapt_grid": args.adapt_grid, "sft_lrs": args.sft_lrs},
+        "adaptation": evaluated["adaptation"], "sft_sweep": sft_sweep,
+        "runs": {k: str(v) for k, v in runs.items()}, **statistics, "timings_s": timings,
     })
     markdown = report.render_experiment_markdown(result)
     write_json(out / "results.json", result)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's main demo, offline, on CPU, in a few minutes: does meta-learning pay off on NEW tasks?
-#   a family of 440 hidden digit codes (lora_maml/data/rules.py; 40 never seen in training)
+#   a family of 460 hidden digit codes (lora_maml/data/rules.py; 60 never seen in training: 20 tune, 40 report)
 #   -> tiny random-init Qwen3 -> pretrained on all weights on 8 named codes and the other training codes
 #      unnamed (a competent base: it can look a code up, and it answers chance on an unnamed prompt)
 #   -> LoRA FOMAML and LoRA SFT matched in training tokens, from that base
@@ -15,15 +15,19 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-./outputs/demo}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline}
 
-echo "== 1/2 build, pretrain, meta-train, train the baseline, evaluate on unseen tasks (recipes/meta_vs_sft.py)"
+# 460 codes: 400 meta-training, 60 unseen (20 validation codes tune the adaptations and SFT's rate, 40 reported).
+FAMILY="synthetic-rules:tasks=460,unseen=60"
+echo "== 1/2 build, pretrain, meta-train, train the baseline, tune on validation codes, evaluate (recipes/meta_vs_sft.py)"
 python recipes/meta_vs_sft.py --tiny --out "$OUT" --config recipes/configs/rules_tiny.yaml \
-  --source synthetic-rules --pretrain "synthetic-rules:named=8,per_task=12,named_per_task=600" \
-  --pretrain-steps 1500 --pretrain-lr 1e-3 --methods fomaml sft_tokens --seeds 0 --eval-on holdout \
-  --n-shots 0 1 2 5 10 --episodes 1 --test-per-episode 10 --verdict-metric answer_accuracy --n-boot 1000 \
+  --source "$FAMILY" --pretrain "$FAMILY,named=8,per_task=12,named_per_task=600" \
+  --pretrain-steps 1500 --pretrain-lr 1e-3 --methods fomaml sft_tokens --seeds 0 1 2 --eval-on holdout \
+  --validation-tasks 20 --adapt-grid 3e-3:3 1e-2:3 3e-2:3 1e-2:10 --sft-lrs 1e-3 3e-3 1e-2 \
+  --n-shots 0 1 5 --episodes 1 --test-per-episode 10 --verdict-metric answer_accuracy --n-boot 1000 \
   --jobs 2 "$@"
 
-echo "== 2/2 merge the FOMAML adapter into its base (a plain model directory for vLLM)"
-lora-maml merge --model-path "$OUT/runs/fomaml_0" --output "$OUT/merged" --overwrite
+echo "== 2/2 merge the first seed's FOMAML adapter into its base (a plain model directory for vLLM)"
+FOMAML_RUN=$(python -c "import json, sys; r = json.load(open(sys.argv[1])); print(r['runs'][f\"fomaml_{r['seeds'][0]}\"])" "$OUT/results.json")
+lora-maml merge --model-path "$FOMAML_RUN" --output "$OUT/merged" --overwrite
 
 echo "results:  $OUT/results.md"
 echo "plots:    $OUT/few_shot_curve.png $OUT/learning_curves.png"

@@ -474,6 +474,14 @@ def write_report(
 # Its inits and methods as its tables name them.
 LABELS = {"base": "base", "fomaml": "FOMAML", "maml": "MAML", "metasgd": "Meta-SGD",
           "sft_steps": "SFT (matched steps)", "sft_tokens": "SFT (matched tokens)"}
+WRONG_CODE = "@wrong_code"  # an init adapted on another task's shots (the experiment's control)
+
+
+def label(name: str) -> str:
+    """How the tables name an init, a method or its wrong-code control."""
+    if name.endswith(WRONG_CODE):
+        return f"{label(name.removesuffix(WRONG_CODE))} (wrong-code shots)"
+    return LABELS.get(name, name)
 # The metrics scored without generating (evaluate_model(generate=False)), in the experiment's order; lower
 # is better for LOWER_IS_BETTER (else higher); rows also carry "<key>_pre" (at the loaded weights) for PRE_ADAPTATION.
 TEACHER_FORCED = ("nll", "answer_nll", "answer_accuracy")
@@ -491,58 +499,93 @@ def verdict_text(row: dict, metric: str) -> str:
     """The verdict of a comparison row (:func:`lora_maml.eval.stats.seed_verdict`) in words."""
     outcome = seed_verdict(row, metric, dict(series_names())[metric])
     if outcome in ("better", "worse"):
-        return f"{LABELS[row['a']]} init {outcome}"
+        if row["b"] == row["a"] + WRONG_CODE:  # the control: the same init, adapted on another task's shots
+            return f"right-task shots {outcome}"
+        return f"{label(row['a'])} init {outcome}"
     return {"seeds disagree": "not distinguishable: the 95% CI excludes 0 but the training seeds disagree in sign",
             "not distinguishable": "not distinguishable at 95%", "no CI": "no 95% CI"}[outcome]
 
 
 def verdict_line(row: dict, metric: str) -> str:
-    return (f"n={row['n']}: {LABELS[row['a']]} vs {LABELS[row['b']]}: {row['verdict']} on {metric} "
+    return (f"n={row['n']}: {label(row['a'])} vs {label(row['b'])}: {row['verdict']} on {metric} "
             f"({row['a']} − {row['b']} {_fmt(row[f'{metric}_diff'], row[f'{metric}_diff_ci'], sign=True)}, "
             f"p {_fmt_p(row[f'{metric}_p'])})")
 
 
 def render_experiment_markdown(result: dict) -> str:
-    """``results.md`` of the experiment: the summary per init and n, the paired comparisons, the verdicts."""
+    """``results.md`` of the experiment: the floor, each init's adaptation (chosen on validation tasks), the
+    summary per init and n, the paired comparisons, the wrong-code control and the verdicts."""
     s = result["settings"]
     headline = ("answer_accuracy", "answer_nll", "nll")
+    validation = (f", {len(result['validation_tasks'])} validation tasks for tuning only"
+                  if result["validation_tasks"] else "")
     lines = [
         "# Meta-learning vs multi-task SFT as an initialisation for few-shot adaptation", "",
-        f"Config `{result['config']}`, seeds {result['seeds']}, tasks: {s['eval_on']}, {result['episodes']} episodes "
-        f"per task and n, {result['test_per_episode']} scored problems per task; every init adapts alike: "
-        f"{s['adapt_optimizer']} lr {s['adapt_lr']}, {s['adapt_steps']} full-batch steps over the n shots "
-        "(Meta-SGD: its learned rates). answer_accuracy: fraction of the final answer's tokens the model ranks "
-        "first (teacher forcing); answer_nll / nll: mean token NLL of the answer / the whole reference solution "
-        "(lower is better). Means over every (seed, episode, problem); [95% CI]: bootstrap of episodes and "
-        f"problems within tasks{', and of the tasks' if s['eval_on'] == 'holdout' else ''} (B = {result['n_boot']}). "
-        "Method rows pool their seeds.", "",
+        f"Config `{result['config']}`, training seeds {result['seeds']}, tasks: {s['eval_on']} "
+        f"({len(result['test_tasks'])} reported{validation}), {result['episodes']} episodes per task and n, "
+        f"{result['test_per_episode']} scored problems per task. answer_accuracy: fraction of the final answer's "
+        "tokens the model ranks first (teacher forcing); answer_nll / nll: mean token NLL of the answer / the whole "
+        "reference solution (lower is better). Means over every (seed, episode, problem); [95% CI]: bootstrap of "
+        f"episodes and problems within tasks{', and of the tasks' if s['eval_on'] == 'holdout' else ''} "
+        f"(B = {result['n_boot']}). Method rows pool their seeds.", "",
     ]
+    floor = result.get("floor")
+    if floor:
+        lines += [f"**Floor** (exact, the Bayes-optimal code-agnostic predictor of exactly the scored tokens): answer_accuracy "
+                  f"{floor['accuracy']:.3f}, answer_nll {floor['nll']:.3f}. No init can beat it without reading the "
+                  "task from its shots.", ""]
     if result.get("pretrain"):
         p = result["pretrain"]
         lines += [f"Base: pretrained on all weights for {p['steps']} steps on `{p['source']}` "
                   f"(last training loss {p['last_loss']:.4f}).", ""]
-    if result.get("chance_nll_per_answer_token") is not None:
-        chance = result["chance_nll_per_answer_token"]
-        lines += [f"Without adapting, no model beats answer_nll {chance:.3f} / answer_accuracy "
-                  f"{1 / math.exp(chance):.3f} on these tasks (chance).", ""]
+    for method, sweep in (result.get("sft_sweep") or {}).items():
+        lines += [f"{label(method)}: learning rate {sweep['chosen_lr']:g} chosen on the validation tasks (answer NLL "
+                  "at n = 0: " + ", ".join(f"{lr} → {_fmt(v)}" for lr, v in sweep["validation_answer_nll_n0"].items())
+                  + ").", ""]
+    adaptation = result.get("adaptation") or {}
+    if adaptation:
+        tuned = any("validation_answer_nll" in a for a in adaptation.values())
+        lines += [f"Adaptation ({s['adapt_optimizer']}, full-batch steps over the n shots, micro-batches of "
+                  f"{s['adapt_batch_size']})" + (f", chosen per init on the validation tasks at n = {result['tune_n']} "
+                  "(lowest answer NLL) from " + " ".join(s["adapt_grid"]) if tuned else "") + ": "
+                  + "; ".join(f"{name} lr {a['lr']}, {a['steps']} steps" for name, a in adaptation.items()) + ".", ""]
     methods = ["base", *result["methods"]]
-    lines += ["| n | " + " | ".join(f"{LABELS[m]}: {' / '.join(headline)}" for m in methods) + " |",
+    lines += ["| n | " + " | ".join(f"{label(m)}: {' / '.join(headline)}" for m in methods) + " |",
               "|---:|" + "---:|" * len(methods)]
     by = {(r["init"], r["n"]): r for r in result["summary"]}
     for n in result["n_shots"]:
         cells = [" / ".join(_fmt(by[(m, n)][k]) for k in headline) for m in methods]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    lines += ["", "Paired differences A − B (seed s with seed s, the same episode and problem) [95% CI]:", "",
-              "| A − B | n | Δ answer_accuracy | Δ answer_nll | Δ nll | Δ nll gain | per seed (" + result["verdict_metric"]
-              + ") | verdict |", "|---|---:|---:|---:|---:|---:|---:|---|"]
-    for r in result["comparisons"]:
-        per_seed = ", ".join(_fmt(d, sign=True) for d in r[f"{result['verdict_metric']}_diff_by_seed"].values())
-        cells = [_fmt(r[f"{k}_diff"], r[f"{k}_diff_ci"], sign=True) for k in (*headline, "nll_gain")]
-        lines.append(f"| {LABELS[r['a']]} − {LABELS[r['b']]} | {r['n']} | " + " | ".join(cells)
-                     + f" | {per_seed} | {r['verdict']} |")
+    if floor:
+        above = [f"{label(m)} at n={n}" for m in methods for n in result["n_shots"]
+                 if (by[(m, n)]["answer_accuracy_ci"][0] or 0) > floor["accuracy"]]
+        lines += ["", "Above the floor (95% CI of answer_accuracy entirely above it): "
+                  + (", ".join(above) if above else "none") + "."]
+    lines += ["", "Paired differences A − B (seed s with seed s, the same episode and problem) [95% CI]:", ""]
+    lines += _comparison_table(result["comparisons"], result["verdict_metric"], headline)
+    control = result.get("control")
+    if control:
+        lines += ["", f"**Control**: every init adapted on n = {control['n']} shots of ANOTHER unseen task (its "
+                  "scored problems unchanged). A gain that comes from reading the task from its shots vanishes here.",
+                  "", "| init | " + " / ".join(headline) + " |", "|---|---:|"]
+        lines += [f"| {label(r['init'])} | " + " / ".join(_fmt(r[k], r[f'{k}_ci']) for k in headline) + " |"
+                  for r in control["summary"]]
+        lines += ["", "Right-task shots − wrong-task shots:", ""]
+        lines += _comparison_table(control["comparisons"], result["verdict_metric"], headline)
     lines += ["", *(f"- {v}" for v in result["verdicts"]), "",
               "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result["timings_s"].items())]
     return "\n".join(lines) + "\n"
+
+
+def _comparison_table(rows: Sequence[dict], metric: str, headline: Sequence[str]) -> list[str]:
+    lines = ["| A − B | n | " + " | ".join(f"Δ {k}" for k in headline) + f" | Δ nll gain | per seed ({metric}) "
+             "| verdict |", "|---|---:|" + "---:|" * (len(headline) + 2) + "---|"]
+    for r in rows:
+        per_seed = ", ".join(_fmt(d, sign=True) for d in r[f"{metric}_diff_by_seed"].values())
+        cells = [_fmt(r[f"{k}_diff"], r[f"{k}_diff_ci"], sign=True) for k in (*headline, "nll_gain")]
+        lines.append(f"| {label(r['a'])} − {label(r['b'])} | {r['n']} | " + " | ".join(cells)
+                     + f" | {per_seed} | {r['verdict']} |")
+    return lines
 
 
 def plot_experiment_curve(result: dict, path: str | Path) -> Path:
@@ -556,15 +599,25 @@ def plot_experiment_curve(result: dict, path: str | Path) -> Path:
         x = [r["n"] for r in rows]
         for ax, metric in zip(axes, TEACHER_FORCED):
             y = [r[metric] if r[metric] is not None else math.nan for r in rows]
-            line, = ax.plot(x, y, marker="o", label=LABELS[method])
+            line, = ax.plot(x, y, marker="o", label=label(method))
             lo = [r[f"{metric}_ci"][0] for r in rows]
             hi = [r[f"{metric}_ci"][1] for r in rows]
             keep = [i for i in range(len(x)) if lo[i] is not None and hi[i] is not None]
             ax.fill_between([x[i] for i in keep], [lo[i] for i in keep], [hi[i] for i in keep],
                             color=line.get_color(), alpha=0.15, linewidth=0)
+    control = result.get("control")
+    for row in (control or {}).get("summary", []):
+        for ax, metric in zip(axes, TEACHER_FORCED):
+            ax.plot([control["n"]], [row[metric]], marker="x", linestyle="none", color="grey")
+    floor = result.get("floor")
     for ax, metric in zip(axes, TEACHER_FORCED):
+        if floor and metric in ("answer_accuracy", "answer_nll"):
+            ax.axhline(floor[metric.removeprefix("answer_")], color="black", linestyle=":", linewidth=1,
+                       label="floor (exact)")
         shots_axis(ax, result["n_shots"], metric)
-    axes[0].legend(fontsize=8)
+    if control:
+        axes[0].plot([], [], marker="x", linestyle="none", color="grey", label="wrong-code shots (control)")
+    axes[-1].legend(fontsize=8)
     fig.suptitle(f"Few-shot adaptation ({result['settings']['eval_on']} tasks, 95% CI)")
     _save_figure(fig, path)
     plt.close(fig)
