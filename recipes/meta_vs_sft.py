@@ -600,7 +600,10 @@ class Evaluator:
             results.append(saved["rows"] if saved is not None and saved["identity"] == identity else None)
             if results[-1] is None:
                 todo.append((len(results) - 1, file, episodes, lr, steps, identity))
-        if todo:
+        if not todo:
+            print(f"{name}: evaluated earlier, skipped")
+        else:
+            started = time.perf_counter()
             init = load_trained(str(path), dtype=self.dtype, device=self.device,
                                 lora=self.cfg.model.lora if name == "base" else None)
             for i, file, episodes, lr, steps, identity in todo:
@@ -612,6 +615,7 @@ class Evaluator:
                     {"identity": identity, "seconds": round(time.perf_counter() - start, 1), "rows": results[i]}))
             del init
             gc.collect()  # free this init before the next one loads
+            print(f"{name}: evaluated in {time.perf_counter() - started:.1f} s")
         return results
 
     def validation_score(self, path: Path, plan: EvalPlan) -> float:
@@ -677,8 +681,10 @@ def compare(args: argparse.Namespace, evaluated: dict, tune_n: int) -> dict:
              **{name: [name] for by_seed in inits.values() for name in by_seed.values()}}
     bootstrap = {"n_boot": args.n_boot, "boot_seed": args.boot_seed, "sampled_tasks": args.eval_on == "holdout"}
     summary = stats.pooled_summary(values, units, args.n_shots, series, **bootstrap)
-    comparisons = stats.seed_paired_comparisons(values, report.comparisons(args.methods), inits, args.n_shots, series,
-                                                **bootstrap)
+    # The base is one init: every training seed of a method is paired with it.
+    paired = {"base": {seed: "base" for seed in args.seeds}, **inits}
+    comparisons = stats.seed_paired_comparisons(values, report.comparisons(["base", *args.methods]), paired,
+                                                args.n_shots, series, **bootstrap)
     for row in comparisons:
         row["verdict"] = report.verdict_text(row, args.verdict_metric)
     result = {"summary": summary, "comparisons": comparisons,

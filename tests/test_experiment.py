@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import yaml
 
 from lora_maml.errors import run_main
 from lora_maml.eval.report import verdict_text
@@ -158,3 +159,75 @@ def test_rerun_skips_finished_work_and_retrains_only_what_is_missing(bench, expe
         assert math.isclose(row["nll"], old_rows[key]["nll"], rel_tol=1e-6), key
     assert {k: v for k, v in checkpoints(experiment).items() if "sft_steps_0" not in k} == {
         k: v for k, v in before.items() if "sft_steps_0" not in k}
+
+
+# --- tuning on validation tasks and the wrong-code control (issue 18's evidence rules) ---------------------
+RULES_ARGV = ["--tiny", "--tiny-dims", "64,2", "--config", str(REPO_ROOT / "recipes" / "configs" / "rules_tiny.yaml"),
+              "--source", "synthetic-rules:tasks=16,unseen=8,per_task=12", "--methods", "fomaml", "sft_tokens",
+              "--seeds", "0", "1", "--eval-on", "holdout", "--validation-tasks", "3", "--adapt-grid", "1e-2:1",
+              "3e-2:2", "--sft-lrs", "1e-3", "1e-2", "--n-shots", "0", "2", "--episodes", "1", "--test-per-episode",
+              "2", "--n-boot", "100", "--in-process", "--", "trainer.total_steps=2", "meta.meta_batch_size=2",
+              "sft.batch_size=4", "trainer.save_freq=2", "trainer.test_freq=2", "trainer.logger=[jsonl]"]
+
+
+@pytest.fixture(scope="module")
+def tuned(bench, tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("tuned")
+    assert bench.main(["--out", str(out), *RULES_ARGV]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_validation_tasks_tune_and_are_never_reported(tuned):
+    out, result = tuned
+    validation, test = set(result["validation_tasks"]), set(result["test_tasks"])
+    assert len(validation) == 3 and len(test) == 5 and not validation & test
+    plan = json.loads((out / "eval" / "plan.json").read_text())
+    assert {ep["task"] for ep in plan["validation_episodes"]} == validation
+    for init in ("base", "fomaml_0", "fomaml_1", "sft_tokens_0", "sft_tokens_1"):
+        assert {r["task"] for r in rows_of(out, init)} == test
+        # The chosen adaptation is the grid's lowest validation answer NLL, recomputed from the cached rows.
+        table = result["adaptation"][init]["validation_answer_nll"]
+        for entry in table:
+            cached = json.loads((out / "eval" / "validation" / f"{init}_lr{entry['lr']:g}_k{entry['steps']}.json")
+                                .read_text())["rows"]
+            assert {r["task"] for r in cached} <= validation and {r["n"] for r in cached} == {2}
+            assert entry["answer_nll"] == pytest.approx(np.mean([r["answer_nll"] for r in cached]))
+        best = min(table, key=lambda e: e["answer_nll"])
+        assert (result["adaptation"][init]["lr"], result["adaptation"][init]["steps"]) == (best["lr"], best["steps"])
+
+
+def test_sft_rate_is_chosen_on_validation_tasks_and_trains_the_other_seeds(tuned):
+    out, result = tuned
+    sweep = result["sft_sweep"]["sft_tokens"]
+    scores = {float(lr): v for lr, v in sweep["validation_answer_nll_n0"].items()}
+    assert set(scores) == {1e-3, 1e-2} and sweep["chosen_lr"] == min(scores, key=scores.get)
+    assert Path(result["runs"]["sft_tokens_0"]).name == f"sft_tokens_lr{sweep['chosen_lr']:g}_0"
+    later = yaml.safe_load((out / "runs" / "sft_tokens_1" / "config.yaml").read_text())
+    assert later["sft"]["lr"] == sweep["chosen_lr"]
+
+
+def test_wrong_code_control_adapts_on_another_tasks_shots(tuned):
+    out, result = tuned
+    plan = json.loads((out / "eval" / "plan.json").read_text())
+    at_tune = {(ep["task"], ep["seed"]): ep for ep in plan["episodes"] if ep["n"] == result["tune_n"]}
+    assert len(plan["control_episodes"]) == len(at_tune) > 1
+    donors = set()
+    for ep in plan["control_episodes"]:
+        own = at_tune[(ep["task"], ep["seed"])]
+        assert ep["test_ids"] == own["test_ids"] and ep["n"] == own["n"]
+        donor = {i.split("/")[1] for i in ep["shot_ids"]}
+        assert len(donor) == 1 and donor != {ep["task"]}  # every shot from one other task
+        donors |= donor
+    assert donors == {ep["task"] for ep in plan["control_episodes"]}  # a permutation of the tasks
+    control = result["control"]
+    assert {r["init"] for r in control["summary"]} == {f"{m}@wrong_code" for m in ("base", "fomaml", "sft_tokens")}
+    assert {(r["a"], r["b"]) for r in control["comparisons"]} == {(m, f"{m}@wrong_code")
+                                                                  for m in ("base", "fomaml", "sft_tokens")}
+    assert result["floor"] == {"accuracy": pytest.approx(0.1), "nll": pytest.approx(math.log(10))}
+    markdown = (out / "results.md").read_text()
+    assert "**Floor**" in markdown and "**Control**" in markdown
+
+
+def test_tuning_needs_validation_tasks(bench, tmp_path, capsys):
+    assert bench.main(["--out", str(tmp_path), *[a for a in RULES_ARGV if a not in ("--validation-tasks", "3")]]) == 1
+    assert "--validation-tasks" in capsys.readouterr().err
