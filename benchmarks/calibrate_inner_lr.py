@@ -12,7 +12,7 @@ copy of the model's weights exactly as few-shot evaluation and the meta-training
 * test ΔNLL       = L(φ_K; test) − L(θ; test)          (does it help on unseen problems? < 0 is better)
 
 averaged over the draws, with the draw-to-draw spread. The rates in lora_maml.config.DEFAULT_INNER_LR
-are the best test ΔNLL of this table on SmolLM2-135M-Instruct (README, "Inner-loop calibration").
+are the best test ΔNLL of this table on SmolLM2-135M-Instruct (docs/performance.md, "Inner-loop calibration").
 ``lora`` uses the config's default LoRA (model.lora); its B starts at 0 (peft's init), as in training.
 """
 

@@ -117,7 +117,7 @@ class DataConfig(_Section):
 
 
 # Inner-loop defaults by meta.adapter, then by (adapter, inner_optimizer) for the rate: what
-# benchmarks/calibrate_inner_lr.py measured on SmolLM2-135M-Instruct (README, "Inner-loop calibration").
+# benchmarks/calibrate_inner_lr.py measured on SmolLM2-135M-Instruct (docs/performance.md, "Inner-loop calibration").
 # A LoRA inner loop needs a far larger SGD rate than full fine-tuning: with B = 0 at the start, one SGD
 # step moves the support loss by ~0.13 × lr, so the guide's 1e-4 (tuned for full FOMAML) does nothing.
 DEFAULT_INNER_OPTIMIZER = {"lora": "adam", "full": "sgd"}
