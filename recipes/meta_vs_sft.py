@@ -32,7 +32,7 @@ killed half-way resumes from its checkpoint); every file is written atomically.
    of them, a draw seeded by ``--plan-seed``, only ever tune, the others are reported). SFT's rate
    (``--sft-lrs``, first seed, lowest validation answer NLL at n = 0) is chosen during training. Every init
    (``base`` with a fresh LoRA, B = 0, and every run) gets its own adaptation: the ``--adapt-grid`` setting
-   with the lowest validation answer NLL at the largest n (a Meta-SGD run: its learned rates). Then ONE test
+   with the best validation ``--verdict-metric`` at the largest n (a Meta-SGD run: its learned rates). Then ONE test
    plan (``--n-shots``, ``--episodes`` shot draws per task and n, ``--test-per-episode`` problems per task)
    and the wrong-code control (the largest n, each task adapted on the same episode's shots of another test
    task) score every init, teacher forcing only: ``nll``, ``answer_nll``, ``answer_accuracy`` (and ``*_pre``
@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(--adapt-grid) and SFT's rate (--sft-lrs); they are never reported (default 0: no tuning)")
     p.add_argument("--adapt-grid", nargs="+", default=[], metavar="LR:STEPS",
                    help="adaptations tried per init on the validation tasks at the largest n (the config's inner "
-                   "optimizer and micro-batch); the lowest answer NLL is used on the test tasks (default: the "
-                   "config's inner loop for every init)")
+                   "optimizer and micro-batch); the best on --verdict-metric is used on the test tasks (default: "
+                   "the config's inner loop for every init)")
     p.add_argument("--sft-lrs", nargs="+", type=float, default=[], metavar="LR",
                    help="SFT learning rates trained with the first seed; the lowest validation answer NLL at n = 0 "
                    "(the multi-task objective) trains the other seeds (default: the config's sft.lr)")
@@ -637,6 +637,8 @@ def evaluate_all(args: argparse.Namespace, plan: EvalPlan, evaluator: Evaluator,
     config's), then scored on the test plan and on the wrong-code control with it."""
     inits = {"base": evaluator.base_dir, **runs}
     grid = adapt_grid(args.adapt_grid)
+    # Each init's adaptation is chosen on what the verdicts are given on (a gain: on its metric).
+    criterion = args.verdict_metric.removesuffix("_gain")
     tuned = [ep for ep in plan.validation if ep.n == plan.tune_n]
     print(f"{len(plan.test)} test episodes over {len({ep.task for ep in plan.test})} tasks "
           f"({sum(len(ep.test_ids) for ep in plan.test)} scored problems per init), {len(plan.validation)} validation "
@@ -648,10 +650,12 @@ def evaluate_all(args: argparse.Namespace, plan: EvalPlan, evaluator: Evaluator,
         if grid and tuned and "metasgd" not in name:  # Meta-SGD adapts with the rates it learned
             scored = evaluator.rows(name, path, [(f"validation/{name}_lr{lr:g}_k{k}", tuned, lr, k) for lr, k in grid],
                                     plan.records)
-            scores = {setting: answer_nll(rows) for setting, rows in zip(grid, scored)}
-            chosen = min(scores, key=lambda setting: scores[setting])
-            adaptation[name] = {"validation_answer_nll": [{"lr": lr, "steps": k, "answer_nll": v}
-                                                          for (lr, k), v in scores.items()]}
+            scores = {setting: {key: stats.finite_mean(r[key] for r in rows if r[key] is not None)
+                                for key in report.TEACHER_FORCED} for setting, rows in zip(grid, scored)}
+            best = (min if criterion in report.LOWER_IS_BETTER else max)
+            chosen = best(scores, key=lambda setting: scores[setting][criterion])
+            adaptation[name] = {"criterion": criterion, "validation": [{"lr": lr, "steps": k, **v}
+                                                                       for (lr, k), v in scores.items()]}
         meta = evaluator.cfg.meta
         lr = "learned" if "metasgd" in name else meta.inner_lr if chosen[0] is None else chosen[0]
         steps = meta.num_inner_steps if chosen[1] is None else chosen[1]
@@ -664,7 +668,7 @@ def evaluate_all(args: argparse.Namespace, plan: EvalPlan, evaluator: Evaluator,
         if control:
             control_rows[name + WRONG_CODE] = control[0]
         print(f"[{i}/{len(inits)}] {name}: adapts with lr {lr}, {steps} steps"
-              + (" (chosen on the validation tasks)" if "validation_answer_nll" in adaptation[name] else ""))
+              + (f" (the best validation {criterion})" if "validation" in adaptation[name] else ""))
     return {"rows": rows_by_init, "control_rows": control_rows, "adaptation": adaptation}
 
 

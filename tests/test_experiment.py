@@ -185,14 +185,16 @@ def test_validation_tasks_tune_and_are_never_reported(tuned):
     assert {ep["task"] for ep in plan["validation_episodes"]} == validation
     for init in ("base", "fomaml_0", "fomaml_1", "sft_tokens_0", "sft_tokens_1"):
         assert {r["task"] for r in rows_of(out, init)} == test
-        # The chosen adaptation is the grid's lowest validation answer NLL, recomputed from the cached rows.
-        table = result["adaptation"][init]["validation_answer_nll"]
+        # The chosen adaptation is the grid's best validation score on the verdict metric (nll here),
+        # recomputed from the cached rows.
+        table = result["adaptation"][init]["validation"]
+        assert result["adaptation"][init]["criterion"] == "nll"
         for entry in table:
             cached = json.loads((out / "eval" / "validation" / f"{init}_lr{entry['lr']:g}_k{entry['steps']}.json")
                                 .read_text())["rows"]
             assert {r["task"] for r in cached} <= validation and {r["n"] for r in cached} == {2}
-            assert entry["answer_nll"] == pytest.approx(np.mean([r["answer_nll"] for r in cached]))
-        best = min(table, key=lambda e: e["answer_nll"])
+            assert entry["nll"] == pytest.approx(np.mean([r["nll"] for r in cached]))
+        best = min(table, key=lambda e: e["nll"])
         assert (result["adaptation"][init]["lr"], result["adaptation"][init]["steps"]) == (best["lr"], best["steps"])
 
 

@@ -544,10 +544,10 @@ def render_experiment_markdown(result: dict) -> str:
                   + ").", ""]
     adaptation = result.get("adaptation") or {}
     if adaptation:
-        tuned = any("validation_answer_nll" in a for a in adaptation.values())
+        tuned = next((a["criterion"] for a in adaptation.values() if "criterion" in a), None)
         lines += [f"Adaptation ({s['adapt_optimizer']}, full-batch steps over the n shots, micro-batches of "
                   f"{s['adapt_batch_size']})" + (f", chosen per init on the validation tasks at n = {result['tune_n']} "
-                  "(lowest answer NLL) from " + " ".join(s["adapt_grid"]) if tuned else "") + ": "
+                  f"(best {tuned}) from " + " ".join(s["adapt_grid"]) if tuned else "") + ": "
                   + "; ".join(f"{name} lr {a['lr']}, {a['steps']} steps" for name, a in adaptation.items()) + ".", ""]
     methods = ["base", *result["methods"]]
     lines += ["| n | " + " | ".join(f"{label(m)}: {' / '.join(headline)}" for m in methods) + " |",
