@@ -3,10 +3,12 @@ UNSEEN tasks from a few shots, above the exact floor and above the tuned SFT bas
 when the shots come from another task.
 
 recipes/run_tiny_demo.sh's experiment with the demo's own model, data, training and evaluation settings, for
-one training seed (the README's table has three) and a smaller tuning grid around the setting the demo chose
-(so CI checks the README's claim, not a look-alike: smaller models and shorter runs were too close to the floor
-to guard anything). Deterministic; the assertions are on bootstrap CIs (tasks, episodes and problems
-resampled), never on fixed digits. About 9 minutes on 2 cores.
+one training seed (the README's table has three), SFT at the rate the demo's sweep chose and one adaptation
+setting (3 Adam steps at 3e-3, the one the demo's validation tuning chose for the base and for SFT on one of
+its seeds). What it asserts is what the demo's three seeds show with CIs far from the line: FOMAML reads unseen
+codes (above the exact floor), better calibrated than tuned SFT (answer NLL), and the gain vanishes with
+another code's shots. Not asserted: an accuracy win over tuned SFT or the base, which the demo does not show
+(docs/experiments.md). Deterministic; assertions on bootstrap CIs, never on fixed digits. ~9 min on 2 cores.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def result(tmp_path_factory, one_thread):
     argv = ["--tiny", "--out", str(out), "--config", str(experiment.RECIPES_DIR / "configs" / "rules_tiny.yaml"),
             "--source", FAMILY, "--pretrain", f"{FAMILY},named=8,per_task=12,named_per_task=600",
             "--pretrain-steps", "1500", "--pretrain-lr", "1e-3", "--methods", "fomaml", "sft_tokens", "--seeds", "0",
-            "--eval-on", "holdout", "--validation-tasks", "20", "--adapt-grid", "1e-3:3", "3e-3:3",
+            "--eval-on", "holdout", "--validation-tasks", "20", "--adapt-grid", "3e-3:3",
             "--sft-lrs", "1e-3", "--n-shots", "0", "5", "--episodes", "1", "--test-per-episode", "10",
             "--verdict-metric", "answer_accuracy", "--n-boot", "1000", "--jobs", "2"]
     assert experiment.main(argv) == 0
