@@ -88,8 +88,11 @@ def test_reported_differences_are_the_paired_row_differences(experiment, bench):
     result = json.loads((experiment / "results.json").read_text())
     rows = {init: by_key(rows_of(experiment, init)) for init in INITS}
     gain = {init: {k: r["nll_pre"] - r["nll"] for k, r in table.items()} for init, table in rows.items()}
-    comparisons = {(c["b"], c["n"]): c for c in result["comparisons"]}
+    comparisons = {(c["b"], c["n"]): c for c in result["comparisons"] if c["b"] != "base"}
     assert set(comparisons) == {(b, n) for b in ("sft_steps", "sft_tokens") for n in N_SHOTS}
+    # Every method is compared with the base too (one init, paired with every seed).
+    assert {(c["a"], c["n"]) for c in result["comparisons"] if c["b"] == "base"} == {
+        (a, n) for a in ("fomaml", "sft_steps", "sft_tokens") for n in N_SHOTS}
     for (b, n), c in comparisons.items():
         keys = [k for k in rows["fomaml_0"] if k[0] == n]
         post = np.mean([rows["fomaml_0"][k]["nll"] - rows[f"{b}_0"][k]["nll"] for k in keys])
