@@ -420,7 +420,8 @@ def pretrain(args: argparse.Namespace, config: Path, base_dir: Path, data_dir: P
     })
     train_runs([Run(sft_math, cfg, "pretrain (all weights)")], jobs=1, in_process=args.in_process)
     if not (target / "config.json").is_file():
-        merge_and_save(run_dir, target, overwrite=True)
+        # This run's own config (the user's file and overrides) decides, as it did for training.
+        merge_and_save(run_dir, target, overwrite=True, trust_remote_code=cfg.model.trust_remote_code)
     losses = [r["sft/loss"] for r in report.read_metrics(run_dir) if "sft/loss" in r]
     print(f"pretrained base: {target} (last sft/loss {losses[-1]:.4f} after {args.pretrain_steps} steps)")
     return target, losses[-1]
@@ -462,7 +463,8 @@ def evaluate_init(name: str, path: Path, cfg: Config, episodes, records: Mapping
     """The teacher-forced rows (:data:`ROW_KEYS`) of init ``name`` (at ``path``) on the plan, every episode
     adapted with the config's inner loop; a Meta-SGD run with the rates it learned, the base with a fresh
     LoRA (B = 0) shaped like the runs'."""
-    init = load_trained(str(path), dtype=dtype, device=device, lora=cfg.model.lora if name == "base" else None)
+    init = load_trained(str(path), dtype=dtype, device=device, lora=cfg.model.lora if name == "base" else None,
+                        trust_remote_code=cfg.model.trust_remote_code)
     meta = cfg.meta
     adapt = AdaptSettings(lr=init.inner_lrs or meta.inner_lr, steps=meta.num_inner_steps,
                           batch_size=meta.inner_batch_size, optimizer=meta.inner_optimizer,
