@@ -163,12 +163,15 @@ def parse_methods(args: argparse.Namespace) -> dict[str, str]:
     if (args.model_path is None) == (args.compare is None):
         raise ValueError("give exactly one of --model-path PATH or --compare NAME=PATH [NAME=PATH ...]")
     if args.model_path is not None:
+        # A method's name is a file name under --output-dir (rows/NAME.json): checked like --compare's.
+        if not _NAME.fullmatch(args.name):
+            raise ValueError(f"--name {args.name[:100]!r}: expected a NAME made of letters, digits, _ . -")
         return {args.name: args.model_path}
     methods: dict[str, str] = {}
     for item in args.compare:
         name, sep, path = item.partition("=")
-        if not sep or not _NAME.match(name) or not path:
-            raise ValueError(f"--compare {item!r}: expected NAME=PATH with NAME made of letters, digits, _ . -")
+        if not sep or not _NAME.fullmatch(name) or not path:
+            raise ValueError(f"--compare {item[:200]!r}: expected NAME=PATH with NAME made of letters, digits, _ . -")
         if name in methods:
             raise ValueError(f"--compare: method {name!r} given twice")
         methods[name] = path
