@@ -6,12 +6,17 @@ as ``meta.inner_lr_`` fails at start-up instead of silently training with a defa
 
 Overrides use the dotted key names of the YAML file: ``meta.inner_lr=5e-5 trainer.total_steps=10``.
 Values are parsed as YAML, so ``trainer.logger=[console,jsonl]`` and ``model.quantization=null`` work.
+
+Loading is bounded: a file over 1 MiB, YAML whose aliases expand to more than 100,000 values (nested
+aliases, a "billion laughs") or that refers to itself is refused before validation; errors quote at most
+a few hundred characters of what they got.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+import reprlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lora_maml.errors import LoraMamlError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "recipes" / "configs"
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB
+MAX_CONFIG_VALUES = 100_000  # values (keys, items, scalars) once aliases are expanded; a config holds hundreds
+MAX_SHOWN_CHARS = 200  # of an input an error message quotes
+MAX_SHOWN_ERRORS = 20  # invalid keys listed in one message
 
 
 class ConfigError(LoraMamlError, ValueError):
@@ -251,17 +260,84 @@ class Config(_Section):
         return self
 
 
+def _shown(value: Any) -> str:
+    """``repr`` of (part of) the user's input for an error message, bounded in length and in the time it
+    takes: a few items of each level, a few levels (an expanded tree can be astronomically large)."""
+    return _cut(_REPR.repr(value))
+
+
+def _cut(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, MAX_SHOWN_CHARS, MAX_SHOWN_CHARS
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+    lines = [f"invalid config ({_cut(source)}):"]
+    errors = err.errors()
+    for e in errors[:MAX_SHOWN_ERRORS]:
+        key = _cut(".".join(str(p) for p in e["loc"]) or "<root>")
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (typo?)")
         else:
             got = e.get("input")
-            got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+            got_text = "" if isinstance(got, dict) else f" (got {_shown(got)})"
             lines.append(f"  {key}: {e['msg']}{got_text}")
+    if len(errors) > MAX_SHOWN_ERRORS:
+        lines.append(f"  ... and {len(errors) - MAX_SHOWN_ERRORS} more")
     return "\n".join(lines)
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load(text)``, bounded (see the module docstring); ``where`` names the input in errors."""
+    try:
+        tree = yaml.safe_load(text)
+        _check_expanded_size(tree, where)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {_cut(str(err), 2 * MAX_SHOWN_CHARS)}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply (a config has a few levels of sections)") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{where}: not a usable YAML value: {_cut(str(err))}") from None
+    return tree
+
+
+def _check_expanded_size(tree: Any, where: str) -> None:
+    """Refuse YAML whose aliases make it larger than :data:`MAX_CONFIG_VALUES` once expanded, or recursive.
+
+    ``safe_load`` shares an aliased value instead of copying it, so a few hundred bytes of nested aliases
+    load quickly; walking the result (validation, ``repr``) would visit it once per path to it. The expanded
+    size is counted once per shared value."""
+    sizes: dict[int, int] = {}
+    open_ids: set[int] = set()
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_ids:
+            raise ConfigError(f"{where}: a YAML alias refers to a value that contains it (a recursive value)")
+        open_ids.add(key)
+        total = 1 + (len(node) if isinstance(node, dict) else 0)  # the keys
+        for child in node.values() if isinstance(node, dict) else node:
+            total += size(child)
+            if total > MAX_CONFIG_VALUES:
+                raise ConfigError(
+                    f"{where}: holds more than {MAX_CONFIG_VALUES:,} values once its YAML aliases are expanded "
+                    "(nested aliases, a 'billion laughs'?); a config holds a few hundred"
+                )
+        open_ids.discard(key)
+        sizes[key] = total
+        return total
+
+    size(tree)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -281,8 +357,8 @@ def apply_overrides(tree: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key or key.startswith("-"):
-            raise ConfigError(f"override {item!r}: expected key.sub=value, e.g. meta.inner_lr=5e-5")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+            raise ConfigError(f"override {_shown(item)}: expected key.sub=value, e.g. meta.inner_lr=5e-5")
+        _set_dotted(tree, key.strip(), _load_yaml(raw, f"override {_shown(item)}"))
     return tree
 
 
@@ -316,10 +392,13 @@ def load_config(
         source = str(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size:,} bytes; a config file is at most {MAX_CONFIG_BYTES:,}")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        tree = _load_yaml(text, str(path)) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     if overrides:

@@ -18,6 +18,11 @@ user turns of the chat template), all computed in fp32 (fp64 for an fp64 output)
 5. Check 3 (the files): ``AutoModelForCausalLM.from_pretrained`` of that directory must reproduce the
    logits of step 3. Only then is the directory renamed to the output; any failure removes it.
 
+Remote code: the base's own Python (``auto_map``) runs only with ``trust_remote_code=True`` from the
+caller, never because a checkpoint's config asks for it (:mod:`lora_maml.load_trained`). Without it the
+output carries none: no ``auto_map`` in its JSON files, no ``*.py`` (a base whose config names custom code
+that transformers also implements natively is merged natively, and the output says so in a note).
+
 Tolerances (:func:`tolerance`), on the max abs logit difference over the probe tokens, with ``scale`` =
 max |reference logit|::
 
@@ -49,7 +54,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lora_maml.atomic import atomic_dir, check_writable_dir
 from lora_maml.data.math import make_prompt
 from lora_maml.errors import LoraMamlError, write_failure
-from lora_maml.load_trained import Trained, load_trained, resolve_model_path
+from lora_maml.load_trained import load_trained, resolve_model_path
 from lora_maml.models import torch_dtype
 
 log = logging.getLogger("lora_maml")
@@ -174,8 +179,8 @@ def _check_files(directory: Path, storage_dtype: str, tied_name: str | None) -> 
     return sorted(p.name for p in directory.iterdir())
 
 
-def _check_tokenizer(directory: Path, tokenizer, batch: dict[str, torch.Tensor], texts) -> None:
-    reloaded = AutoTokenizer.from_pretrained(directory)
+def _check_tokenizer(directory: Path, tokenizer, batch: dict[str, torch.Tensor], texts, trust_remote_code: bool) -> None:
+    reloaded = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     if reloaded.chat_template != tokenizer.chat_template:
         raise ExportError(f"{directory}: the saved tokenizer's chat template differs from the source's")
     if not torch.equal(probe_batch(reloaded, texts)["input_ids"], batch["input_ids"]):
@@ -223,13 +228,15 @@ def merge_and_save(
     device: str | torch.device | None = None,
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
+    trust_remote_code: bool = False,
 ) -> dict:
     """Merge ``model_path`` (anything :func:`load_trained` takes) and save it to ``output_dir``; verified.
 
     ``dtype`` is the storage dtype (default: the run's ``model.dtype`` or the base's saved dtype);
     ``probe_texts`` the user messages of the logit checks (default: two fixed MATH prompts); ``atol``
     replaces the tolerance of check 2 (the stored model vs base + adapter). ``output_dir`` must be
-    absent or empty unless ``overwrite``. Raises :class:`ExportError` when a check fails, leaving
+    absent or empty unless ``overwrite``. ``trust_remote_code`` lets the base's own code run (and be copied
+    into the output); only the caller can allow it. Raises :class:`ExportError` when a check fails, leaving
     ``output_dir`` as it was. Returns the report: ``source, kind, adapter, step, base, output, dtype,
     compute_dtype, notes, probe_tokens, logit_scale, merge_max_abs_diff, merge_tolerance`` (LoRA only),
     ``tied_embeddings, max_abs_diff, tolerance`` (the output vs base + adapter), ``reload_max_abs_diff,
@@ -244,11 +251,12 @@ def merge_and_save(
     _check_not_a_source(output_dir, [str(model_path), base, str(Path(source).parent) if kind == "checkpoint" else source])
     check_writable_dir(output_dir.parent, "output_dir (its parent)")
     compute = _compute_dtype(dtype)
-    trained = load_trained(model_path, base=base, dtype=compute, device=device, keep_quantization=False)
+    loading = {"base": base, "device": device, "keep_quantization": False, "trust_remote_code": trust_remote_code}
+    trained = load_trained(model_path, dtype=compute, **loading)
     storage = dtype or trained.native_dtype
     if _compute_dtype(storage) != compute:
         compute = _compute_dtype(storage)
-        trained = load_trained(model_path, base=base, dtype=compute, device=device, keep_quantization=False)
+        trained = load_trained(model_path, dtype=compute, **loading)
     _check_not_a_source(output_dir, [trained.source, trained.base])
     report: dict = {
         "source": trained.source,
@@ -275,7 +283,7 @@ def merge_and_save(
     scale = float(reference.abs().max())
     report.update(probe_tokens=int(batch["attention_mask"].sum()), logit_scale=scale)
 
-    model, tokenizer, trust_remote_code = trained.model, trained.tokenizer, _trust_remote_code(trained)
+    model, tokenizer = trained.model, trained.tokenizer
     del trained  # its params would keep the unmerged LoRA weights alive
     if report["adapter"] == "lora":
         model = model.merge_and_unload(safe_merge=True)
@@ -315,8 +323,17 @@ def merge_and_save(
         except (OSError, RuntimeError, SafetensorError) as err:  # e.g. a full disk
             raise ExportError(write_failure(output_dir, err) + "; nothing was written") from None
         del model
+        if not trust_remote_code:
+            dropped = _drop_remote_code(tmp)
+            if dropped:
+                note = (
+                    f"the base names its own code ({', '.join(dropped)}); it was not run (trust_remote_code=False) "
+                    "and the merged model does not carry it: it loads with transformers' native implementation"
+                )
+                log.warning("note: %s", note)
+                report["notes"].append(note)
         files = _check_files(tmp, storage, tied_name)
-        _check_tokenizer(tmp, tokenizer, batch, probe_texts)
+        _check_tokenizer(tmp, tokenizer, batch, probe_texts, trust_remote_code)
         reload_diff = _max_abs_diff(_reload_logits(tmp, batch, compute, device, trust_remote_code, tied), stored)
         reload_tol = tolerance(compute, scale)
         report.update(reload_max_abs_diff=reload_diff, reload_tolerance=reload_tol, files=files)
@@ -340,8 +357,24 @@ def _cast_parameters(model: nn.Module, dtype: str) -> None:
         p.data = p.data.to(torch_dtype(dtype))
 
 
-def _trust_remote_code(trained: Trained) -> bool:
-    return bool(trained.config is not None and trained.config.model.trust_remote_code)
+def _drop_remote_code(directory: Path) -> list[str]:
+    """Remove what would make ``directory`` run code on load (``auto_map`` in its JSON files, ``*.py``);
+    returns what was removed, as ``file:key`` / file names."""
+    dropped = []
+    for path in sorted(directory.iterdir()):
+        if path.suffix == ".py":
+            path.unlink()
+            dropped.append(path.name)
+        elif path.name.endswith("config.json") and path.is_file():  # config, tokenizer_config, processor_config...
+            try:
+                content = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError:
+                continue  # not a config (save_pretrained writes valid JSON; _check_files reads what matters)
+            if isinstance(content, dict) and "auto_map" in content:
+                del content["auto_map"]
+                path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+                dropped.append(f"{path.name}:auto_map")
+    return dropped
 
 
 def _reload_logits(directory: Path, batch, compute: str, device, trust_remote_code: bool, tied: bool) -> torch.Tensor:

@@ -14,6 +14,11 @@ Accepted, checked in this order:
   the default ``LoraConfig``) is added with B = 0, which leaves the function unchanged, so a base
   model is adapted exactly like a trained adapter.
 
+Remote code (the Python a model directory ships, named by ``auto_map`` in its config) runs only when
+the caller passes ``trust_remote_code=True`` (a program: its ``--trust-remote-code`` flag, for that run).
+The ``model.trust_remote_code`` a checkpoint stored in its config is ignored: a file someone hands you
+must not be able to switch it on.
+
 The returned :class:`Trained` holds the module and its adaptable parameters. Evaluation adapts with
 fast weights (``lora_maml.meta.fast_weights``) and must not write into ``Trained.params``: several
 adaptations start from the same loaded weights.
@@ -22,6 +27,7 @@ adaptations start from the same loaded weights.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +44,7 @@ from lora_maml.errors import LoraMamlError
 from lora_maml.models import DTYPES, add_lora, adapted_parameters, gradient_checkpointing_on, load_base, torch_dtype
 from lora_maml import checkpoint as ckpt
 
+log = logging.getLogger("lora_maml")
 
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
@@ -80,6 +87,7 @@ class Trained:
     native_dtype: str = "fp32"
     step: int | None = None
     inner_lrs: dict[str, float] | None = None  # Meta-SGD's learned rates by name in ``params``; else None
+    trust_remote_code: bool = False  # what the caller allowed (never what a checkpoint stored)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,11 +173,28 @@ def stored_dtype(source: str, *, trust_remote_code: bool = False) -> str:
         raise FileNotFoundError(
             f"{source}: cannot read its config.json (expected a model directory or a hub id in the local cache): {err}"
         ) from err
+    except ValueError as err:
+        if _remote_code_refused(err, trust_remote_code):
+            raise _remote_code_error(source, source) from None
+        raise
     value = getattr(config, "dtype", None)
     if isinstance(value, str):
         value = getattr(torch, value, None)
     names = {d: name for name, d in DTYPES.items()}
     return names.get(value, "fp32")  # transformers loads a config without a dtype in fp32
+
+
+def _remote_code_refused(err: BaseException, trust_remote_code: bool) -> bool:
+    """Whether ``err`` is transformers refusing to run a model's own code (which only the caller may allow)."""
+    return not trust_remote_code and "trust_remote_code" in str(err)
+
+
+def _remote_code_error(where: str, source: str, stored: bool = False) -> LoadTrainedError:
+    ignored = " (the model.trust_remote_code=true stored in the checkpoint's config is ignored)" if stored else ""
+    return LoadTrainedError(
+        f"{where}: the model {source} ships its own Python code (auto_map in its config), which is not run "
+        f"unless the caller passes trust_remote_code=True{ignored}"
+    )
 
 
 def read_run_config(pt: str | Path, saved: dict | None = None) -> Config:
@@ -194,6 +219,7 @@ def load_trained(
     lora: LoraConfig | None = None,
     gradient_checkpointing: bool = False,
     keep_quantization: bool = True,
+    trust_remote_code: bool = False,
 ) -> Trained:
     """Load ``path`` (see the module docstring) into a :class:`Trained`.
 
@@ -204,6 +230,8 @@ def load_trained(
     ``device`` loads the weights straight onto that device. ``lora`` is the fresh adapter of a plain
     model (it is an error for the other kinds, whose LoRA shape is fixed by what was saved).
     ``keep_quantization=False`` loads a run's nf4 base dense (export merges into the dense base).
+    ``trust_remote_code`` lets transformers run the Python code a model directory ships; only the caller
+    can allow it (a checkpoint's stored ``model.trust_remote_code`` is ignored, see the module docstring).
     """
     if dtype is not None:
         torch_dtype(dtype)
@@ -215,7 +243,7 @@ def load_trained(
     if base is not None and kind == "model":
         raise LoadTrainedError(f"{path}: base= replaces the base of a checkpoint or adapter; this is a model itself")
     device_map = None if device is None else {"": torch.device(device)}
-    options = {"enable_gradient_checkpointing": gradient_checkpointing}
+    options = {"enable_gradient_checkpointing": gradient_checkpointing, "trust_remote_code": trust_remote_code}
     if kind == "checkpoint":
         trained = _load_checkpoint(source, base, dtype, device_map, options, keep_quantization)
     elif kind == "adapter":
@@ -223,6 +251,7 @@ def load_trained(
     else:
         trained = _load_model(source, dtype, device_map, options, lora)
     trained.model.eval()
+    trained.trust_remote_code = trust_remote_code
     return trained
 
 
@@ -233,18 +262,27 @@ def _model_config(where: str, **values) -> ModelConfig:
         raise LoadTrainedError(f"{where}: invalid model options: {err}") from None
 
 
-def _load_base(model_cfg: ModelConfig, device_map, where: str, hint: str):
+def _load_base(model_cfg: ModelConfig, device_map, where: str, hint: str, stored_trust: bool = False):
     try:
         return load_base(model_cfg, device_map=device_map)
     except OSError as err:
         raise FileNotFoundError(f"{where}: its base model could not be loaded ({hint}): {err}") from err
+    except ValueError as err:
+        if _remote_code_refused(err, model_cfg.trust_remote_code):
+            raise _remote_code_error(where, model_cfg.partial_pretrain, stored_trust) from None
+        raise
 
 
 def _load_checkpoint(pt: str, base, dtype, device_map, options, keep_quantization) -> Trained:
     saved = ckpt.load_checkpoint(pt)
     cfg = read_run_config(pt, saved)
     values = cfg.model.model_dump()
+    # options carry the caller's trust_remote_code: the one the checkpoint stored never counts.
     values.update(options, build_tiny_if_missing=False)
+    stored_trust = cfg.model.trust_remote_code and not options["trust_remote_code"]
+    if stored_trust:
+        log.warning("%s: its config sets model.trust_remote_code=true; ignored (only the caller can allow remote code)", pt)
+    cfg.model.trust_remote_code = options["trust_remote_code"]  # what Trained.config reports is what was allowed
     if base is not None:
         values.update(partial_pretrain=base, gguf_file=None)
     if dtype is not None:
@@ -253,7 +291,7 @@ def _load_checkpoint(pt: str, base, dtype, device_map, options, keep_quantizatio
         values["quantization"] = None
     model_cfg = _model_config(pt, **values)
     hint = f"model.partial_pretrain={model_cfg.partial_pretrain!r} of its config; pass base= to use another path"
-    model, tokenizer = _load_base(model_cfg, device_map, pt, hint)
+    model, tokenizer = _load_base(model_cfg, device_map, pt, hint, stored_trust)
     if cfg.meta.adapter == "lora":
         model = add_lora(model, cfg.model.lora)
     params = adapted_parameters(model, cfg.meta.adapter)
@@ -309,7 +347,7 @@ def _load_adapter(directory: str, base, dtype, device_map, options) -> Trained:
     base_id = base or adapter_cfg.get("base_model_name_or_path")
     if not base_id:
         raise LoadTrainedError(f"{config_path}: no base_model_name_or_path; pass base= to name the base model")
-    native = stored_dtype(base_id)
+    native = stored_dtype(base_id, trust_remote_code=options["trust_remote_code"])
     model_cfg = _model_config(directory, partial_pretrain=base_id, dtype=dtype or native, **options)
     model, tokenizer = _load_base(
         model_cfg, device_map, directory, f"base_model_name_or_path={base_id!r}; pass base= to use another path"
@@ -332,7 +370,8 @@ def _load_adapter(directory: str, base, dtype, device_map, options) -> Trained:
     if (Path(directory) / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(directory)  # an adapter that ships a tokenizer is meant with it
+        # An adapter that ships a tokenizer is meant with it.
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=options["trust_remote_code"])
     return Trained(
         model=model, tokenizer=tokenizer, params=params, config=None, kind="adapter", adapter="lora",
         source=directory, base=base_id, native_dtype=native, inner_lrs=ckpt.load_inner_lrs(directory, params),
@@ -340,7 +379,7 @@ def _load_adapter(directory: str, base, dtype, device_map, options) -> Trained:
 
 
 def _load_model(source: str, dtype, device_map, options, lora: LoraConfig | None) -> Trained:
-    native = stored_dtype(source)
+    native = stored_dtype(source, trust_remote_code=options["trust_remote_code"])
     model_cfg = _model_config(source, partial_pretrain=source, dtype=dtype or native, **options)
     model, tokenizer = _load_base(model_cfg, device_map, source, "a model directory or a hub id in the local cache")
     # LoRA's A is random: a fixed seed makes repeated loads identical, without touching the caller's RNG.

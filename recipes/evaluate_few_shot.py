@@ -36,7 +36,7 @@ import torch
 from lora_maml.atomic import check_writable_dir, write_text_atomic
 from lora_maml.config import Config
 from lora_maml.data.prepare import MANIFEST, list_tasks
-from lora_maml.errors import run_main
+from lora_maml.errors import reworded, run_main
 from lora_maml.eval import report
 from lora_maml.eval.few_shot import (
     DEFAULT_MAX_LENGTH,
@@ -54,6 +54,8 @@ ROWS_DIR = "rows"
 PLAN_FILE = "plan.json"
 REFERENCE = "fomaml"  # the method whose run checkpoint gives the adaptation defaults, when it is one
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+# The library's errors name its arguments; this command calls them by its options.
+WORDING = {"trust_remote_code=True": "--trust-remote-code"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="override the base model the checkpoints were trained on (path or hub id)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "fp64"], help="model dtype (default: the run config's)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run the Python code a model directory ships (auto_map in its config); only "
+                   "this flag allows it, never a checkpoint's stored config")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                    help="adapt without activation checkpointing (faster, more memory; generation never uses it)")
     p.add_argument("--data-dir", required=True, help="prepared data directory (lora-maml prepare)")
@@ -158,12 +163,15 @@ def parse_methods(args: argparse.Namespace) -> dict[str, str]:
     if (args.model_path is None) == (args.compare is None):
         raise ValueError("give exactly one of --model-path PATH or --compare NAME=PATH [NAME=PATH ...]")
     if args.model_path is not None:
+        # A method's name is a file name under --output-dir (rows/NAME.json): checked like --compare's.
+        if not _NAME.fullmatch(args.name):
+            raise ValueError(f"--name {args.name[:100]!r}: expected a NAME made of letters, digits, _ . -")
         return {args.name: args.model_path}
     methods: dict[str, str] = {}
     for item in args.compare:
         name, sep, path = item.partition("=")
-        if not sep or not _NAME.match(name) or not path:
-            raise ValueError(f"--compare {item!r}: expected NAME=PATH with NAME made of letters, digits, _ . -")
+        if not sep or not _NAME.fullmatch(name) or not path:
+            raise ValueError(f"--compare {item[:200]!r}: expected NAME=PATH with NAME made of letters, digits, _ . -")
         if name in methods:
             raise ValueError(f"--compare: method {name!r} given twice")
         methods[name] = path
@@ -335,13 +343,14 @@ def evaluate_method(name: str, model: ModelPath, adapt: AdaptSettings, settings:
     """Load one method, evaluate it on the plan and free it; completes its ``settings`` record."""
     start = time.time()
     plain = model.kind == "model"
-    trained = load_trained(
-        model, base=None if plain else args.base, dtype=args.dtype,
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-        # A plain model gets a fresh LoRA shaped like the reference run's: it adapts the same parameters.
-        lora=ref_cfg.model.lora if plain and ref_cfg is not None else None,
-        gradient_checkpointing=args.gradient_checkpointing,
-    )
+    with reworded(WORDING):
+        trained = load_trained(
+            model, base=None if plain else args.base, dtype=args.dtype,
+            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            # A plain model gets a fresh LoRA shaped like the reference run's: it adapts the same parameters.
+            lora=ref_cfg.model.lora if plain and ref_cfg is not None else None,
+            gradient_checkpointing=args.gradient_checkpointing, trust_remote_code=args.trust_remote_code,
+        )
     learned = trained.inner_lrs
     if learned is not None and not explicit_lr:
         # A Meta-SGD run adapts with the per-tensor rates it learned, unless --adapt-lr names a rate for it.

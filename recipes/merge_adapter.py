@@ -29,6 +29,7 @@ WORDING = {
     "dtype='fp32'": "--dtype fp32",
     "atol=": "--atol",
     "base=": "base= (--base)",
+    "trust_remote_code=True": "--trust-remote-code",
 }
 
 
@@ -63,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", help="e.g. cuda or cpu (default: cpu)")
     parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="let transformers run the Python code the base model directory ships (auto_map in its config) and "
+        "copy it into the merged model; only this flag allows it, never a checkpoint's stored config",
+    )
     return parser
 
 
@@ -74,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = merge_and_save(
             args.model_path, args.output, base=args.base, dtype=args.dtype, probe_texts=args.probe_texts,
             atol=args.atol, device=args.device, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+            trust_remote_code=args.trust_remote_code,
         )
     print(json.dumps(report, indent=1))
     return 0

@@ -459,7 +459,8 @@ def pretrain(args: argparse.Namespace, config: Path, base_dir: Path, data_dir: P
     })
     train_runs([Run(sft_math, cfg, "pretrain (all weights)")], jobs=1, in_process=args.in_process)
     if not (target / "config.json").is_file():
-        merge_and_save(run_dir, target, overwrite=True)
+        # This run's own config (the user's file and overrides) decides, as it did for training.
+        merge_and_save(run_dir, target, overwrite=True, trust_remote_code=cfg.model.trust_remote_code)
     losses = [r["sft/loss"] for r in report.read_metrics(run_dir) if "sft/loss" in r]
     print(f"pretrained base: {target} (last sft/loss {losses[-1]:.4f} after {args.pretrain_steps} steps)")
     return target, losses[-1]
@@ -605,7 +606,8 @@ class Evaluator:
         else:
             started = time.perf_counter()
             init = load_trained(str(path), dtype=self.dtype, device=self.device,
-                                lora=self.cfg.model.lora if name == "base" else None)
+                                lora=self.cfg.model.lora if name == "base" else None,
+                                trust_remote_code=self.cfg.model.trust_remote_code)
             for i, file, episodes, lr, steps, identity in todo:
                 start = time.perf_counter()
                 rows = evaluate_model(init, episodes, records, self.settings(init, lr, steps), generate=False,

@@ -159,3 +159,76 @@ def test_with_absolute_paths_keeps_hub_ids(tmp_path, monkeypatch):
     built = with_absolute_paths(load_config(None, ["model.partial_pretrain=outputs/demo/tiny_qwen3",
                                                    "model.build_tiny_if_missing=true"]))
     assert built.model.partial_pretrain == str(tmp_path / "outputs" / "demo" / "tiny_qwen3")
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """A "billion laughs": ``levels`` lists of 9 aliases of the list before, 9**levels strings once expanded,
+    in a few hundred bytes; the last is given to a key that wants a number, so validation would quote it."""
+    lines = ["l0: &l0 [" + ",".join(["lol"] * 9) + "]"]
+    lines += [f"l{i}: &l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\nmeta:\n  inner_lr: *l{levels - 1}\n"
+
+
+def test_nested_aliases_are_refused_at_once_in_one_line_naming_the_file(tmp_path, capsys):
+    import subprocess
+    import sys
+    import time
+
+    from lora_maml.errors import run_main
+    from recipes import fomaml_math
+
+    path = tmp_path / "laughs.yaml"
+    path.write_text(alias_bomb())
+    assert path.stat().st_size < 450
+    # In a child first, so that a loader that expands the aliases fails this test instead of hanging the suite.
+    child = subprocess.run(
+        [sys.executable, "-c", "import sys; from lora_maml.config import load_config; from lora_maml.errors import "
+         "run_main; sys.exit(run_main(lambda argv: load_config(argv[0]), sys.argv[1:]))", str(path)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60,
+    )
+    assert child.returncode == 2, child.stderr[-2000:]
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert time.perf_counter() - start < 5
+    message = str(err.value)
+    assert message.startswith(f"{path}: holds more than 100,000 values once its YAML aliases are expanded")
+    assert "\n" not in message and len(message) < 400
+    # The training command: one error line, exit code 2 (a config error).
+    assert run_main(fomaml_math.main, ["--config", str(path)]) == 2
+    err_text = capsys.readouterr().err
+    assert err_text.startswith(f"error: {path}: holds more than 100,000 values") and err_text.count("\n") == 1
+
+    # An override is bounded the same way, and a value that refers to itself is refused.
+    bomb = "[" + ", ".join(f"&o{i} [" + ", ".join([f"*o{i - 1}" if i else "lol"] * 9) + "]" for i in range(9)) + "]"
+    with pytest.raises(ConfigError, match=r"^override 'meta.inner_lr=\[&o0 .*: holds more than 100,000 values"):
+        load_config(None, [f"meta.inner_lr={bomb}"])
+    with pytest.raises(ConfigError, match=r"^override 'meta.inner_lr=&r \[\*r\]': a YAML alias refers to a value "
+                                          r"that contains it"):
+        load_config(None, ["meta.inner_lr=&r [*r]"])
+
+
+def test_error_messages_quote_a_bounded_part_of_the_input(tmp_path):
+    long_value = "x" * 100_000
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"meta.inner_lr={long_value}"])
+    assert "meta.inner_lr:" in str(err.value) and len(str(err.value)) < 1000
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"meta.inner_lr=[{', '.join(['[1, 2, 3]'] * 10_000)}]"])
+    assert len(str(err.value)) < 1000
+    with pytest.raises(ConfigError, match="expected key.sub=value") as err:
+        load_config(None, [long_value])
+    assert len(str(err.value)) < 1000
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("meta: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    with pytest.raises(ConfigError, match=r"deep.yaml: nested too deeply"):
+        load_config(deep)
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * (1 << 20) + "\n")
+    with pytest.raises(ConfigError, match=r"big.yaml: 1,048,579 bytes; a config file is at most 1,048,576"):
+        load_config(big)
+    many = tmp_path / "many.yaml"
+    many.write_text("".join(f"unknown_{i}: 1\n" for i in range(100)))
+    with pytest.raises(ConfigError) as err:
+        load_config(many)
+    assert "... and 80 more" in str(err.value) and len(str(err.value)) < 2000

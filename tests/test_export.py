@@ -17,7 +17,15 @@ from lora_maml.export import ExportError, merge_and_save, tolerance
 from lora_maml.load_trained import load_trained
 from lora_maml.models import add_lora, adapted_parameters, load_base
 from recipes import merge_adapter
-from test_load_trained import logits, make_tiny, probe_ids, run_config, save_run_checkpoint, trained_model
+from test_load_trained import (
+    logits,
+    make_tiny,
+    probe_ids,
+    remote_code_checkpoint,
+    run_config,
+    save_run_checkpoint,
+    trained_model,
+)
 
 
 def merge(argv: list[str]) -> int:
@@ -337,3 +345,59 @@ def test_an_unreadable_pickle_is_one_line_in_merge_and_eval(fp32_run, tmp_path, 
                      str(tmp_path / "eval")]) == 1
     assert one_error_line(capsys.readouterr().err).startswith(f"error: {pt}: corrupt or not loadable with torch.load")
     assert not (tmp_path / "owned").exists()
+
+
+def test_a_checkpoint_cannot_switch_on_remote_code_in_merge_or_eval(tmp_path, capsys, monkeypatch):
+    """A checkpoint whose stored config sets model.trust_remote_code=true and whose base ships code
+    (auto_map): merge and eval refuse it in one line, or load the base natively; the code never runs and
+    the merged model carries none of it. Only --trust-remote-code on the command line allows it."""
+    from lora_maml.cli import main as cli_main
+    from lora_maml.data.prepare import prepare
+    from lora_maml.data.synthetic import synthetic_records
+
+    base = make_tiny(tmp_path / "tiny")
+    custom = remote_code_checkpoint(base, tmp_path / "custom", native=False)
+    assert merge(["--model-path", str(custom["pt"]), "--output", str(tmp_path / "merged")]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {custom['pt']}: the model {custom['remote']} ships its own Python code")
+    assert "unless the caller passes --trust-remote-code (the model.trust_remote_code=true stored" in line
+    assert not (tmp_path / "merged").exists() and leftovers(tmp_path) == []
+    data = tmp_path / "data"
+    prepare(synthetic_records(12, 0), data, support_ratio=0.4, query_ratio=0.2, seed=0,
+            source_description={"source": "synthetic"})
+    eval_args = ["--data-dir", str(data), "--tasks", "algebra", "--n-shots", "0", "--max-test-per-task", "1",
+                 "--no-generate", "--device", "cpu"]
+    assert cli_main(["eval", "--model-path", str(custom["pt"]), *eval_args, "--output-dir", str(tmp_path / "eval")]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {custom['pt']}: the model {custom['remote']} ships its own Python code")
+    assert "--trust-remote-code" in line
+    assert not custom["marker"].exists()
+
+    # A base type transformers implements itself merges natively: no auto_map, no *.py in the output.
+    native = remote_code_checkpoint(base, tmp_path / "native", native=True)
+    out = tmp_path / "merged_native"
+    assert merge(["--model-path", str(native["pt"]), "--output", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert any("config.json:auto_map" in note for note in report["notes"])
+    assert not list(out.glob("*.py"))
+    for name in ("config.json", "tokenizer_config.json", "generation_config.json"):
+        assert "auto_map" not in json.loads((out / name).read_text()), name
+    assert (logits(AutoModelForCausalLM.from_pretrained(out), native["ids"]) - native["logits"]).abs().max() <= 1e-5
+    assert not native["marker"].exists()
+
+    # The flag on the command line is what reaches the loader (not run here: it would execute the code).
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(kwargs["trust_remote_code"])
+        raise ValueError("stop")
+
+    monkeypatch.setattr(export, "load_trained", record)
+    import recipes.evaluate_few_shot as evaluate_recipe
+
+    monkeypatch.setattr(evaluate_recipe, "load_trained", record)
+    for flag in ([], ["--trust-remote-code"]):
+        assert merge(["--model-path", str(native["pt"]), "--output", str(tmp_path / "m2"), *flag]) == 1
+        assert cli_main(["eval", "--model-path", str(native["pt"]), *eval_args, "--output-dir",
+                         str(tmp_path / "eval2"), *flag]) == 1
+    assert seen == [False, False, True, True]

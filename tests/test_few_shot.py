@@ -444,6 +444,22 @@ def test_cli_refuses_an_output_dir_that_is_a_file_before_loading(data_dir, tmp_p
     assert capsys.readouterr().err == f"error: --output-dir={blocker}: not a writable directory ({blocker} is a file)\n"
 
 
+def test_cli_method_names_are_plain_file_names_checked_before_anything_is_written(data_dir, tiny_dir, tmp_path, capsys):
+    """A method's name becomes rows/NAME.json under --output-dir: --name is checked like --compare's names,
+    so `--name ../../ESCAPE` cannot write outside it (nor over a checkpoint's files)."""
+    out = tmp_path / "deep" / "out"
+    common = ["--data-dir", str(data_dir), "--tasks", "algebra", "--n-shots", "0", "--max-test-per-task", "1",
+              "--no-generate", "--device", "cpu", "--output-dir", str(out)]
+    for name in ("../../ESCAPE", "../../../RUN/step_2/trainer_state", "a/b", "", "x\n", "../" * 100 + "X"):
+        assert main(["--model-path", str(tiny_dir), "--name", name, *common]) == 1
+        err = capsys.readouterr().err
+        assert f"error: --name {name[:100]!r}: expected a NAME made of letters, digits, _ . -\n" in err, err
+        assert err.count("error:") == 1 and "Traceback" not in err
+    assert main(["--compare", "../ESCAPE=" + str(tiny_dir), *common]) == 1
+    assert "error: --compare '../ESCAPE=" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written: no output dir, no ESCAPE.json
+
+
 def test_cli_adapt_optimizer_errors_name_the_flag(data_dir, tiny_dir, tmp_path, capsys):
     common = ["--compare", f"a={tiny_dir}", f"b={tiny_dir}", "--data-dir", str(data_dir), "--tasks", "algebra",
               "--n-shots", "0", "2", "--adapt-lr", "0.1", "--adapt-steps", "1", "--adapt-batch-size", "2",

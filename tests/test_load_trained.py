@@ -240,3 +240,78 @@ def test_resolve_model_path_kinds(lora_run):
     assert resolve_model_path(run_dir / "step_3") == ("checkpoint", str(lora_run["pt"]))
     assert resolve_model_path(run_dir / "step_3" / "adapter")[0] == "adapter"
     assert resolve_model_path(lora_run["base"]) == ("model", str(lora_run["base"]))
+
+
+# --- remote code: only the caller can allow it ---------------------------------------------------
+_REMOTE_CONFIG_PY = """from pathlib import Path
+
+Path({marker!r}).write_text("remote code ran")
+from transformers import Qwen3Config
+
+
+class EvilConfig(Qwen3Config):
+    model_type = {model_type!r}
+"""
+_REMOTE_MODEL_PY = """from pathlib import Path
+
+Path({marker!r}).write_text("remote code ran")
+from transformers import Qwen3ForCausalLM
+
+from .configuration_evil import EvilConfig
+
+
+class EvilForCausalLM(Qwen3ForCausalLM):
+    config_class = EvilConfig
+"""
+
+
+def with_remote_code(base: Path, directory: Path, marker: Path, *, native: bool) -> Path:
+    """A copy of the model ``base`` whose config names its own code (``auto_map``): code that writes
+    ``marker`` when it runs. ``native``: its model_type stays qwen3, which transformers implements without
+    the code; else a type only the code defines."""
+    shutil.copytree(base, directory)
+    model_type = "qwen3" if native else "evil_qwen3"
+    config = json.loads((directory / "config.json").read_text())
+    config.update(model_type=model_type, auto_map={"AutoConfig": "configuration_evil.EvilConfig",
+                                                   "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "configuration_evil.py").write_text(_REMOTE_CONFIG_PY.format(marker=str(marker), model_type=model_type))
+    (directory / "modeling_evil.py").write_text(_REMOTE_MODEL_PY.format(marker=str(marker)))
+    return directory
+
+
+def remote_code_checkpoint(base: Path, root: Path, *, native: bool) -> dict:
+    """A LoRA checkpoint trained on the plain ``base`` whose STORED config says model.trust_remote_code=true
+    and points model.partial_pretrain at a copy of ``base`` with remote code (:func:`with_remote_code`).
+    Returns pt, the remote-code directory, the marker its code writes, probe ids and base + adapter logits."""
+    marker = root / "REMOTE_CODE_RAN"
+    model, tokenizer, params = trained_model(run_config(base, root / "unused"))
+    remote = with_remote_code(base, root / "remote_base", marker, native=native)
+    pt = save_run_checkpoint(run_config(remote, root / "run", trust_remote_code=True), model, params, step=2)
+    ids = probe_ids(tokenizer)
+    return {"pt": pt, "remote": remote, "marker": marker, "ids": ids, "logits": logits(model, ids)}
+
+
+def test_a_checkpoint_cannot_switch_on_remote_code(lora_run, tmp_path, caplog):
+    custom = remote_code_checkpoint(lora_run["base"], tmp_path / "custom", native=False)
+    with pytest.raises(LoadTrainedError, match=(
+        r"maml_checkpoint_step_2\.pt: the model .*remote_base ships its own Python code \(auto_map in its config\), "
+        r"which is not run unless the caller passes trust_remote_code=True \(the model.trust_remote_code=true "
+        r"stored in the checkpoint's config is ignored\)")):
+        load_trained(custom["pt"])
+    # The same directory as a model or as an adapter's base is refused alike.
+    with pytest.raises(LoadTrainedError, match=r"remote_base ships its own Python code"):
+        load_trained(custom["remote"])
+    with pytest.raises(LoadTrainedError, match=r"remote_base ships its own Python code"):
+        load_trained(custom["pt"].parent / "step_2" / "adapter", base=str(custom["remote"]))
+    assert not custom["marker"].exists()
+
+    # A type transformers implements itself loads natively: the code is not run, the weights are the run's.
+    native = remote_code_checkpoint(lora_run["base"], tmp_path / "native", native=True)
+    with caplog.at_level("WARNING", logger="lora_maml"):
+        trained = load_trained(native["pt"])
+    assert not native["marker"].exists()
+    assert "model.trust_remote_code=true; ignored" in caplog.text
+    assert trained.trust_remote_code is False and trained.config.model.trust_remote_code is False
+    assert type(trained.model.get_base_model()).__name__ == "Qwen3ForCausalLM"
+    torch.testing.assert_close(logits(trained.model, native["ids"]), native["logits"], rtol=0, atol=1e-6)

@@ -153,6 +153,26 @@ def test_micro_batches_are_one_token_weighted_batch():
         assert b.task_metrics == pytest.approx(a.task_metrics, rel=1e-6)
 
 
+def test_micro_batch_weights_are_in_the_loss_dtype():
+    """fp64 end to end: the micro-batches' weights n_m / Σ n are fp64 like their losses. An fp32 weight
+    (int / int tensors) puts ~1e-8 relative error on an fp64 loss and its gradient."""
+    from lora_maml.meta.fast_weights import loss_and_grads
+
+    model, params = tiny_model("lora")
+    gen = torch.Generator().manual_seed(5)
+    micro = [random_batch(gen, b=1, prompt=4), random_batch(gen, b=2, prompt=2)]  # 5 + 17 label tokens
+    wrt = list(params.values())
+    loss, n_tokens, grads = loss_and_grads(model, micro, wrt)
+    parts = [causal_lm_loss_tensors(model, m) for m in micro]
+    assert [int(n) for _, n in parts] == [5, 17] and int(n_tokens) == 22
+    expected = sum(part * (int(n) / 22) for part, n in parts)  # Python floats: fp64 weights
+    expected_grads = torch.autograd.grad(expected, wrt)
+    assert loss.dtype == torch.float64
+    # Both sides add the same fp64 terms; only the gradients' accumulation order may differ (a few ulps).
+    assert abs((loss - expected).item()) <= 1e-14 * abs(expected.item())
+    assert max_err(grads, expected_grads) <= 1e-13 * max(g.abs().max().item() for g in expected_grads)
+
+
 def test_naive_functional_call_then_grad_is_wrong_under_checkpointing():
     """Pins the pitfall: functional_call for the forward, autograd.grad after it returns → the
     checkpointed layers are recomputed with the module's own weights, not the fast ones."""

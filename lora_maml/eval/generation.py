@@ -294,7 +294,8 @@ class VLLMBackend:
         from vllm import LLM
 
         served = self._served
-        key = (self._trained.base, served["dtype"], served["max_lora_rank"], max_model_len)
+        key = (self._trained.base, served["dtype"], served["max_lora_rank"], max_model_len,
+               self._trained.trust_remote_code)
         if self._engine is not None and key == self._engine_key:
             return self._engine
         self._shutdown_engine()
@@ -303,7 +304,7 @@ class VLLMBackend:
             model=self._trained.base, dtype=served["dtype"], enable_lora=True, max_loras=self.max_loras,
             max_cpu_loras=self.max_loras, max_lora_rank=served["max_lora_rank"], max_model_len=max_model_len,
             gpu_memory_utilization=self.gpu_memory_utilization, skip_tokenizer_init=True,
-            generation_config="vllm", seed=0,
+            generation_config="vllm", seed=0, trust_remote_code=self._trained.trust_remote_code,
         )
         self._engine_key = key
         self.engine_seconds = time.perf_counter() - started

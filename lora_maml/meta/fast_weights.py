@@ -53,7 +53,8 @@ def loss_and_grads(
     loss, grads = 0.0, None
     for micro in batch:
         part_loss, n_tokens = causal_lm_loss_tensors(model, micro)
-        part = part_loss * (n_tokens / total.clamp(min=1))
+        # The weight in the loss's dtype: int / int gives the default float dtype (fp32) in an fp64 model.
+        part = part_loss * (n_tokens.to(part_loss.dtype) / total.clamp(min=1).to(part_loss.dtype))
         if wrt:
             part_grads = torch.autograd.grad(part, wrt, create_graph=create_graph, materialize_grads=True)
             grads = part_grads if grads is None else [g + d for g, d in zip(grads, part_grads)]
