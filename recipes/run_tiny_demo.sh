@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The README's main demo, offline, on CPU, in a few minutes: does meta-learning pay off on NEW tasks?
+# The README's main demo, offline, on CPU (~25 minutes on 2 cores): can a meta-learned init read NEW tasks?
 #   a family of 460 hidden digit codes (lora_maml/data/rules.py; 60 never seen in training: 20 tune, 40 report)
 #   -> tiny random-init Qwen3 -> pretrained on all weights on 8 named codes and the other training codes
-#      unnamed (a competent base: it can look a code up, and it answers chance on an unnamed prompt)
-#   -> LoRA FOMAML and LoRA SFT matched in training tokens, from that base
-#   -> few-shot adaptation on the 40 unseen codes at n = 0, 1, 2, 5, 10 (identical episodes), paired CIs
-#   -> the FOMAML adapter merged into the base.
+#      unnamed (a competent base: it can look a code up, and it answers at the exact floor on an unnamed prompt)
+#   -> per seed 0, 1, 2: LoRA FOMAML, and LoRA SFT matched in training tokens (its rate swept on the first seed,
+#      chosen on the validation codes)
+#   -> every init's adaptation chosen on the validation codes, then few-shot adaptation on the 40 test codes at
+#      n = 0, 1, 5 (identical episodes), the wrong-code control, paired CIs, the exact floor
+#   -> the first seed's FOMAML adapter merged into the base.
 # Everything goes under $OUT (default ./outputs/demo). Extra arguments go to recipes/meta_vs_sft.py, e.g.
 #   bash recipes/run_tiny_demo.sh --methods fomaml sft_tokens maml metasgd     (adds MAML and Meta-SGD rows)
 #   bash recipes/run_tiny_demo.sh -- trainer.total_steps=600                   (config overrides after --)
