@@ -60,7 +60,8 @@ log = logging.getLogger(__name__)
 # A vs B pairs reported when both methods are present (maml / metasgd: the same demo with those flags;
 # sft_tokens / sft_steps: the experiment's SFT matched in training tokens / optimizer steps), in this order.
 COMPARISONS = (("fomaml", "sft"), ("fomaml", "sft_tokens"), ("fomaml", "sft_steps"), ("fomaml", "base"),
-               ("sft", "base"), ("sft_tokens", "base"), ("sft_steps", "base"), ("maml", "sft"), ("maml", "sft_tokens"), ("maml", "sft_steps"), ("metasgd", "sft"),
+               ("sft", "base"), ("sft_tokens", "base"), ("sft_steps", "base"), ("maml", "base"),
+               ("metasgd", "base"), ("maml", "sft"), ("maml", "sft_tokens"), ("maml", "sft_steps"), ("metasgd", "sft"),
                ("metasgd", "sft_tokens"), ("metasgd", "sft_steps"), ("maml", "fomaml"), ("metasgd", "fomaml"))
 # Per-row metrics: (row key, report name, title). ``correct``/``strict`` come from generation (None when it
 # was skipped); ``answer_*`` score the reference's final-answer tokens under teacher forcing.
