@@ -32,11 +32,11 @@ killed half-way resumes from its checkpoint); every file is written atomically.
    of them, a draw seeded by ``--plan-seed``, only ever tune, the others are reported). SFT's rate
    (``--sft-lrs``, first seed, lowest validation answer NLL at n = 0) is chosen during training. Every init
    (``base`` with a fresh LoRA, B = 0, and every run) gets its own adaptation: the ``--adapt-grid`` setting
-   with the best validation ``--verdict-metric`` at the largest n (a Meta-SGD run: its learned rates). Then ONE test
-   plan (``--n-shots``, ``--episodes`` shot draws per task and n, ``--test-per-episode`` problems per task)
-   and the wrong-code control (the largest n, each task adapted on the same episode's shots of another test
-   task) score every init, teacher forcing only: ``nll``, ``answer_nll``, ``answer_accuracy`` (and ``*_pre``
-   at the init's own weights). Files in ``<out>/eval/{rows,validation,control}/``, each cached with what it
+   with the best validation ``--verdict-metric`` at the largest n (a run that learned its inner rates,
+   Meta-SGD: those rates). Then ONE test plan (``--n-shots``, ``--episodes`` shot draws per task and n,
+   ``--test-per-episode`` problems per task) and the wrong-code control (the largest n, each task adapted on the
+   same episode's shots of another test task) score every init (``--jobs`` inits at a time), teacher forcing
+   only: ``nll``, ``answer_nll``, ``answer_accuracy`` (and ``*_pre`` at the init's own weights). Files in ``<out>/eval/{rows,validation,control}/``, each cached with what it
    depends on.
 6. Statistics (:mod:`lora_maml.eval.stats`), per n, pooled over the test tasks: per init and per method
    (seeds pooled) the mean of every metric and the gain ``pre - post`` of the NLLs; paired differences A - B
@@ -55,12 +55,14 @@ import contextlib
 import gc
 import json
 import math
+import multiprocessing
 import os
 import random
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import ModuleType
@@ -161,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--boot-seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--in-process", action="store_true", help="run the training recipes in this process, not subprocesses")
-    p.add_argument("--jobs", type=int, default=1, help="training runs at a time (subprocesses sharing OMP_NUM_THREADS; "
-                   "default 1). The runs of a seed are independent: 2 halves the training time on 2 cores")
+    p.add_argument("--jobs", type=int, default=1, help="training runs, and then inits evaluated, at a time "
+                   "(processes sharing OMP_NUM_THREADS; default 1). Runs and inits are independent: 2 about halves "
+                   "the time on 2 cores")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every training run")
     return p
 
@@ -634,43 +637,68 @@ def answer_nll(rows: Sequence[dict]) -> float:
     return stats.finite_mean(r[key] for r in rows if r.get(key) is not None)
 
 
+def evaluate_init(evaluator: Evaluator, name: str, path: Path, plan: EvalPlan, grid: Sequence[tuple[float, int]],
+                  criterion: str) -> dict:
+    """One init: its adaptation chosen on the validation tasks (the ``grid`` setting with the best validation
+    ``criterion`` at the largest n; else the config's), then its rows on the test plan and on the wrong-code
+    control with it. A run that learned its inner rates (Meta-SGD) adapts as it was meta-trained: its rates,
+    the config's steps (a grid would overwrite what it learned)."""
+    tuned = [ep for ep in plan.validation if ep.n == plan.tune_n]
+    learned = name != "base" and load_config(path / RUN_CONFIG).meta.learn_inner_lr
+    chosen: tuple[float | None, int | None] = (None, None)  # None: the config's
+    adaptation: dict[str, Any] = {}
+    if grid and tuned and not learned:
+        scored = evaluator.rows(name, path, [(f"validation/{name}_lr{lr:g}_k{k}", tuned, lr, k) for lr, k in grid],
+                                plan.records)
+        scores = {setting: {key: stats.finite_mean(r[key] for r in rows if r[key] is not None)
+                            for key in report.TEACHER_FORCED} for setting, rows in zip(grid, scored)}
+        best = (min if criterion in report.LOWER_IS_BETTER else max)
+        chosen = best(scores, key=lambda setting: scores[setting][criterion])
+        adaptation = {"criterion": criterion, "validation": [{"lr": lr, "steps": k, **v} for (lr, k), v in scores.items()]}
+    meta = evaluator.cfg.meta
+    adaptation = {"lr": "learned" if learned else meta.inner_lr if chosen[0] is None else chosen[0],
+                  "steps": meta.num_inner_steps if chosen[1] is None else chosen[1], **adaptation}
+    jobs = [(f"rows/{name}", plan.test, *chosen)]
+    if plan.control:
+        jobs.append((f"control/{name}", plan.control, *chosen))
+    test_rows, *control = evaluator.rows(name, path, jobs, plan.records)
+    return {"rows": test_rows, "control": control[0] if control else None, "adaptation": adaptation}
+
+
 def evaluate_all(args: argparse.Namespace, plan: EvalPlan, evaluator: Evaluator, runs: dict[str, Path]) -> dict:
-    """Every init (base + runs): its adaptation chosen on the validation tasks (``--adapt-grid``; else the
-    config's), then scored on the test plan and on the wrong-code control with it."""
+    """Every init (base + runs) through :func:`evaluate_init`, ``--jobs`` inits at a time (worker processes
+    sharing ``OMP_NUM_THREADS``: at this size two 1-thread processes score about twice as fast as one
+    2-thread process)."""
     inits = {"base": evaluator.base_dir, **runs}
     grid = adapt_grid(args.adapt_grid)
     # Each init's adaptation is chosen on what the verdicts are given on (a gain: on its metric).
     criterion = args.verdict_metric.removesuffix("_gain")
-    tuned = [ep for ep in plan.validation if ep.n == plan.tune_n]
     print(f"{len(plan.test)} test episodes over {len({ep.task for ep in plan.test})} tasks "
           f"({sum(len(ep.test_ids) for ep in plan.test)} scored problems per init), {len(plan.validation)} validation "
           f"episodes over {len({ep.task for ep in plan.validation})} tasks, {len(plan.control)} wrong-code control "
           f"episodes; {evaluator.dtype} on {evaluator.device}")
+    jobs = min(args.jobs, len(inits))
+    results: dict[str, dict] = {}
+    if jobs == 1:
+        for name, path in inits.items():
+            results[name] = evaluate_init(evaluator, name, path, plan, grid, criterion)
+    else:
+        threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+        # spawn, not fork: a forked torch process can deadlock in its thread pools.
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                                 initargs=(max(1, threads // jobs),)) as pool:
+            futures = {pool.submit(evaluate_init, evaluator, name, path, plan, grid, criterion): name
+                       for name, path in inits.items()}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
     rows_by_init, control_rows, adaptation = {}, {}, {}
-    for i, (name, path) in enumerate(inits.items(), 1):
-        chosen: tuple[float | None, int | None] = (None, None)  # None: the config's
-        if grid and tuned and "metasgd" not in name:  # Meta-SGD adapts with the rates it learned
-            scored = evaluator.rows(name, path, [(f"validation/{name}_lr{lr:g}_k{k}", tuned, lr, k) for lr, k in grid],
-                                    plan.records)
-            scores = {setting: {key: stats.finite_mean(r[key] for r in rows if r[key] is not None)
-                                for key in report.TEACHER_FORCED} for setting, rows in zip(grid, scored)}
-            best = (min if criterion in report.LOWER_IS_BETTER else max)
-            chosen = best(scores, key=lambda setting: scores[setting][criterion])
-            adaptation[name] = {"criterion": criterion, "validation": [{"lr": lr, "steps": k, **v}
-                                                                       for (lr, k), v in scores.items()]}
-        meta = evaluator.cfg.meta
-        lr = "learned" if "metasgd" in name else meta.inner_lr if chosen[0] is None else chosen[0]
-        steps = meta.num_inner_steps if chosen[1] is None else chosen[1]
-        adaptation[name] = {"lr": lr, "steps": steps, **adaptation.get(name, {})}
-        jobs = [(f"rows/{name}", plan.test, *chosen)]
-        if plan.control:
-            jobs.append((f"control/{name}", plan.control, *chosen))
-        test_rows, *control = evaluator.rows(name, path, jobs, plan.records)
-        rows_by_init[name] = test_rows
-        if control:
-            control_rows[name + WRONG_CODE] = control[0]
-        print(f"[{i}/{len(inits)}] {name}: adapts with lr {lr}, {steps} steps"
-              + (f" (the best validation {criterion})" if "validation" in adaptation[name] else ""))
+    for i, name in enumerate(inits, 1):
+        rows_by_init[name] = results[name]["rows"]
+        if results[name]["control"] is not None:
+            control_rows[name + WRONG_CODE] = results[name]["control"]
+        adaptation[name] = chosen = results[name]["adaptation"]
+        print(f"[{i}/{len(inits)}] {name}: adapts with lr {chosen['lr']}, {chosen['steps']} steps"
+              + (f" (the best validation {criterion})" if "validation" in chosen else ""))
     return {"rows": rows_by_init, "control_rows": control_rows, "adaptation": adaptation}
 
 

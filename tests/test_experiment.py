@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -236,3 +237,39 @@ def test_wrong_code_control_adapts_on_another_tasks_shots(tuned):
 def test_tuning_needs_validation_tasks(bench, tmp_path, capsys):
     assert bench.main(["--out", str(tmp_path), *[a for a in RULES_ARGV if a not in ("--validation-tasks", "3")]]) == 1
     assert "--validation-tasks" in capsys.readouterr().err
+
+
+def test_parallel_evaluation_scores_what_one_process_does_and_metasgd_keeps_its_rates(bench, tuned, monkeypatch,
+                                                                                      capsys):
+    """--jobs 2 evaluates the inits in two worker processes: the same rows as the one-process evaluation; a
+    Meta-SGD run added to the same experiment adapts with the rates it learned, never a grid setting. (Reruns
+    the ``tuned`` experiment in place with its evaluation moved aside, and puts everything back.)"""
+    out, serial = tuned
+    kept = {name: out / name for name in ("eval", "results.json", "results.md")}
+    for name, path in kept.items():
+        path.rename(out / f"serial_{name}")
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # one thread per worker, as the serial run had
+        command = [a for a in RULES_ARGV if a != "--in-process"]
+        split = command.index("sft_tokens") + 1
+        command = [*command[:split], "metasgd", *command[split:]]
+        assert bench.main(["--out", str(out), "--jobs", "2", *command]) == 0
+        assert "fomaml_0: finished earlier, skipped" in capsys.readouterr().out
+        result = json.loads((out / "results.json").read_text())
+        for init in ("base", "fomaml_0", "fomaml_1", "sft_tokens_0", "sft_tokens_1"):
+            assert result["adaptation"][init] == serial["adaptation"][init]
+            new = by_key(rows_of(out, init))
+            old = by_key(json.loads((out / "serial_eval" / "rows" / f"{init}.json").read_text())["rows"])
+            assert new.keys() == old.keys()
+            for key, row in new.items():
+                assert math.isclose(row["nll"], old[key]["nll"], rel_tol=1e-6), (init, key)
+        for seed in (0, 1):
+            assert result["adaptation"][f"metasgd_{seed}"] == {"lr": "learned", "steps": 3}
+            assert not list((out / "eval" / "validation").glob(f"metasgd_{seed}_*"))
+    finally:
+        for name, path in kept.items():
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+            (out / f"serial_{name}").rename(path)
