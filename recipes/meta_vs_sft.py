@@ -70,6 +70,7 @@ from typing import IO, Any
 
 import torch
 import yaml
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from lora_maml.atomic import write_text_atomic
@@ -580,6 +581,7 @@ class Evaluator:
     base_dir: Path
     dtype: str
     device: str
+    progress: bool = True  # a progress bar per scored plan
 
     def settings(self, init, lr: float | None, steps: int | None) -> AdaptSettings:
         """The config's inner loop with ``lr`` / ``steps`` (None: the config's); a Meta-SGD run adapts with
@@ -614,7 +616,7 @@ class Evaluator:
             for i, file, episodes, lr, steps, identity in todo:
                 start = time.perf_counter()
                 rows = evaluate_model(init, episodes, records, self.settings(init, lr, steps), generate=False,
-                                      desc=f"{name} {file}")
+                                      desc=f"{name} {file}", progress=self.progress)
                 results[i] = [{k: r[k] for k in ROW_KEYS} for r in rows]
                 write_json(self.out / "eval" / f"{file}.json", report.jsonable(
                     {"identity": identity, "seconds": round(time.perf_counter() - start, 1), "rows": results[i]}))
@@ -684,12 +686,15 @@ def evaluate_all(args: argparse.Namespace, plan: EvalPlan, evaluator: Evaluator,
             results[name] = evaluate_init(evaluator, name, path, plan, grid, criterion)
     else:
         threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
-        # spawn, not fork: a forked torch process can deadlock in its thread pools.
+        # spawn, not fork: a forked torch process can deadlock in its thread pools. The workers' progress bars
+        # would overwrite each other on one terminal: they are off, one bar here counts the inits.
+        quiet = replace(evaluator, progress=False)
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
                                  initargs=(max(1, threads // jobs),)) as pool:
-            futures = {pool.submit(evaluate_init, evaluator, name, path, plan, grid, criterion): name
+            futures = {pool.submit(evaluate_init, quiet, name, path, plan, grid, criterion): name
                        for name, path in inits.items()}
-            for future in as_completed(futures):
+            for future in tqdm(as_completed(futures), total=len(futures), desc="inits evaluated", unit="init",
+                               dynamic_ncols=True):
                 results[futures[future]] = future.result()
     rows_by_init, control_rows, adaptation = {}, {}, {}
     for i, name in enumerate(inits, 1):

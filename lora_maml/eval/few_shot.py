@@ -192,6 +192,7 @@ def evaluate_model(
     gen_batch_size: int = 16,
     grading_timeout_s: int = DEFAULT_TIMEOUT_S,
     desc: str = "episodes",
+    progress: bool = True,
 ) -> list[dict]:
     """One row per (episode, scored problem), in the order of ``episodes`` and their ``test_ids``.
 
@@ -258,7 +259,7 @@ def evaluate_model(
         backend.start(trained, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, label=desc)
     was_training = model.training
     scored: list[tuple[Episode, dict[str, dict]]] = []
-    bar = tqdm(episodes, desc=desc, unit="episode", dynamic_ncols=True)
+    bar = tqdm(episodes, desc=desc, unit="episode", dynamic_ncols=True, disable=not progress)
     try:
         for ep in bar:
             adapted = None
