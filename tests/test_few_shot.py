@@ -320,7 +320,7 @@ def test_over_long_problems_are_cut_to_what_the_model_takes(evaluated, caplog):
     positions = trained.model.config.max_position_embeddings
     full_prompt = prompt_ids(trained.tokenizer, records[long_test]["prompt"])
     # A --max-length beyond the model's positions: the positions bound the lengths.
-    encoded, prompts, cut = few_shot._encode_plan(trained.tokenizer, trained.model, [episode], records,
+    encoded, prompts, cut = few_shot._encode_plan(trained.tokenizer, positions, [episode], records,
                                                  max_length=4 * positions, truncation="right", max_new_tokens=6)
     assert cut == {long_test} and len(prompts[long_test]) == positions - 6 < len(full_prompt)
     assert prompts[long_test] == full_prompt[-(positions - 6):]  # the end: the question's end, the assistant turn
