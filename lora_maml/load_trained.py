@@ -388,7 +388,8 @@ def _load_adapter(directory: str, base, dtype, device_map, options) -> Trained:
             f"{directory}: LoRA weights {low[:3]} were not upcast to fp32 by peft (autocast_adapter_dtype)"
         )
     return Trained(
-        model=model, tokenizer=tokenizer if own_tokenizer is None else own_tokenizer, params=params, config=None, kind="adapter", adapter="lora",
+        model=model, tokenizer=tokenizer if own_tokenizer is None else own_tokenizer, params=params, config=None,
+        kind="adapter", adapter="lora",
         source=directory, base=base_id, native_dtype=native, inner_lrs=ckpt.load_inner_lrs(directory, params),
     )
 

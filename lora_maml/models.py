@@ -116,7 +116,7 @@ def check_model_files(directory: str | Path) -> None:
                 Tokenizer.from_file(str(path))
             else:
                 json.loads(path.read_text(encoding="utf-8"))
-        except OSError:
+        except OSError:  # unreadable (permissions, a vanished file): it names the file itself
             raise
         except Exception as err:  # the tokenizers library raises a bare Exception for a bad file
             raise ModelFileError(f"{path}: not readable ({_one_line(err)}); is it truncated or corrupt? Replace it "

@@ -357,8 +357,9 @@ def test_adam_adaptation_equals_a_torch_adam_reference(data_dir, evaluated):
     assert [r["nll"] for r in per_tensor] == [r["nll"] for r in adam]
     with pytest.raises(KeyError, match="no inner learning rate"):
         evaluate_model(trained, plan, records, replace(adapt, lr=dict(list(rates.items())[1:])), **settings)
-    with pytest.raises(ValueError, match="lr must be a positive number"):
-        evaluate_model(trained, plan, records, replace(adapt, lr={**rates, next(iter(rates)): 0.0}), **settings)
+    for bad in (0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="lr must be a positive finite number"):
+            evaluate_model(trained, plan, records, replace(adapt, lr={**rates, next(iter(rates)): bad}), **settings)
     with pytest.raises(ValueError, match=r"optimizer must be one of sgd\|adam, got 'rmsprop'"):
         evaluate_model(trained, plan, records, replace(adapt, optimizer="rmsprop"), **settings)
 
