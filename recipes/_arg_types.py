@@ -40,5 +40,5 @@ fraction = _number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 positive_int = _number(int, "an integer >= 1", lambda v: v >= 1)
 non_negative_int = _number(int, "an integer >= 0", lambda v: v >= 0)
 # A token cap: see lora_maml.config.MIN_MAX_LENGTH for why it has a floor.
-max_length = _number(int, f"an integer >= {MIN_MAX_LENGTH} (the chat template's markers alone take 8 tokens)",
+length_cap = _number(int, f"an integer >= {MIN_MAX_LENGTH} (the chat template's markers alone take 8 tokens)",
                      lambda v: v >= MIN_MAX_LENGTH)

@@ -50,7 +50,7 @@ from lora_maml.eval.generation import BACKENDS, GenerationBackend, HFBackend, VL
 from lora_maml.eval.plan import DEFAULT_N_SHOTS, Episode, episode_records, plan_episodes, plan_fingerprint
 from lora_maml.load_trained import ModelPath, load_trained, load_trained_tokenizer, read_run_config, resolve_model_path
 from lora_maml.train.metrics import METRICS_FILE
-from recipes._arg_types import fraction, max_length, non_negative_int, positive_float, positive_int
+from recipes._arg_types import fraction, length_cap, non_negative_int, positive_float, positive_int
 
 ROWS_DIR = "rows"
 PLAN_FILE = "plan.json"
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, _, kind, what in ADAPT_FLAGS:
         p.add_argument(flag, nargs="+", metavar="[NAME=]V",
                        help=f"{kind}; default: the reference checkpoint's {what} for every method; NAME=V for one method")
-    p.add_argument("--max-length", type=max_length, help=f"token cap of shots/references (default: data.max_length or {DEFAULT_MAX_LENGTH})")
+    p.add_argument("--max-length", type=length_cap, help=f"token cap of shots/references (default: data.max_length or {DEFAULT_MAX_LENGTH})")
     p.add_argument("--truncation", choices=["error", "left", "right"], help="default: data.truncation or right")
     p.add_argument("--max-new-tokens", type=positive_int, default=1024, help="generation budget per problem (default 1024)")
     p.add_argument("--no-generate", dest="generate", action="store_false",
