@@ -35,20 +35,28 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """An ``OSError`` raised inside without a file name (a failed write, flush or fsync: e.g. a full disk)
+    is raised again naming ``path``, so its one ``error:`` line says which file."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None:
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` via a synced temporary file and a rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with naming(tmp), open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
-        if err.filename is None:  # a failed flush / fsync (e.g. a full disk) does not name the file
-            raise OSError(err.errno, err.strerror, str(tmp)) from err
-        raise
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)

@@ -87,6 +87,11 @@ class CheckpointError(LoraMamlError, RuntimeError):
     """A checkpoint that is missing, incomplete, corrupt or cannot be written; the message names it."""
 
 
+def nonfinite_weights(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state_dict`` that hold a NaN or an infinity."""
+    return [n for n, t in state_dict.items() if t.is_floating_point() and not bool(t.isfinite().all())]
+
+
 def pt_path(out_dir: str | Path, step: int) -> Path:
     return Path(out_dir) / f"maml_checkpoint_step_{step}.pt"
 
@@ -365,7 +370,7 @@ def save_checkpoint(
         raise ValueError(f"pretrained_kind must be 'adapter' or 'model', got {pretrained_kind!r}")
     if not isinstance(config, Mapping):
         raise CheckpointError(f"config must be a plain dict, got {type(config).__name__}")
-    nonfinite = [n for n, t in model_state_dict.items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    nonfinite = nonfinite_weights(model_state_dict)
     if nonfinite:
         raise CheckpointError(
             f"{pt_path(out_dir, step)}: refusing to save non-finite weights ({len(nonfinite)} tensors, e.g. "
@@ -715,12 +720,28 @@ SCHEDULE_KEYS = ("optim.lr_scheduler", "optim.lr_warmup_steps_ratio", "optim.bet
 def checkpoint_to_resume(cfg: Config) -> dict | None:
     """The checkpoint ``trainer.resume_mode`` picks (:func:`find_resume_checkpoint`), loaded memory-mapped
     (:func:`load_checkpoint`), or None to start fresh. Raises :class:`ConfigError` when ``cfg`` cannot
-    continue it (:func:`check_resumable`; the weights are checked once the model is built)."""
+    continue it (:func:`check_resumable`; the weights are checked once the model is built), and
+    :class:`CheckpointError` when its weights are not finite (every step from them would be skipped),
+    naming the newest checkpoint beside it whose weights are."""
     path = find_resume_checkpoint(cfg.trainer)
     if path is None:
         return None
     checkpoint = load_checkpoint(path)
     check_resumable(path, checkpoint["config"], cfg)
+    nonfinite = nonfinite_weights(checkpoint["model_state_dict"])
+    if nonfinite:
+        out_dir, step = path.parent, checkpoint["step"]
+        good = next((pt_path(out_dir, s) for s in reversed(complete_steps(out_dir))
+                     if s != step and not nonfinite_weights(load_checkpoint(pt_path(out_dir, s))["model_state_dict"])),
+                    None)
+        remedy = (f"the newest checkpoint with finite weights is {good}: resume it with trainer.resume_mode=path "
+                  f"trainer.resume_from_path={good}") if good else (
+                  f"no other checkpoint in {out_dir} has finite weights: start a new run in another "
+                  "trainer.default_local_dir")
+        raise CheckpointError(
+            f"cannot resume {path}: its weights are not finite ({len(nonfinite)} tensors hold NaN or inf, e.g. "
+            f"{nonfinite[:3]}), so every step from them would be skipped; {remedy}"
+        )
     return checkpoint
 
 

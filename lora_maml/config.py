@@ -31,6 +31,10 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB
 MAX_CONFIG_VALUES = 100_000  # values (keys, items, scalars) once aliases are expanded; a config holds hundreds
 MAX_SHOWN_CHARS = 200  # of an input an error message quotes
 MAX_SHOWN_ERRORS = 20  # invalid keys listed in one message
+# The least data.max_length (and an evaluation's --max-length): ChatML's markers of a user turn and of the
+# assistant's header alone take 8 tokens, so a shorter cap cut on the right never reaches a response token,
+# whatever the prompt (what a longer one leaves is checked against the records: lora_maml.eval.few_shot).
+MIN_MAX_LENGTH = 8
 
 
 class ConfigError(LoraMamlError, ValueError):
@@ -51,7 +55,8 @@ class LoraConfig(_Section):
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
     )
 
 
@@ -98,8 +103,8 @@ class DataConfig(_Section):
     source: str = "EleutherAI/hendrycks_math"
     support_ratio: float = Field(0.30, gt=0, lt=1)
     query_ratio: float = Field(0.40, gt=0, lt=1)
-    tasks: list[str] | None = None
-    max_length: int = Field(2048, ge=8)
+    tasks: list[str] | None = Field(None, min_length=1)  # null: every meta-training task
+    max_length: int = Field(2048, ge=MIN_MAX_LENGTH)
     truncation: Literal["error", "left", "right"] = "right"
     packing: bool = True
 

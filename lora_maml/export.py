@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -245,6 +246,8 @@ def merge_and_save(
     output_dir = Path(output_dir)
     if dtype is not None:
         torch_dtype(dtype)
+    if atol is not None and not (isinstance(atol, (int, float)) and math.isfinite(atol) and atol >= 0):
+        raise ValueError(f"atol={atol!r}: expected a finite number >= 0 (a NaN tolerance would fail every check)")
     _check_output(output_dir, overwrite)
     kind, source = resolve_model_path(model_path)
     # A checkpoint is its whole run directory: its other steps, 'latest' and metrics live there too.
@@ -309,10 +312,16 @@ def merge_and_save(
     tol = tolerance(storage, scale) if atol is None else float(atol)
     report.update(tied_embeddings=tied, max_abs_diff=diff, tolerance=tol)
     if not diff <= tol:
+        # A wider storage dtype is the remedy only when a narrower one lost the merge.
+        if UNIT_ROUNDOFF[storage] > UNIT_ROUNDOFF["fp32"]:
+            advice = "use dtype='fp32', or atol= to accept it"
+        elif atol is not None:
+            advice = "a larger atol= accepts it"
+        else:
+            advice = f"more than {storage} rounding explains (is the adapter's update out of scale?); atol= accepts it"
         raise ExportError(
             f"{model_path}: stored as {storage}, the merged model differs from base + adapter by {diff:.3g} > "
-            f"tolerance {tol:.3g} (logit scale {scale:.3g}); use dtype='fp32', or atol= to accept it; "
-            "nothing was written"
+            f"tolerance {tol:.3g} (logit scale {scale:.3g}); {advice}; nothing was written"
         )
     _cast_parameters(model, storage)  # exact: the values are representable in it already
 

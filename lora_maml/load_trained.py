@@ -41,12 +41,23 @@ from transformers import PreTrainedTokenizerBase
 
 from lora_maml.config import Config, LoraConfig, ModelConfig
 from lora_maml.errors import LoraMamlError
-from lora_maml.models import DTYPES, add_lora, adapted_parameters, gradient_checkpointing_on, load_base, torch_dtype
+from lora_maml.models import (
+    DTYPES,
+    add_lora,
+    adapted_parameters,
+    check_model_files,
+    gradient_checkpointing_on,
+    load_base,
+    load_tokenizer,
+    torch_dtype,
+)
 from lora_maml import checkpoint as ckpt
 
 log = logging.getLogger("lora_maml")
 
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLED_ADAPTER_WEIGHTS = "adapter_model.bin"
 MODEL_CONFIG = "config.json"
 EXPECTED = (
     "expected a run checkpoint (maml_checkpoint_step_N.pt), its step_N directory, a run directory "
@@ -255,6 +266,21 @@ def load_trained(
     return trained
 
 
+def load_trained_tokenizer(path: str | Path | ModelPath, *, base: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer :func:`load_trained` gives ``path`` (with ``base``), its files checked, without loading
+    any weight: for checks that need it before the slow loading (e.g. that a length cap leaves a scored
+    problem something to score)."""
+    kind, source = resolve_model_path(path)
+    if kind == "adapter":
+        own = _adapter_tokenizer(source, trust_remote_code)
+        return own if own is not None else load_tokenizer(_adapter_base(source, base), trust_remote_code=trust_remote_code)
+    if kind == "checkpoint":
+        model_cfg = read_run_config(source).model
+        return load_tokenizer(base or model_cfg.partial_pretrain, gguf_file=None if base else model_cfg.gguf_file,
+                              trust_remote_code=trust_remote_code)
+    return load_tokenizer(source, trust_remote_code=trust_remote_code)
+
+
 def _model_config(where: str, **values) -> ModelConfig:
     try:
         return ModelConfig.model_validate(values)
@@ -337,16 +363,10 @@ def _load_adapter(directory: str, base, dtype, device_map, options) -> Trained:
     from peft import PeftModel
     from safetensors import SafetensorError
 
-    config_path = Path(directory) / ADAPTER_CONFIG
-    try:
-        adapter_cfg = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise LoadTrainedError(f"{config_path}: unreadable: {err}") from None
-    if adapter_cfg.get("peft_type") != "LORA":
-        raise LoadTrainedError(f"{config_path}: peft_type={adapter_cfg.get('peft_type')!r}, expected 'LORA'")
-    base_id = base or adapter_cfg.get("base_model_name_or_path")
-    if not base_id:
-        raise LoadTrainedError(f"{config_path}: no base_model_name_or_path; pass base= to name the base model")
+    base_id = _adapter_base(directory, base)
+    check_adapter_files(directory)
+    # An adapter that ships a tokenizer is meant with it; checked, like the base's, before any weight loads.
+    own_tokenizer = _adapter_tokenizer(directory, options["trust_remote_code"])
     native = stored_dtype(base_id, trust_remote_code=options["trust_remote_code"])
     model_cfg = _model_config(directory, partial_pretrain=base_id, dtype=dtype or native, **options)
     model, tokenizer = _load_base(
@@ -356,7 +376,7 @@ def _load_adapter(directory: str, base, dtype, device_map, options) -> Trained:
         model = PeftModel.from_pretrained(model, directory, is_trainable=True, autocast_adapter_dtype=True)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:  # e.g. a truncated weights file
         raise LoadTrainedError(
-            f"{Path(directory) / 'adapter_model.safetensors'}: cannot load the adapter onto {base_id}: "
+            f"{Path(directory) / ADAPTER_WEIGHTS}: cannot load the adapter onto {base_id}: "
             f"{' '.join(str(err).split())[:500]}"
         ) from None
     if gradient_checkpointing_on(model):
@@ -367,15 +387,47 @@ def _load_adapter(directory: str, base, dtype, device_map, options) -> Trained:
         raise RuntimeError(
             f"{directory}: LoRA weights {low[:3]} were not upcast to fp32 by peft (autocast_adapter_dtype)"
         )
-    if (Path(directory) / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        # An adapter that ships a tokenizer is meant with it.
-        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=options["trust_remote_code"])
     return Trained(
-        model=model, tokenizer=tokenizer, params=params, config=None, kind="adapter", adapter="lora",
+        model=model, tokenizer=tokenizer if own_tokenizer is None else own_tokenizer, params=params, config=None,
+        kind="adapter", adapter="lora",
         source=directory, base=base_id, native_dtype=native, inner_lrs=ckpt.load_inner_lrs(directory, params),
     )
+
+
+def _adapter_base(directory: str, base: str | None) -> str:
+    """The base model of the PEFT adapter ``directory``: ``base``, else its ``base_model_name_or_path``."""
+    config_path = Path(directory) / ADAPTER_CONFIG
+    try:
+        adapter_cfg = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise LoadTrainedError(f"{config_path}: unreadable: {err}") from None
+    if adapter_cfg.get("peft_type") != "LORA":
+        raise LoadTrainedError(f"{config_path}: peft_type={adapter_cfg.get('peft_type')!r}, expected 'LORA'")
+    base_id = base or adapter_cfg.get("base_model_name_or_path")
+    if not base_id:
+        raise LoadTrainedError(f"{config_path}: no base_model_name_or_path; pass base= to name the base model")
+    return base_id
+
+
+def check_adapter_files(directory: str | Path) -> None:
+    """Raise :class:`LoadTrainedError` unless the PEFT adapter ``directory`` holds its weights as safetensors:
+    a pickled ``adapter_model.bin`` is refused, never unpickled (unpickling a file can run code), and the
+    files' headers are checked (:func:`lora_maml.models.check_model_files`: a truncated one is named)."""
+    directory = Path(directory)
+    pickled = directory / PICKLED_ADAPTER_WEIGHTS
+    if not (directory / ADAPTER_WEIGHTS).is_file() and pickled.is_file():
+        raise LoadTrainedError(
+            f"{pickled}: a pickled adapter; only safetensors adapters ({ADAPTER_WEIGHTS}) are accepted, because "
+            "unpickling a file can run code. Convert it where you trust it, e.g. PeftModel.from_pretrained(...)"
+            ".save_pretrained(dir, safe_serialization=True)"
+        )
+    check_model_files(directory)
+
+
+def _adapter_tokenizer(directory: str, trust_remote_code: bool):
+    if not (Path(directory) / "tokenizer_config.json").is_file():
+        return None
+    return load_tokenizer(directory, trust_remote_code=trust_remote_code)
 
 
 def _load_model(source: str, dtype, device_map, options, lora: LoraConfig | None) -> Trained:

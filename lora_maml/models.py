@@ -5,20 +5,37 @@ non-reentrant activation checkpointing and the ``model.loss_chunk_size`` of its 
 PeftModel with fp32 LoRA weights whatever the base dtype; ``adapted_parameters`` → the parameters the
 meta-learner adapts and meta-learns; ``compile_decoder`` → ``model.compile`` (the training recipe);
 ``dequantize_gguf`` → a GGUF file saved once as a plain fp32 model directory.
+
+Before any weight loads, ``load_base`` checks the files of a local (or locally cached) model directory
+(:func:`check_model_files`: JSON files, ``tokenizer.json``, every ``*.safetensors`` header) and loads the
+tokenizer (:func:`load_tokenizer`, which renders a prompt with its chat template), so a truncated or
+corrupt file, or a chat template that fails (e.g. one refused by jinja2's sandbox), is an error naming
+the file, not a library traceback after minutes of loading.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from tokenizers import Tokenizer
 from torch import nn
 
 from lora_maml.atomic import atomic_dir
 from lora_maml.config import LoraConfig, ModelConfig
+from lora_maml.data.tokenize import prompt_ids
+from lora_maml.errors import LoraMamlError
 from lora_maml.loss import decoder_body, set_loss_chunk_size
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+TOKENIZER_FILE = "tokenizer.json"
+PROBE_PROMPT = "What is $1 + 1$?"  # a user turn every chat template must render
+
+
+class ModelFileError(LoraMamlError, ValueError):
+    """A file of a model directory that cannot be read (truncated or corrupt); the message names it."""
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -70,14 +87,84 @@ def decoder_compiled(model: nn.Module) -> bool:
         return False
 
 
+def local_model_dir(source: str | Path) -> Path | None:
+    """The local directory of a model: ``source`` itself, or a hub id's snapshot in the local cache
+    (no network); None when neither exists (transformers then reports the missing model)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or str(source).startswith((".", "/", "~")):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(str(source), "config.json")
+    except ValueError:  # not a valid hub id
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def check_model_files(directory: str | Path) -> None:
+    """Raise :class:`ModelFileError` naming the first file of a model directory that cannot be read: a
+    ``*.json`` that is not JSON, a ``tokenizer.json`` that the tokenizers library refuses, a ``*.safetensors``
+    whose header is corrupt or whose data the file does not hold (truncated). Reads the headers only
+    (memory-mapped), not the weights."""
+    directory = Path(directory)
+    for path in sorted(directory.glob("*.json")):
+        try:
+            if path.name == TOKENIZER_FILE:
+                Tokenizer.from_file(str(path))
+            else:
+                json.loads(path.read_text(encoding="utf-8"))
+        except OSError:  # unreadable (permissions, a vanished file): it names the file itself
+            raise
+        except Exception as err:  # the tokenizers library raises a bare Exception for a bad file
+            raise ModelFileError(f"{path}: not readable ({_one_line(err)}); is it truncated or corrupt? Replace it "
+                                 "(e.g. download the model again)") from None
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except SafetensorError as err:
+            raise ModelFileError(f"{path}: not a valid safetensors file ({_one_line(err)}); is it truncated or "
+                                 "corrupt? Replace it (e.g. download the model again)") from None
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_chat_template(tokenizer) -> None:
+    """Render a user turn with ``tokenizer``'s chat template, if it has one: a template that fails (jinja2
+    runs it sandboxed and refuses, e.g., one that reaches for ``__globals__``) raises ``ValueError`` naming
+    its file (:func:`lora_maml.data.tokenize.prompt_ids`) before any weight loads."""
+    if tokenizer.chat_template:
+        prompt_ids(tokenizer, PROBE_PROMPT)
+
+
+def load_tokenizer(source: str | Path, *, gguf_file: str | None = None, trust_remote_code: bool = False):
+    """``AutoTokenizer.from_pretrained(source)`` after :func:`check_model_files` (local directories), with its
+    chat template checked (:func:`check_chat_template`)."""
+    from transformers import AutoTokenizer
+
+    directory = local_model_dir(source)
+    if directory is not None:
+        check_model_files(directory)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    check_chat_template(tokenizer)
+    return tokenizer
+
+
 def load_base(model_cfg: ModelConfig, *, device_map=None):
     """Load ``model_cfg.partial_pretrain`` (hub id or local dir; ``gguf_file`` inside it) frozen.
 
     Returns ``(model, tokenizer)``. With ``quantization: nf4`` the linear layers are bitsandbytes
     4-bit NF4 with compute dtype ``model_cfg.dtype``. A GGUF file is dequantised to ``model_cfg.dtype``
-    and then detached from its (non-trainable) quantizer so it is an ordinary dense model.
+    and then detached from its (non-trainable) quantizer so it is an ordinary dense model. The files
+    and the tokenizer are checked first (:func:`load_tokenizer`): :class:`ModelFileError` names a bad one.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     dtype = torch_dtype(model_cfg.dtype)
     source = model_cfg.partial_pretrain
@@ -104,10 +191,9 @@ def load_base(model_cfg: ModelConfig, *, device_map=None):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
     try:
+        # The tokenizer first: seconds, where the weights can take minutes.
+        tokenizer = load_tokenizer(source, gguf_file=model_cfg.gguf_file, trust_remote_code=model_cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, gguf_file=model_cfg.gguf_file, trust_remote_code=model_cfg.trust_remote_code
-        )
     except OSError as err:
         raise OSError(
             f"model.partial_pretrain={source!r} (gguf_file={model_cfg.gguf_file!r}) could not be loaded: "

@@ -139,14 +139,30 @@ def build_tiny_model(
     the embedding may have a few rows more than the tokenizer has tokens). The directory is written to a
     temporary sibling and renamed into place, so a crash never leaves a half-written checkpoint; an
     existing ``output_dir`` is an error unless ``overwrite``. Same texts + seed → identical files.
+
+    Every size must be an integer >= 1 (a zero-width model builds and even trains, on nothing), the
+    query heads a multiple of the key/value heads (grouped-query attention) and ``head_dim`` even (rotary
+    embeddings turn pairs of dimensions). As in Qwen3, ``num_attention_heads * head_dim`` need not equal
+    ``hidden_size`` (Qwen3-4B: 32 x 128 = 4096 on a hidden size of 2560): the projections map between them.
+    Raises ``ValueError`` naming the argument.
     """
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"build_tiny_model: {output_dir} already exists (pass overwrite=True)")
+    sizes = {"vocab_size": vocab_size, "hidden_size": hidden_size, "num_hidden_layers": num_hidden_layers,
+             "num_attention_heads": num_attention_heads, "num_key_value_heads": num_key_value_heads,
+             "head_dim": head_dim, "intermediate_size": intermediate_size,
+             "max_position_embeddings": max_position_embeddings}
+    bad = [f"{name}={value!r}" for name, value in sizes.items()
+           if isinstance(value, bool) or not isinstance(value, int) or value < 1]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: every size of the model must be an integer >= 1")
     if num_attention_heads % num_key_value_heads:
         raise ValueError(
             f"num_attention_heads={num_attention_heads} must be a multiple of num_key_value_heads={num_key_value_heads}"
         )
+    if head_dim % 2:
+        raise ValueError(f"head_dim={head_dim}: must be even (rotary position embeddings turn pairs of dimensions)")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"build_tiny_model: {output_dir} already exists (pass overwrite=True)")
 
     tokenizer = train_tiny_tokenizer(texts, vocab_size=vocab_size, model_max_length=max_position_embeddings)
     if len(tokenizer) > vocab_size:

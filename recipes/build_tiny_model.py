@@ -24,6 +24,9 @@ WORDING = {
     "data_dir": "--data-dir",
     "n_per_task": "--synthetic-per-task",
     "overwrite=True": "overwrite=True / --overwrite",
+    **{size: "--" + size.replace("_", "-") for size in (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+        "intermediate_size", "max_position_embeddings")},
 }
 
 

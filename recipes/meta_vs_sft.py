@@ -54,7 +54,6 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import multiprocessing
 import os
 import random
@@ -71,7 +70,6 @@ from typing import IO, Any
 import torch
 import yaml
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from lora_maml.atomic import write_text_atomic
 from lora_maml.config import Config, config_to_dict, load_config
@@ -85,9 +83,10 @@ from lora_maml.eval.few_shot import AdaptSettings, evaluate_model
 from lora_maml.eval.plan import Episode, episode_records, plan_episodes, plan_fingerprint
 from lora_maml.export import merge_and_save
 from lora_maml.load_trained import load_trained, resolve_model_path
-from lora_maml.models import dequantize_gguf
+from lora_maml.models import dequantize_gguf, load_tokenizer
 from lora_maml.tiny_model import build_tiny_model, texts_from_records, tiny_qwen3_dims
 from recipes import fomaml_math, sft_math
+from recipes._arg_types import positive_float, positive_int
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -133,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain", metavar="SOURCE", help="first train every weight of the base on this source's text "
                    "(e.g. synthetic-rules:named=8,per_task=400)")
     p.add_argument("--pretrain-steps", type=int, default=500, help="pretraining steps (default 500)")
-    p.add_argument("--pretrain-lr", type=float, default=1e-3, help="pretraining learning rate (default 1e-3)")
+    p.add_argument("--pretrain-lr", type=positive_float, default=1e-3, help="pretraining learning rate (default 1e-3)")
     p.add_argument("--config", help=f"training config (default {DEFAULT_CONFIG.relative_to(REPO_ROOT)}; "
                    f"with --tiny {TINY_CONFIG.relative_to(REPO_ROOT)})")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=["fomaml", "sft_steps", "sft_tokens"],
@@ -153,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adaptations tried per init on the validation tasks at the largest n (the config's inner "
                    "optimizer and micro-batch); the best on --verdict-metric is used on the test tasks (default: "
                    "the config's inner loop for every init)")
-    p.add_argument("--sft-lrs", nargs="+", type=float, default=[], metavar="LR",
+    p.add_argument("--sft-lrs", nargs="+", type=positive_float, default=[], metavar="LR",
                    help="SFT learning rates trained with the first seed; the lowest validation answer NLL at n = 0 "
                    "(the multi-task objective) trains the other seeds (default: the config's sft.lr)")
     p.add_argument("--data-seed", type=int, default=42, help="seed of the data (generation and split; default 42)")
@@ -183,8 +182,6 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.jobs < 1 or (args.jobs > 1 and args.in_process):
         raise ValueError(f"--jobs {args.jobs}: expected >= 1, and 1 with --in-process")
-    if not args.pretrain_lr > 0 or not math.isfinite(args.pretrain_lr):
-        raise ValueError(f"--pretrain-lr must be a positive finite number, got {args.pretrain_lr}")
     if len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds: duplicates in {args.seeds}")
     if len(set(args.methods)) != len(args.methods):
@@ -198,8 +195,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--adapt-grid / --sft-lrs are chosen on --validation-tasks K > 0 held-out tasks: give both, "
                          "with --eval-on holdout")
     adapt_grid(args.adapt_grid)
-    if any(not (lr > 0 and math.isfinite(lr)) for lr in args.sft_lrs) or len(set(args.sft_lrs)) != len(args.sft_lrs):
-        raise ValueError(f"--sft-lrs {args.sft_lrs}: expected distinct positive finite rates")
+    if len(set(args.sft_lrs)) != len(args.sft_lrs):
+        raise ValueError(f"--sft-lrs {args.sft_lrs}: expected distinct rates")
     for item in args.overrides:
         key, sep, _ = item.partition("=")
         if not sep or not key:
@@ -214,10 +211,10 @@ def adapt_grid(specs: Sequence[str]) -> list[tuple[float, int]]:
     for spec in specs:
         lr, sep, steps = spec.partition(":")
         try:
-            entry = (float(lr), int(steps))
+            entry = (positive_float(lr), positive_int(steps))
         except ValueError:
             entry = None
-        if not sep or entry is None or not (entry[0] > 0 and math.isfinite(entry[0])) or entry[1] < 1:
+        if not sep or entry is None:
             raise ValueError(f"--adapt-grid {spec!r}: expected LR:STEPS with LR > 0 and STEPS >= 1, e.g. 1e-2:3")
         grid.append(entry)
     if len(set(grid)) != len(grid):
@@ -332,7 +329,7 @@ def fitting_math_records(records: Sequence[dict], cfg: Config, base_dir: Path) -
     """The MATH records of the config's tasks whose encoded example fits ``data.max_length`` (the base's
     tokenizer), the other subjects' as they are; and ``{"max_length", "kept", "total"}`` per task."""
     tasks = list(cfg.data.tasks or SUBJECTS)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer = load_tokenizer(base_dir)
     # The other subjects are kept unfiltered only because prepare splits every subject; nothing reads them.
     kept = [r for r in records if r["subject"] not in tasks]
     counts: dict[str, dict[str, int]] = {"kept": {}, "total": {}}

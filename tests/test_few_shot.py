@@ -320,7 +320,7 @@ def test_over_long_problems_are_cut_to_what_the_model_takes(evaluated, caplog):
     positions = trained.model.config.max_position_embeddings
     full_prompt = prompt_ids(trained.tokenizer, records[long_test]["prompt"])
     # A --max-length beyond the model's positions: the positions bound the lengths.
-    encoded, prompts, cut = few_shot._encode_plan(trained.tokenizer, trained.model, [episode], records,
+    encoded, prompts, cut = few_shot._encode_plan(trained.tokenizer, positions, [episode], records,
                                                  max_length=4 * positions, truncation="right", max_new_tokens=6)
     assert cut == {long_test} and len(prompts[long_test]) == positions - 6 < len(full_prompt)
     assert prompts[long_test] == full_prompt[-(positions - 6):]  # the end: the question's end, the assistant turn
@@ -357,8 +357,9 @@ def test_adam_adaptation_equals_a_torch_adam_reference(data_dir, evaluated):
     assert [r["nll"] for r in per_tensor] == [r["nll"] for r in adam]
     with pytest.raises(KeyError, match="no inner learning rate"):
         evaluate_model(trained, plan, records, replace(adapt, lr=dict(list(rates.items())[1:])), **settings)
-    with pytest.raises(ValueError, match="lr must be a positive number"):
-        evaluate_model(trained, plan, records, replace(adapt, lr={**rates, next(iter(rates)): 0.0}), **settings)
+    for bad in (0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="lr must be a positive finite number"):
+            evaluate_model(trained, plan, records, replace(adapt, lr={**rates, next(iter(rates)): bad}), **settings)
     with pytest.raises(ValueError, match=r"optimizer must be one of sgd\|adam, got 'rmsprop'"):
         evaluate_model(trained, plan, records, replace(adapt, optimizer="rmsprop"), **settings)
 

@@ -290,6 +290,12 @@ def _split_task(
         parts[part] = taken
         pending = rest
     parts["test"] = [record for group in pending for record in group]
+    empty = [part for part in PARTS if not parts[part]]
+    if empty:  # equal problems, kept together, can overflow a small split's target
+        raise DataError(
+            f"task {task!r}: its {n} records ({len(groups)} distinct problems) leave the {'/'.join(empty)} split "
+            f"empty with ratios {support_ratio}/{query_ratio}; use more records or other ratios"
+        )
     return parts
 
 
@@ -403,14 +409,19 @@ def list_tasks(data_dir: str | Path) -> dict[str, list[str]]:
 
 
 def load_split(data_dir: str | Path, task: str, part: str) -> list[dict]:
-    """Records of ``task``'s ``part`` (``support``, ``query`` or ``test``) of a prepared directory."""
+    """Records of ``task``'s ``part`` (``support``, ``query`` or ``test``) of a prepared directory;
+    :class:`DataError` naming the file when it is missing, unreadable or empty."""
     manifest = _shared_manifest(data_dir)
     relative = part_path(task, part)
     if relative not in manifest["files"]:
         if task in manifest["holdout_tasks"]:
             raise DataError(f"{data_dir}: task {task!r} is held out (few_shot_eval only); it has no {part} split")
         raise DataError(f"{data_dir}: no {part} split for task {task!r}; tasks are {', '.join(manifest['counts'])}")
-    return _read_parquet(Path(data_dir).expanduser() / relative)
+    path = Path(data_dir).expanduser() / relative
+    rows = _read_parquet(path)
+    if not rows:  # prepare writes no empty split: nothing could be drawn or scored from it
+        raise DataError(f"{path}: 0 rows; every split needs records (prepare the directory again with lora-maml prepare)")
+    return rows
 
 
 def _read_parquet(path: Path) -> list[dict]:
@@ -432,7 +443,7 @@ def _read_parquet(path: Path) -> list[dict]:
 def validate(data_dir: str | Path) -> None:
     """Re-read a prepared directory and check it; :class:`DataError` names the first problem.
 
-    Checks: the manifest's files exist with the expected columns; no missing or empty values;
+    Checks: the manifest's files exist, hold rows, with the expected columns; no missing or empty values;
     every answer is the last boxed answer of its response (stripped); subjects match file names; ids are
     unique; no problem occurs in two files (within or across tasks); the summary, row counts and
     hashes equal the manifest's.
@@ -449,6 +460,8 @@ def validate(data_dir: str | Path) -> None:
     contents = {relative: _read_parquet(data_dir / relative) for relative in sorted(listed)}
     for relative, rows in contents.items():
         entry = manifest["files"][relative]
+        if not rows:
+            raise DataError(f"{data_dir / relative}: 0 rows; every split needs records")
         for number, row in enumerate(rows, start=1):
             where = f"{data_dir / relative}: row {number} (id {row.get('id')!r})"
             for column in COLUMNS:

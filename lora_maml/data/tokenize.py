@@ -30,23 +30,45 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Literal
 
+import jinja2
 import torch
 from tqdm.auto import tqdm
 
 IGNORE_INDEX = -100
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 Truncation = Literal["error", "left", "right"]
 
 logger = logging.getLogger(__name__)
 
 
+def chat_template_source(tokenizer) -> str:
+    """Where ``tokenizer``'s chat template comes from, for messages: the ``chat_template.jinja`` or
+    ``tokenizer_config.json`` of the directory it was loaded from, else its name."""
+    name = str(getattr(tokenizer, "name_or_path", "") or "")
+    directory = Path(name).expanduser()
+    for file in (CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG):
+        if name and (directory / file).is_file():
+            return str(directory / file)
+    return f"the chat template of tokenizer {name or type(tokenizer).__name__}"
+
+
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    # transformers 5 returns a BatchEncoding unless return_dict=False; accept both so 4.x works as well.
-    out = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
-    )
+    """The token ids of ``prompt`` as a user turn followed by the assistant's header (the chat template).
+    ``ValueError`` naming the template's file when the template fails (jinja2 runs it sandboxed: a
+    template that reaches for Python internals is refused, as is one that raises)."""
+    try:
+        # transformers 5 returns a BatchEncoding unless return_dict=False; accept both so 4.x works as well.
+        out = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    except jinja2.TemplateError as err:
+        raise ValueError(f"{chat_template_source(tokenizer)}: the chat template failed on a user prompt "
+                         f"({type(err).__name__}: {err})") from None
     if not isinstance(out, list):
         out = out["input_ids"]
     return list(out)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import get_args
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lora_maml.config import MIN_MAX_LENGTH
 from lora_maml.data.tokenize import Truncation, collate, encode_example, prompt_ids
 from lora_maml.eval.generation import Generated, GenerationBackend, HFBackend, device_of
 from lora_maml.eval.grading import DEFAULT_TIMEOUT_S, load_metric
@@ -57,8 +59,8 @@ class AdaptSettings:
     micro-batch of a step; ``optimizer``: ``sgd`` or ``adam`` (a fresh bias-corrected Adam per episode,
     the meta-training inner loop's). ``lr``, ``steps`` and ``batch_size`` may be None (not set) only for
     an evaluation in which no episode adapts. ``max_length`` / ``truncation`` cap shots and references
-    as training does (``data.max_length`` / ``data.truncation``). Raises ``ValueError`` for a value out
-    of range.
+    as training does (``data.max_length`` / ``data.truncation``; at least ``MIN_MAX_LENGTH`` tokens, the
+    config key's minimum). Raises ``ValueError`` for a value out of range (a rate must be finite).
     """
 
     lr: float | Mapping[str, float] | None
@@ -79,8 +81,8 @@ class AdaptSettings:
             raise ValueError(f"AdaptSettings.batch_size must be an int >= 1, got {self.batch_size!r}")
         if self.optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"AdaptSettings.optimizer must be one of {'|'.join(INNER_OPTIMIZERS)}, got {self.optimizer!r}")
-        if not _is_int(self.max_length) or self.max_length < 1:
-            raise ValueError(f"AdaptSettings.max_length must be an int >= 1, got {self.max_length!r}")
+        if not _is_int(self.max_length) or self.max_length < MIN_MAX_LENGTH:
+            raise ValueError(f"AdaptSettings.max_length must be an int >= {MIN_MAX_LENGTH}, got {self.max_length!r}")
         if self.truncation not in TRUNCATIONS:
             raise ValueError(f"AdaptSettings.truncation must be one of {'|'.join(TRUNCATIONS)}, got {self.truncation!r}")
 
@@ -90,8 +92,8 @@ def _is_int(value) -> bool:
 
 
 def _check_positive(field: str, value, detail: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"AdaptSettings.{field} must be a positive number {detail}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"AdaptSettings.{field} must be a positive finite number {detail}, got {value!r}")
 
 
 def _pad_id(tokenizer, model) -> int:
@@ -127,20 +129,32 @@ def _generation_fields(tokenizer, generated: Generated, eos_ids: Sequence[int]) 
     return {"text": tokenizer.decode(kept, skip_special_tokens=True), "tokens": len(kept), "finished": finished}
 
 
-def _encode_plan(tokenizer, model, episodes: Sequence[Episode], records: Mapping[str, dict], *, max_length: int,
-                 truncation: str, max_new_tokens: int | None) -> tuple[dict[str, dict], dict[str, list[int]], set[str]]:
+def check_lengths(tokenizer, episodes: Sequence[Episode], records: Mapping[str, dict], adapt: AdaptSettings, *,
+                  max_new_tokens: int | None = None) -> None:
+    """Raise ``ValueError`` when ``adapt``'s length cap cannot score ``episodes`` (the checks of
+    :func:`evaluate_model` that need only the tokenizer): a record longer than the cap with
+    ``truncation="error"``, or a cap that leaves no scored reference a token to score. For a program to
+    call before it loads any weight."""
+    _encode_plan(tokenizer, None, episodes, records, max_length=adapt.max_length, truncation=adapt.truncation,
+                 max_new_tokens=max_new_tokens)
+
+
+def _encode_plan(tokenizer, positions: int | None, episodes: Sequence[Episode], records: Mapping[str, dict], *,
+                 max_length: int, truncation: str,
+                 max_new_tokens: int | None) -> tuple[dict[str, dict], dict[str, list[int]], set[str]]:
     """Encode every shot and scored problem of ``episodes`` (:func:`encode_example`) and, when
-    ``max_new_tokens`` is given, every generation prompt, within the lengths the model can take.
-    Returns the examples and the prompts by record id, and the ids of the prompts that were cut.
+    ``max_new_tokens`` is given, every generation prompt, within the lengths the model can take
+    (``positions``: its ``max_position_embeddings``, None when unknown). Returns the examples and the
+    prompts by record id, and the ids of the prompts that were cut.
 
     Shots and references are cut to ``min(max_length, max_position_embeddings)`` tokens as training
     cuts them (``truncation``). A prompt may take ``max_position_embeddings - max_new_tokens`` tokens
     (and at most ``max_length``); a longer one keeps its LAST tokens (the end of the problem and the
     assistant turn the model answers in), or with ``truncation=error`` raises ``ValueError`` naming the
     record. Truncations are counted in one warning; without these caps a 100k-token problem would be
-    fed to the model whole.
+    fed to the model whole. A cap that leaves no scored reference a target token (right truncation
+    shorter than every scored prompt) raises ``ValueError``: nothing would be scored.
     """
-    positions = getattr(model.config, "max_position_embeddings", None)
     cap = max_length if positions is None else min(max_length, positions)
     if cap < max_length:
         log.warning("max_length %d exceeds the model's max_position_embeddings: shots and references are cut "
@@ -153,6 +167,14 @@ def _encode_plan(tokenizer, model, episodes: Sequence[Episode], records: Mapping
                                           max_length=cap, truncation=truncation, answer=records[rid]["answer"])
         except ValueError as err:
             raise ValueError(f"record {rid}: {err}") from None
+    scored = list(dict.fromkeys(i for ep in episodes for i in ep.test_ids))
+    if scored and not any(label != IGNORE_INDEX for rid in scored for label in encoded[rid]["labels"][1:]):
+        shortest = min(len(prompt_ids(tokenizer, records[rid]["prompt"])) for rid in scored)
+        raise ValueError(
+            f"max_length={cap} ({truncation} truncation) leaves no scored problem a token of its solution to score: "
+            f"the shortest of the {len(scored)} scored prompts takes {shortest} tokens with the chat template; "
+            f"expected max_length > {shortest} (or truncation=left)"
+        )
     prompts: dict[str, list[int]] = {}
     cut_prompts: set[str] = set()
     if max_new_tokens is not None:
@@ -215,6 +237,7 @@ def evaluate_model(
     call.
     """
     model, tokenizer, params = trained.model, trained.tokenizer, trained.params
+    positions = getattr(model.config, "max_position_embeddings", None)
     if any(ep.n > 0 for ep in episodes) and adapt.steps != 0:
         for field in ("lr", "steps", "batch_size"):
             if getattr(adapt, field) is None:
@@ -227,7 +250,7 @@ def evaluate_model(
     fn = FunctionalLoss(model, names)
     loaded = [p.detach() for p in params.values()]
     # Every shot, reference and prompt is encoded and length-checked here, before the first episode.
-    encoded, prompts, cut_prompts = _encode_plan(tokenizer, model, episodes, records, max_length=adapt.max_length,
+    encoded, prompts, cut_prompts = _encode_plan(tokenizer, positions, episodes, records, max_length=adapt.max_length,
                                                  truncation=adapt.truncation,
                                                  max_new_tokens=max_new_tokens if generate else None)
     # Scores at the loaded weights, per problem: the same for every episode, so computed once (an

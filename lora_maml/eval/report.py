@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from lora_maml.atomic import write_text_atomic
+from lora_maml.atomic import naming, write_text_atomic
 from lora_maml.eval.stats import CONFIDENCE, bootstrap_mean, mcnemar_exact, paired_bootstrap, seed_verdict, seeded_rng
 from lora_maml.train.metrics import METRICS_FILE
 
@@ -292,7 +292,8 @@ def _pyplot():
 def _save_figure(fig, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        with naming(tmp):  # matplotlib's failed write (a full disk) names no file
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

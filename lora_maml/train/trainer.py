@@ -155,7 +155,8 @@ class Trainer:
 
     def ensure_inputs(self) -> None:
         """Prepare ``data.data_dir`` from ``data.source`` if it is missing, and build the tiny model if
-        ``model.build_tiny_if_missing`` asks for it (process 0 only; the others wait)."""
+        ``model.build_tiny_if_missing`` asks for it (process 0 only; the others wait); then read the
+        meta-training tasks' splits, so that a bad data directory or ``data.tasks`` fails before the model loads."""
         cfg = self.cfg
         data_dir = Path(cfg.data.data_dir)
         if self.dist.is_main and not (data_dir / prepare.MANIFEST).exists():
@@ -173,6 +174,7 @@ class Trainer:
             log.info("model: building a tiny random-init Qwen3 at %s", model_dir)
             build_tiny_model(model_dir, texts_from_prepared(data_dir), seed=cfg.trainer.seed)
         barrier()
+        self.read_data()
 
     def setup_model(self) -> None:
         """Frozen base (+ LoRA), the trained parameters, optional FSDP2, the fast weights (``self.fast``).
@@ -226,8 +228,8 @@ class Trainer:
             if free:
                 log.info(free)
 
-    def setup_data(self) -> None:
-        """Encode the support / query / test splits of the meta-training tasks."""
+    def read_data(self) -> None:
+        """The records of the support / query / test splits of the meta-training tasks (``data.tasks``)."""
         cfg = self.cfg
         data_dir = Path(cfg.data.data_dir)
         tasks = prepare.list_tasks(data_dir)
@@ -238,15 +240,21 @@ class Trainer:
                 raise ConfigError(f"data.tasks: {missing} are not meta-training tasks of {data_dir} ({meta_tasks})")
             meta_tasks = [t for t in meta_tasks if t in cfg.data.tasks]
         self.task_names = list(meta_tasks)
+        self.records = {
+            task: {part: prepare.load_split(data_dir, task, part) if part != "test" or task in tasks["few_shot_eval"]
+                   else [] for part in ("support", "query", "test")}
+            for task in self.task_names
+        }
+
+    def setup_data(self) -> None:
+        """Encode the records :meth:`read_data` read."""
+        cfg = self.cfg
+        data_dir = Path(cfg.data.data_dir)
         self.tasks: dict[str, TaskData] = {}
         truncated = 0
         for task in self.task_names:
             parts = {}
-            for part in ("support", "query", "test"):
-                if part == "test" and task not in tasks["few_shot_eval"]:
-                    parts[part] = []
-                    continue
-                records = prepare.load_split(data_dir, task, part)
+            for part, records in self.records.pop(task).items():
                 parts[part], n_cut = encode_records(
                     records, self.tokenizer, max_length=cfg.data.max_length, truncation=cfg.data.truncation
                 )
@@ -359,10 +367,15 @@ class Trainer:
         """Stop with a clear message after ``trainer.max_consecutive_nonfinite`` skipped steps in a row."""
         limit = self.cfg.trainer.max_consecutive_nonfinite
         if self.nonfinite_in_a_row >= limit:
+            # A skipped step leaves the weights as they were and a save refuses non-finite ones, so the
+            # newest checkpoint holds the last finite state (a resume refuses a checkpoint that does not).
+            saved = ckpt.complete_steps(self.out_dir)
+            last_good = (f"the last good state is the newest checkpoint, {ckpt.pt_path(self.out_dir, saved[-1])}"
+                         if saved else f"no checkpoint was saved in {self.out_dir}")
             raise FloatingPointError(
                 f"{self.nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient (limit "
-                f"trainer.max_consecutive_nonfinite={limit}); last good state is the newest checkpoint in "
-                f"{self.out_dir}. Lower the learning rates (meta.inner_lr, meta.outer_lr) or check the data."
+                f"trainer.max_consecutive_nonfinite={limit}); {last_good}. Lower the learning rates "
+                "(meta.inner_lr, meta.outer_lr) or check the data."
             )
 
     # -- the loop ----------------------------------------------------------------------------------
