@@ -214,6 +214,8 @@ class TrainerConfig(_Section):
     eval_num_support: int = Field(8, ge=1)
     eval_num_test: int = Field(16, ge=1)
     eval_max_tasks: int = Field(16, ge=1)
+    # Resume although the data or the base model changed since the checkpoint (lora_maml.inputs): warn only.
+    allow_changed_inputs: bool = False
 
     @field_validator("logger", mode="before")
     @classmethod

@@ -8,7 +8,8 @@ user turns of the chat template), all computed in fp32 (fp64 for an fp64 output)
 1. :func:`lora_maml.load_trained.load_trained` in fp32 with the base UNQUANTISED: LoRA is merged into
    the dense base, never into a quantised one (an nf4-trained run gets a note: the merged model is
    base + adapter, not the nf4 base it was trained on + adapter). Full-parameter runs are taken as
-   they are. Its logits are the reference: base + adapter.
+   they are. Its logits are the reference: base + adapter (non-finite ones are an error: every check
+   below would compare NaN with NaN).
 2. ``merge_and_unload`` in fp32. Check 1 (the merge): merged logits vs the reference.
 3. Round the weights to the storage dtype (``dtype``, else the run's ``model.dtype`` / the base's
    saved dtype). Check 2 (rounding): their logits vs the reference. Tied embeddings must still be tied.
@@ -283,6 +284,11 @@ def merge_and_save(
 
     batch = probe_batch(trained.tokenizer, probe_texts)
     reference = probe_logits(trained.model, batch)
+    if not torch.isfinite(reference).all():
+        raise ExportError(
+            f"{model_path}: base + adapter gives non-finite logits on the probe texts: the model or adapter is corrupt "
+            f"(e.g. a huge lora_alpha in adapter_config.json) or overflows in {compute}; nothing was written"
+        )
     scale = float(reference.abs().max())
     report.update(probe_tokens=int(batch["attention_mask"].sum()), logit_scale=scale)
 

@@ -14,6 +14,13 @@ Accepted, checked in this order:
   the default ``LoraConfig``) is added with B = 0, which leaves the function unchanged, so a base
   model is adapted exactly like a trained adapter.
 
+What a checkpoint or adapter brings is checked before anything uses it: every saved weight finite (a NaN
+would score as accuracy 0, not as an error), and an adapter's ``adapter_config.json`` covering exactly the
+LoRA weights its file holds (peft would silently drop weights of modules ``target_modules`` does not name,
+and leave a target without weights at its fresh initialisation); errors name the file and the tensors.
+A run checkpoint's base is compared with the fingerprint it recorded (:mod:`lora_maml.inputs`): a warning
+when it is not the base it was trained on (``Trained.inputs`` keeps the fingerprint for the data check).
+
 Remote code (the Python a model directory ships, named by ``auto_map`` in its config) runs only when
 the caller passes ``trust_remote_code=True`` (a program: its ``--trust-remote-code`` flag, for that run).
 The ``model.trust_remote_code`` a checkpoint stored in its config is ignored: a file someone hands you
@@ -36,6 +43,7 @@ from typing import NamedTuple
 
 import torch
 from pydantic import ValidationError
+from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -52,6 +60,7 @@ from lora_maml.models import (
     torch_dtype,
 )
 from lora_maml import checkpoint as ckpt
+from lora_maml import inputs
 
 log = logging.getLogger("lora_maml")
 
@@ -99,6 +108,8 @@ class Trained:
     step: int | None = None
     inner_lrs: dict[str, float] | None = None  # Meta-SGD's learned rates by name in ``params``; else None
     trust_remote_code: bool = False  # what the caller allowed (never what a checkpoint stored)
+    # A checkpoint's fingerprint of its data and base (lora_maml.inputs); None for the other kinds and old checkpoints.
+    inputs: dict | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,10 +333,13 @@ def _load_checkpoint(pt: str, base, dtype, device_map, options, keep_quantizatio
         model = add_lora(model, cfg.model.lora)
     params = adapted_parameters(model, cfg.meta.adapter)
     copy_saved_weights(params, saved["model_state_dict"], where=f"{pt} (meta.adapter={cfg.meta.adapter})")
+    check_finite_weights(params, pt)
+    recorded = inputs.recorded_inputs(saved["trainer_state"], pt)
+    inputs.warn_if_base_changed(pt, recorded, model_cfg.partial_pretrain, model_cfg.gguf_file)
     return Trained(
         model=model, tokenizer=tokenizer, params=params, config=cfg, kind="checkpoint", adapter=cfg.meta.adapter,
         source=str(pt), base=model_cfg.partial_pretrain, native_dtype=cfg.model.dtype, step=int(saved["step"]),
-        inner_lrs=ckpt.load_inner_lrs(saved["pretrained_dir"], params),
+        inner_lrs=ckpt.load_inner_lrs(saved["pretrained_dir"], params), inputs=recorded,
     )
 
 
@@ -359,6 +373,58 @@ def copy_saved_weights(params: dict[str, nn.Parameter], saved: dict[str, torch.T
             p.copy_(value)
 
 
+def check_finite_weights(params: dict[str, nn.Parameter], where: str | Path, *, names: dict[str, str] | None = None) -> None:
+    """Raise :class:`LoadTrainedError` naming ``where`` (the file) and the tensors holding NaN or inf
+    (``names``: parameter name -> the name the file uses, when they differ)."""
+    bad = []
+    for name, p in params.items():
+        count = int((~torch.isfinite(p.detach())).sum())
+        if count:
+            bad.append(f"{(names or {}).get(name, name)} ({count} of {p.numel()} values)")
+    if bad:
+        raise LoadTrainedError(
+            f"{where}: {len(bad)} saved tensor(s) hold non-finite values (NaN or inf), e.g. {'; '.join(bad[:3])}: "
+            "the file is damaged or the run that wrote it diverged"
+        )
+
+
+def _adapter_keys(weights: Path) -> set[str]:
+    """The tensor names in an adapter's weights file (safetensors: its header only; a .bin: loaded safely)."""
+    if weights.suffix == ".safetensors":
+        with safe_open(str(weights), framework="pt") as f:
+            return set(f.keys())
+    return set(torch.load(weights, map_location="cpu", weights_only=True))
+
+
+def check_adapter_keys(weights: Path, model: nn.Module, targets) -> None:
+    """Raise :class:`LoadTrainedError` when the LoRA tensors in an adapter's ``weights`` file are not exactly
+    those the PeftModel ``model`` built from its ``adapter_config.json`` (``targets``: its target_modules)
+    would save, naming the keys on either side: peft drops the uncovered ones, and keeps a target without
+    weights at its fresh (B = 0) initialisation, both without a word."""
+    from peft import get_peft_model_state_dict
+
+    saved = {key for key in _adapter_keys(weights) if ".lora_" in key}
+    expected = {key for key in get_peft_model_state_dict(model, save_embedding_layers=False) if ".lora_" in key}
+    uncovered, missing = sorted(saved - expected), sorted(expected - saved)
+    if not (uncovered or missing):
+        return
+
+    def modules(keys: list[str]) -> list[str]:
+        return sorted({key.split(".lora_")[0].rsplit(".", 1)[-1] for key in keys})
+
+    problems = []
+    if uncovered:
+        problems.append(f"{len(uncovered)} tensors of modules {modules(uncovered)} that target_modules does not cover, "
+                        f"e.g. {uncovered[:2]}")
+    if missing:
+        problems.append(f"no tensors for {len(missing)} LoRA weights of target modules {modules(missing)}, e.g. "
+                        f"{missing[:2]}")
+    raise LoadTrainedError(
+        f"{weights}: does not match {weights.parent / ADAPTER_CONFIG} (target_modules={targets!r}): "
+        + "; ".join(problems) + ". target_modules must name exactly the modules the file holds LoRA weights for"
+    )
+
+
 def _load_adapter(directory: str, base, dtype, device_map, options) -> Trained:
     from peft import PeftModel
     from safetensors import SafetensorError
@@ -387,6 +453,9 @@ def _load_adapter(directory: str, base, dtype, device_map, options) -> Trained:
         raise RuntimeError(
             f"{directory}: LoRA weights {low[:3]} were not upcast to fp32 by peft (autocast_adapter_dtype)"
         )
+    weights = Path(directory) / ADAPTER_WEIGHTS  # the only adapter file accepted (checked before the base loaded)
+    check_adapter_keys(weights, model, adapter_cfg.get("target_modules"))
+    check_finite_weights(params, weights, names={name: _ADAPTER_NAME.sub(r".\1", name) for name in params})
     return Trained(
         model=model, tokenizer=tokenizer if own_tokenizer is None else own_tokenizer, params=params, config=None,
         kind="adapter", adapter="lora",

@@ -37,6 +37,7 @@ from lora_maml.atomic import check_writable_dir, write_text_atomic
 from lora_maml.config import Config
 from lora_maml.data.prepare import MANIFEST, list_tasks
 from lora_maml.errors import reworded, run_main
+from lora_maml.inputs import warn_if_data_changed
 from lora_maml.eval import report
 from lora_maml.eval.few_shot import (
     DEFAULT_MAX_LENGTH,
@@ -343,6 +344,7 @@ def evaluate_method(name: str, model: ModelPath, adapt: AdaptSettings, settings:
             lora=ref_cfg.model.lora if plain and ref_cfg is not None else None,
             gradient_checkpointing=args.gradient_checkpointing, trust_remote_code=args.trust_remote_code,
         )
+    warn_if_data_changed(trained.source, trained.inputs, args.data_dir)
     learned = trained.inner_lrs
     if learned is not None and not explicit_lr:
         # A Meta-SGD run adapts with the per-tensor rates it learned, unless --adapt-lr names a rate for it.

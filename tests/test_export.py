@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -309,6 +310,20 @@ def test_a_truncated_adapter_file_is_named(fp32_run, tmp_path, capsys):
     assert merge(["--checkpoint", str(adapter), "--output", str(tmp_path / "merged")]) == 1
     line = one_error_line(capsys.readouterr().err)
     assert line.startswith(f"error: {weights}: not a valid safetensors file (")  # found before the base loads
+    assert not (tmp_path / "merged").exists() and leftovers(tmp_path) == []
+
+
+def test_an_adapter_whose_logits_are_not_finite_is_not_merged(fp32_run, tmp_path, capsys):
+    """lora_alpha: 1e30 in adapter_config.json: its weights are finite, base + adapter's logits are not; merge
+    says so in one line (not 'the merge is wrong' from comparing NaN with NaN) and writes nothing."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(Path(fp32_run[0]).parent / "step_2" / "adapter", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 1e30}))
+    assert merge(["--model-path", str(adapter), "--output", str(tmp_path / "merged"), "--dtype", "fp32"]) == 1
+    assert one_error_line(capsys.readouterr().err) == (
+        f"error: {adapter}: base + adapter gives non-finite logits on the probe texts: the model or adapter is corrupt "
+        "(e.g. a huge lora_alpha in adapter_config.json) or overflows in fp32; nothing was written")
     assert not (tmp_path / "merged").exists() and leftovers(tmp_path) == []
 
 

@@ -23,6 +23,7 @@ from lora_maml.cli import main as cli_main
 from lora_maml.eval import few_shot, generation
 from lora_maml.eval.few_shot import AdaptSettings, evaluate_model
 from lora_maml.eval.plan import Episode, episode_records, plan_episodes, plan_fingerprint
+from lora_maml.eval.report import build_report, render_markdown
 from lora_maml.load_trained import load_trained
 from lora_maml.loss import causal_lm_loss_tensors
 from lora_maml.tiny_model import build_tiny_model
@@ -539,3 +540,52 @@ def test_scores_are_the_training_loss_and_the_answer_tokens(evaluated):
         assert row["answer_accuracy"] == pytest.approx(hits / len(targets))
         checked += 1
     assert checked
+
+
+# --- non-finite numbers are never scored ---------------------------------------------------------
+def test_a_diverged_adaptation_marks_its_rows_invalid_never_zero(data_dir, tiny_dir, evaluated):
+    """An adaptation at lr 1e30 ends in non-finite weights or logits: its rows are marked invalid with no
+    score, generation or grade (not answer_accuracy 0 and correct False), and the report counts them and
+    leaves them out of its means. The unadapted rows are scored as usual."""
+    trained = sharpen(load(tiny_dir, "fp32"))
+    plan = plan_episodes(data_dir, ["algebra"], [0, 2], 2, 2, seed=0)
+    records = episode_records(data_dir, plan)
+    rows = evaluate_model(trained, plan, records, replace(ADAPT, lr=1e30, steps=2), **EVAL)
+    adapted = [r for r in rows if r["n"] > 0]
+    assert len(adapted) == 4 and all(r["n"] == 0 for r in rows if r not in adapted)
+    for row in adapted:
+        assert row["invalid"].startswith(("non-finite adapted weight", "non-finite logits at the adapted weights"))
+        assert row["nll"] != row["nll"] and row["answer_accuracy"] != row["answer_accuracy"]  # NaN: no score
+        assert row["correct"] is None and row["strict"] is None and row["generation"] is None
+        assert row["nll_pre"] > 0  # the loaded weights' scores stay
+    for row in (r for r in rows if r["n"] == 0):
+        assert row["invalid"] is None and isinstance(row["correct"], bool) and row["answer_accuracy"] >= 0
+    report = build_report({"fomaml": rows}, n_boot=50)
+    cell = next(r for r in report["summary"] if r["task"] == "algebra" and r["n"] == 2)
+    assert cell["invalid"] == 4 and cell["answer_accuracy"] != cell["answer_accuracy"]  # no mean, not 0.000
+    assert report["diagnostics"]["fomaml"]["invalid_rows"] == 4
+    markdown = render_markdown(report)
+    assert "**Invalid rows**" in markdown and "fomaml 4" in markdown and "– (4 invalid)" in markdown
+
+
+def test_weights_that_give_non_finite_logits_are_an_error_naming_the_model(data_dir, tiny_dir, tmp_path, capsys):
+    """An adapter whose adapter_config.json says lora_alpha: 1e30 loads (its weights are finite) but its
+    logits are not: `lora-maml eval` fails with one error line naming it, instead of scoring accuracy 0."""
+    trained = load(tiny_dir, "fp32")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in trained.params.items():
+            if ".lora_B." in name:
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.05)
+    adapter = tmp_path / "adapter"
+    trained.model.save_pretrained(adapter, safe_serialization=True)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 1e30}))
+    code = main(["--model-path", str(adapter), "--data-dir", str(data_dir), "--tasks", "algebra", "--n-shots", "0",
+                 "--max-test-per-task", "2", "--no-generate", "--dtype", "fp32", "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert lines[0].startswith(f"error: {adapter}: its loaded weights give non-finite logits on problem")
+    assert not (tmp_path / "out" / "results.json").exists()

@@ -1,11 +1,14 @@
 """load_trained: every kind of --model-path gives the weights that were saved (tiny Qwen3 in tmp, offline)."""
 
 import json
+import re
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from lora_maml.config import Config, LoraConfig, config_to_dict
 from lora_maml.load_trained import LoadTrainedError, load_trained, resolve_model_path
@@ -315,3 +318,74 @@ def test_a_checkpoint_cannot_switch_on_remote_code(lora_run, tmp_path, caplog):
     assert trained.trust_remote_code is False and trained.config.model.trust_remote_code is False
     assert type(trained.model.get_base_model()).__name__ == "Qwen3ForCausalLM"
     torch.testing.assert_close(logits(trained.model, native["ids"]), native["logits"], rtol=0, atol=1e-6)
+
+
+# --- what a checkpoint or adapter brings is checked --------------------------------------------
+def copied_adapter(lora_run, directory: Path) -> Path:
+    shutil.copytree(lora_run["root"] / "run" / "step_3" / "adapter", directory)
+    return directory
+
+
+def test_non_finite_saved_weights_are_refused_naming_file_and_tensor(lora_run, tmp_path):
+    """A NaN in one lora_B of a checkpoint (save_checkpoint refuses to write one: here a damaged file of the
+    same size), or an inf in an adapter file: an error naming the file and the tensor, before anything is
+    scored (it would evaluate to accuracy 0 with no NLL)."""
+    cfg = lora_run["cfg"].model_copy(deep=True)
+    cfg.trainer.default_local_dir = str(tmp_path / "run")
+    model, _, params = trained_model(cfg)
+    pt = save_run_checkpoint(cfg, model, params, step=1)
+    name = next(n for n in params if ".lora_B." in n)
+    data = pt.read_bytes()
+    stored = params[name].detach().numpy().tobytes()  # the tensor's bytes, stored uncompressed in the .pt
+    assert data.count(stored) == 1
+    pt.write_bytes(data.replace(stored, struct.pack("<f", float("nan")) + stored[4:]))  # same size: complete
+    with pytest.raises(LoadTrainedError, match=rf"{pt}: 1 saved tensor\(s\) hold non-finite values .*"
+                                               rf"{re.escape(name)} \(1 of \d+ values\)"):
+        load_trained(pt)
+
+    adapter = copied_adapter(lora_run, tmp_path / "adapter")
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    key = sorted(k for k in weights if ".lora_A." in k)[-1]
+    weights[key][1, :3] = float("inf")
+    save_file(weights, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(LoadTrainedError, match=rf"adapter_model\.safetensors: 1 saved tensor\(s\) hold non-finite "
+                                               rf"values .*{re.escape(key)} \(3 of \d+ values\)"):
+        load_trained(adapter)
+
+
+def test_an_adapter_config_must_cover_exactly_the_weights_it_ships(lora_run, tmp_path):
+    """target_modules naming q_proj only while the file holds all seven projections would drop 6 of 7 trained
+    pairs; naming modules the file has no weights for would keep those at B = 0. Both are errors naming the
+    keys and modules on either side."""
+    narrow = copied_adapter(lora_run, tmp_path / "narrow")
+    config = json.loads((narrow / "adapter_config.json").read_text())
+    (narrow / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj"]}))
+    with pytest.raises(LoadTrainedError) as err:
+        load_trained(narrow)
+    message = str(err.value)
+    assert message.startswith(f"{narrow / 'adapter_model.safetensors'}: does not match {narrow / 'adapter_config.json'} "
+                              "(target_modules=['q_proj']): 24 tensors of modules ['down_proj', 'gate_proj', 'k_proj', "
+                              "'o_proj', 'up_proj', 'v_proj'] that target_modules does not cover, e.g. ")
+    assert "no tensors for" not in message
+
+    partial = copied_adapter(lora_run, tmp_path / "partial")
+    weights = load_file(str(partial / "adapter_model.safetensors"))
+    save_file({k: v for k, v in weights.items() if ".q_proj." in k}, str(partial / "adapter_model.safetensors"))
+    with pytest.raises(LoadTrainedError, match=r"no tensors for 24 LoRA weights of target modules \['down_proj', "
+                                               r"'gate_proj', 'k_proj', 'o_proj', 'up_proj', 'v_proj'\], e\.g\. "):
+        load_trained(partial)
+    # Consistent again (both sides q_proj only): it loads, with the q_proj pairs only.
+    (partial / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj"]}))
+    assert len(load_trained(partial).params) == 2 * 2  # 2 layers x {A, B}
+
+
+def test_a_checkpoint_without_an_inputs_fingerprint_loads_with_one_warning(lora_run, tmp_path, caplog):
+    """Checkpoints of older versions recorded no fingerprint of their data and base: they keep loading, and
+    say once that whether those changed cannot be checked."""
+    cfg = lora_run["cfg"].model_copy(deep=True)
+    cfg.trainer.default_local_dir = str(tmp_path / "run")
+    model, _, params = trained_model(cfg)
+    pt = save_run_checkpoint(cfg, model, params, step=1)  # trainer_state without "inputs"
+    first, second = load_trained(pt), load_trained(pt)
+    assert first.inputs is None and second.step == 1
+    assert caplog.text.count(f"{pt}: written without a fingerprint of its data and base model") == 1

@@ -177,7 +177,7 @@ def test_write_report_files(tmp_path):
         data = (tmp_path / "out" / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 10_000
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert saved["diagnostics"]["sft"] == {"unfinished_generations": 0.25, "truncated_references": 0.0}
+    assert saved["diagnostics"]["sft"] == {"unfinished_generations": 0.25, "truncated_references": 0.0, "invalid_rows": 0}
     assert saved["metadata"] == {"note": "x"} and saved["methods"] == ["sft", "fomaml"]
     assert len(saved["rows"]) == len(rows) + len(fomaml) and {r["method"] for r in saved["rows"]} == {"sft", "fomaml"}
     assert saved["summary"] and saved["significance"]
@@ -210,3 +210,54 @@ def test_many_tasks_show_all_rows_and_answer_metrics_without_generation():
     md = render_markdown(result)
     assert "| ALL | 2 |" in md and "| code_000 |" not in md and f"{len(tasks)} tasks: ALL rows only" in md
     assert "### Answer-token accuracy" in md and "### Accuracy (math-verify" not in md  # no empty tables
+
+
+def balanced_grid(ones: int, problems: int, rng_: np.random.Generator) -> np.ndarray:
+    """One episode x ``problems``: exactly ``ones`` of them right, in a random order."""
+    row = np.array([1.0] * ones + [0.0] * (problems - ones))
+    return rng_.permutation(row)[None, :]
+
+
+def test_resampling_the_tasks_matches_the_two_stage_variance():
+    """Tasks drawn with replacement, each draw resampled on its own: the pooled mean of S equal-sized tasks
+    has bootstrap variance (between-task variance + mean within-task variance of a task's mean) / S, both
+    the plug-in (1/n) variances of the data. Resampling a task drawn k times once and counting it k times
+    would inflate the within part by E[k^2] = 2 - 1/S instead of E[k] = 1 (here: a 30% wider CI)."""
+    tasks, problems = 100, 10
+    gen = np.random.default_rng(7)
+    # Task means 0.4 or 0.6 (between-task variance 0.01), each task 0/1 (within variance 0.24).
+    grids = [balanced_grid(4 if s % 2 else 6, problems, gen) for s in range(tasks)]
+    means = np.array([g.mean() for g in grids])
+    within = np.mean([g.var() / problems for g in grids])
+    se = math.sqrt((means.var() + within) / tasks)
+    stat = bootstrap_mean(grids, n_boot=20000, rng=rng(), resample_strata=True)
+    width = stat["ci"][1] - stat["ci"][0]
+    assert stat["mean"] == pytest.approx(0.5)
+    assert width == pytest.approx(2 * 1.959964 * se, rel=0.04)
+    # Fixed tasks: only the within-task part.
+    fixed = bootstrap_mean(grids, n_boot=20000, rng=rng())
+    assert fixed["ci"][1] - fixed["ci"][0] == pytest.approx(2 * 1.959964 * math.sqrt(within / tasks), rel=0.04)
+
+
+def test_held_out_all_rows_draw_the_tasks_and_meta_training_ones_do_not():
+    """Every problem of a task scores its task's value (no within-task spread): a bootstrap that keeps the
+    tasks gives a zero-width interval; the held-out section's ALL row, whose tasks are a sample of unseen
+    tasks, must cover the spread between tasks (the between-task SE)."""
+    seen, unseen = [f"seen{i}" for i in range(20)], [f"unseen{i}" for i in range(20)]
+    value = {t: float(i % 2) for i, t in enumerate(seen + unseen)}
+    rows = make_rows(lambda t, n, s, i: value[t] > 0.5, tasks=seen + unseen, shots=(0, 2), holdout=unseen,
+                     nll=lambda t, n, s, i: 1.0 + value[t])
+    result = build_report({"fomaml": rows}, n_boot=4000)
+    rows_all = {r["section"]: r for r in result["summary"] if r["task"] == "ALL" and r["n"] == 2}
+    assert rows_all["meta_train"]["accuracy_ci"] == [0.5, 0.5] and rows_all["meta_train"]["nll_ci"] == [1.5, 1.5]
+    se = math.sqrt(0.25 / len(unseen))
+    for name in ("accuracy", "nll"):
+        lo, hi = rows_all["holdout"][f"{name}_ci"]
+        assert hi - lo == pytest.approx(2 * 1.959964 * se, rel=0.1), name
+    # Paired differences of held-out tasks are drawn the same way (A - B differs by task).
+    other = make_rows(lambda t, n, s, i: False, tasks=seen + unseen, shots=(0, 2), holdout=unseen,
+                      nll=lambda t, n, s, i: 1.0)
+    paired = build_report({"fomaml": rows, "base": other}, n_boot=4000)
+    diff = next(r for r in paired["significance"] if r["section"] == "holdout" and r["task"] == "ALL" and r["n"] == 2)
+    lo, hi = diff["accuracy_diff_ci"]
+    assert hi - lo == pytest.approx(2 * 1.959964 * se, rel=0.1)

@@ -14,6 +14,11 @@ and returns one row per (episode, scored problem). Each episode starts from the 
    with the ``math_accuracy`` metric (:func:`lora_maml.eval.grading.load_metric`, the grader users load
    with ``evaluate.load``).
 
+Non-finite numbers are never scored: the loaded weights giving non-finite logits is an error (a corrupt
+model or adapter, e.g. a huge ``lora_alpha``, or an overflow in its dtype); an adaptation that ends in
+non-finite weights or logits (e.g. too high a learning rate) marks its rows ``invalid`` (the reason), with
+no scores, no generation and no grades, which the report counts and leaves out of its means.
+
 The full protocol, the backends and the command line (``recipes/evaluate_few_shot.py``): docs/evaluation.md.
 """
 
@@ -229,12 +234,14 @@ def evaluate_model(
     scored tokens), answer_nll, answer_accuracy, answer_tokens (the final boxed answer's tokens alone),
     truncated (the reference was cut), nll_pre, answer_nll_pre (at the loaded weights: ``nll_pre - nll``
     is the gain of adaptation), prompt_truncated; generation, gen_tokens, finished (a stop token ended it);
-    extracted, gold, correct (math-verify), strict (notational match). A NaN score: no target token left.
+    extracted, gold, correct (math-verify), strict (notational match). A NaN score: no target token left,
+    or an ``invalid`` row. invalid: None, or why the adapted episode was not scored (its adapted weights
+    or logits were not finite; every score, generation and grade of the row is then None / NaN).
 
     Every length is checked before the first episode; ``ValueError`` for a setting out of range (e.g.
     ``adapt.lr`` unset while an episode adapts) or a record longer than the caps with
-    ``truncation="error"``. The loaded parameters and the model's train/eval mode are the same after the
-    call.
+    ``truncation="error"``; ``FloatingPointError`` naming the model when its loaded weights give
+    non-finite logits. The loaded parameters and the model's train/eval mode are the same after the call.
     """
     model, tokenizer, params = trained.model, trained.tokenizer, trained.params
     positions = getattr(model.config, "max_position_embeddings", None)
@@ -258,12 +265,16 @@ def evaluate_model(
     unadapted: dict[str, dict] = {}
 
     @torch.no_grad()
-    def score(pid: str, weights: list[torch.Tensor]) -> dict:
+    def score(pid: str, weights: list[torch.Tensor]) -> dict | None:
         """NLL of the reference solution (token mean) and, on its final answer's tokens alone, the NLL and
-        the fraction of tokens the model ranks first (teacher forcing: one forward, no generation)."""
+        the fraction of tokens the model ranks first (teacher forcing: one forward, no generation); None
+        when the logits are not finite (their argmax and NLL would read as accuracy 0 and no NLL)."""
         ref = encoded[pid]
         batch = _to(collate([ref], pad_id, packed=False), device)
-        nll, hits, mask = token_nll_and_hits(fn.logits(weights, batch), batch["labels"])
+        logits = fn.logits(weights, batch)
+        if not torch.isfinite(logits).all():
+            return None
+        nll, hits, mask = token_nll_and_hits(logits, batch["labels"])
         answer_mask = (F.pad(torch.tensor([ref["answer_labels"]]), (0, 1), value=IGNORE_INDEX)[:, 1:] != IGNORE_INDEX).to(device)
         n_tokens, n_answer = int(mask.sum()), int(answer_mask.sum())
         nan = float("nan")
@@ -274,6 +285,17 @@ def evaluate_model(
             "answer_tokens": n_answer, "truncated": bool(ref["truncated"]),
         }
 
+    def score_loaded(pid: str) -> dict:
+        """:func:`score` at the loaded weights; non-finite logits there are an error: every episode starts from them."""
+        scores = score(pid, loaded)
+        if scores is None:
+            raise FloatingPointError(
+                f"{getattr(trained, 'source', 'the model')}: its loaded weights give non-finite logits on problem "
+                f"{pid!r}: the model or adapter is corrupt (e.g. a huge lora_alpha in adapter_config.json) or "
+                "overflows in its dtype (evaluate in fp32); nothing was scored"
+            )
+        return scores
+
     if generate:
         backend_owned = backend is None
         backend = HFBackend(gen_batch_size) if backend_owned else backend
@@ -281,7 +303,7 @@ def evaluate_model(
         # Before any adaptation: a backend that cannot serve this model says so at once.
         backend.start(trained, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, label=desc)
     was_training = model.training
-    scored: list[tuple[Episode, dict[str, dict]]] = []
+    scored: list[tuple[Episode, dict[str, dict], str | None]] = []  # (episode, scores, why it is invalid)
     bar = tqdm(episodes, desc=desc, unit="episode", dynamic_ncols=True, disable=not progress)
     try:
         for ep in bar:
@@ -296,16 +318,20 @@ def evaluate_model(
                     # One element = one inner step over ALL micro-batches (token-weighted mean loss).
                     adapted = adapt_weights(model, params, [micro], adapt.lr, adapt.steps, optimizer=adapt.optimizer)
             model.eval()
-            scores: dict[str, dict] = {}
             for pid in ep.test_ids:
                 if pid not in unadapted:
-                    unadapted[pid] = score(pid, loaded)
-                scores[pid] = unadapted[pid] if adapted is None else score(pid, [adapted[name] for name in names])
-            if generate:
+                    unadapted[pid] = score_loaded(pid)
+            scores, why = _score_adapted(ep, adapted, names, unadapted, score)
+            if generate and why is None:  # a broken adapted model is not worth generating with
                 backend.add(adapted, [prompts[pid] for pid in ep.test_ids])
-            scored.append((ep, scores))
+            scored.append((ep, scores, why))
             bar.set_postfix(task=ep.task, n=ep.n, nll=f"{sum(scores[p]['nll'] for p in ep.test_ids) / len(ep.test_ids):.3f}")
         bar.close()
+        invalid = [(ep, why) for ep, _, why in scored if why is not None]
+        if invalid:
+            ep, why = invalid[0]
+            log.warning("%s: %d of %d episodes invalid, their rows marked so and left out of every score (first: task "
+                        "%s, n=%d, episode %d: %s)", desc, len(invalid), len(scored), ep.task, ep.n, ep.seed, why)
         if generate:
             generated = backend.generate()
             stats = backend.stats
@@ -316,24 +342,50 @@ def evaluate_model(
         model.train(was_training)
         if generate and backend_owned:
             backend.close()
-    problems = [(ep, scores, pid) for ep, scores in scored for pid in ep.test_ids]
-    golds = [records[pid]["answer"] for _, _, pid in problems]
+    problems = [(ep, scores, why, pid) for ep, scores, why in scored for pid in ep.test_ids]
+    golds = [records[pid]["answer"] for *_, pid in problems]
+    texts = [_NOT_GENERATED] * len(problems)
+    verdicts = [_NOT_GRADED] * len(problems)
     if generate:
-        texts = [_generation_fields(tokenizer, out, eos_ids) for outputs in generated for out in outputs]
-        verdicts = _grade([gen["text"] for gen in texts], golds, grading_timeout_s)
-    else:
-        texts, verdicts = [_NOT_GENERATED] * len(problems), [_NOT_GRADED] * len(problems)
+        # The backend got the valid episodes' prompts, in order.
+        graded = [i for i, (_, _, why, _) in enumerate(problems) if why is None]
+        outputs = [out for episode_outputs in generated for out in episode_outputs]
+        for i, out in zip(graded, outputs, strict=True):
+            texts[i] = _generation_fields(tokenizer, out, eos_ids)
+        for i, verdict in zip(graded, _grade([texts[i]["text"] for i in graded], [golds[i] for i in graded],
+                                             grading_timeout_s), strict=True):
+            verdicts[i] = verdict
     rows: list[dict] = []
-    for (ep, scores, pid), gold, gen, verdict in zip(problems, golds, texts, verdicts, strict=True):
+    for (ep, scores, why, pid), gold, gen, verdict in zip(problems, golds, texts, verdicts, strict=True):
         rows.append({
             "task": ep.task, "n": ep.n, "seed": ep.seed, "holdout": ep.holdout, "id": pid,
             "shot_ids": list(ep.shot_ids), **scores[pid], "nll_pre": unadapted[pid]["nll"],
             "answer_nll_pre": unadapted[pid]["answer_nll"], "prompt_truncated": pid in cut_prompts,
             "generation": gen["text"], "gen_tokens": gen["tokens"], "finished": gen["finished"],
             "extracted": verdict["extracted"], "gold": gold,
-            "correct": verdict["math_verify"], "strict": verdict["strict"],
+            "correct": verdict["math_verify"], "strict": verdict["strict"], "invalid": why,
         })
     return rows
+
+
+def _score_adapted(ep: Episode, adapted: Mapping[str, torch.Tensor] | None, names: Sequence[str],
+                   unadapted: Mapping[str, dict], score) -> tuple[dict[str, dict], str | None]:
+    """An episode's scores per problem and None, or (when its adaptation ended in non-finite weights or
+    logits) NaN scores and the reason: the whole episode is invalid, its adapted model being broken."""
+    if adapted is None:
+        return {pid: unadapted[pid] for pid in ep.test_ids}, None
+    bad = next((name for name in names if not torch.isfinite(adapted[name]).all()), None)
+    why = None if bad is None else f"non-finite adapted weight {bad}"
+    scores: dict[str, dict] = {}
+    for pid in ep.test_ids if why is None else ():
+        scores[pid] = score(pid, [adapted[name] for name in names])
+        if scores[pid] is None:
+            why = f"non-finite logits at the adapted weights (problem {pid!r})"
+            break
+    if why is None:
+        return scores, None
+    nan = float("nan")
+    return {pid: {**unadapted[pid], "nll": nan, "answer_nll": nan, "answer_accuracy": nan} for pid in ep.test_ids}, why
 
 
 def _grade(predictions: list[str], golds: list[str], timeout_s: int) -> list[dict]:

@@ -11,7 +11,10 @@ seeds) x P problems (the task's fixed scored subset), each entry ``correct`` (0/
   of "every episode scores every problem" is kept: a resample is the grid of the drawn episodes x the
   drawn problems). n = 0 has a single episode, so its CI is over problems only.
 * "ALL" rows (one per n and section): pooled over the section's tasks, every (episode, problem) entry
-  weighing the same; the bootstrap resamples within each task (stratified) and pools.
+  weighing the same; the bootstrap resamples within each task (stratified) and pools. The held-out
+  section's tasks are a sample of unseen tasks, so its bootstrap draws the tasks too (with replacement,
+  each draw of a task resampled on its own; ``resample_strata`` of :mod:`lora_maml.eval.stats`), as the
+  experiment runner does for ``--eval-on holdout``; the meta-training tasks are fixed.
 * Paired comparisons ``A vs B`` (``fomaml`` vs ``sft``, ``fomaml`` vs ``base``, ``sft`` vs ``base``, for
   the methods present): on the grid of differences A - B of the same (episode, problem) pairs,
   - paired bootstrap: mean difference, its 95% percentile CI (same two-way resampling), and the two-sided
@@ -21,7 +24,9 @@ seeds) x P problems (the task's fixed scored subset), each entry ``correct`` (0/
     every (episode, problem) pair as independent, which repeated problems across episodes are not: the
     paired bootstrap is the one that accounts for that clustering.
 * NLL entries that are missing (a reference with no target token left after truncation) are left out of
-  means (the bootstrap weighs only finite entries).
+  means (the bootstrap weighs only finite entries); so are the rows of an invalid episode (its adaptation
+  ended in non-finite weights or logits: ``invalid`` in the row), which are counted per cell
+  (``invalid``), per method (``diagnostics``) and shown in every cell of results.md that has them.
 
 Sections: tasks used in meta-training, and "adaptation to an unseen subject" for held-out tasks
 (rows flagged ``holdout``). The bootstrap of a cell is seeded from (``seed``, section, task, n, metric):
@@ -84,7 +89,8 @@ def comparisons(methods: Collection[str]) -> list[tuple[str, str]]:
 
 # --- grids -----------------------------------------------------------------------------------
 def _cells(rows: Sequence[dict]) -> dict[tuple[str, int], dict]:
-    """(task, n) → {"seeds", "ids", "holdout", "shots": {seed: shot ids}, "correct"/"strict"/"nll": [E, P]}."""
+    """(task, n) → {"seeds", "ids", "holdout", "shots": {seed: shot ids}, "invalid": rows marked invalid,
+    "correct"/"strict"/"nll"/...: [E, P]}."""
     grouped: dict[tuple[str, int], list[dict]] = {}
     for row in rows:
         grouped.setdefault((row["task"], int(row["n"])), []).append(row)
@@ -98,7 +104,8 @@ def _cells(rows: Sequence[dict]) -> dict[tuple[str, int], dict]:
                 "every episode must score the same problems exactly once"
             )
         e_of, p_of = {s: i for i, s in enumerate(seeds)}, {pid: i for i, pid in enumerate(ids)}
-        cell: dict[str, Any] = {"seeds": seeds, "ids": ids, "holdout": bool(group[0].get("holdout", False)), "shots": {}}
+        cell: dict[str, Any] = {"seeds": seeds, "ids": ids, "holdout": bool(group[0].get("holdout", False)), "shots": {},
+                                "invalid": sum(1 for r in group if r.get("invalid"))}
         for key, _, _ in METRICS:
             cell[key] = np.full((len(seeds), len(ids)), np.nan)
         filled = np.zeros((len(seeds), len(ids)), dtype=bool)
@@ -108,8 +115,8 @@ def _cells(rows: Sequence[dict]) -> dict[tuple[str, int], dict]:
                 raise ValueError(f"task {task!r}, n={n}, seed {r['seed']}: problem {r['id']!r} appears twice")
             filled[i, j] = True
             cell["shots"].setdefault(int(r["seed"]), tuple(r.get("shot_ids", ())))
-            for key, _, _ in METRICS:  # None (not generated, no answer token) stays NaN: left out of means
-                value = r.get(key)
+            for key, _, _ in METRICS:  # None (not generated, no answer token, invalid) stays NaN: left out of means
+                value = None if r.get("invalid") else r.get(key)
                 cell[key][i, j] = math.nan if value is None else float(value)
         cells[(task, n)] = cell
     return cells
@@ -136,10 +143,11 @@ def _check_same_episodes(cells_by_method: Mapping[str, dict]) -> None:
 def build_report(rows_by_method: Mapping[str, Sequence[dict]], *, n_boot: int = 2000, seed: int = 0) -> dict:
     """``{"methods", "n_boot", "seed", "confidence", "summary": [...], "significance": [...], "diagnostics"}``.
 
-    summary rows: section, task (or ``ALL``), n, method, episodes, problems, accuracy, accuracy_ci,
-    strict_accuracy, strict_accuracy_ci, nll, nll_ci. significance rows: section, task, n, a, b, pairs,
-    accuracy_diff, accuracy_diff_ci, accuracy_p, mcnemar {a_only, b_only, p}, nll_diff, nll_diff_ci, nll_p.
-    diagnostics: per method, the fractions of unfinished generations and truncated references.
+    summary rows: section, task (or ``ALL``), n, method, episodes, problems, invalid (rows), accuracy,
+    accuracy_ci, strict_accuracy, strict_accuracy_ci, nll, nll_ci. significance rows: section, task, n, a,
+    b, pairs, accuracy_diff, accuracy_diff_ci, accuracy_p, mcnemar {a_only, b_only, p}, nll_diff,
+    nll_diff_ci, nll_p. diagnostics: per method, the fractions of unfinished generations and truncated
+    references, and the number of invalid rows.
     """
     if not rows_by_method:
         raise ValueError("build_report: no methods")
@@ -164,6 +172,8 @@ def build_report(rows_by_method: Mapping[str, Sequence[dict]], *, n_boot: int = 
     for section, _ in SECTIONS:
         for task in [*section_tasks[section], ALL] if section_tasks[section] else []:
             members = section_tasks[section] if task == ALL else [task]
+            # Unseen tasks are a sample: their pooled CI covers the draw of tasks (one task: nothing to draw).
+            sampled_tasks = section == "holdout"
             for n in shots:
                 keys = [(t, n) for t in members if (t, n) in layout]
                 if not keys:
@@ -171,9 +181,11 @@ def build_report(rows_by_method: Mapping[str, Sequence[dict]], *, n_boot: int = 
                 for method in methods:
                     cells = [cells_by_method[method][k] for k in keys]
                     row = {"section": section, "task": task, "n": n, "method": method,
-                           "episodes": max(len(c["seeds"]) for c in cells), "problems": sum(len(c["ids"]) for c in cells)}
+                           "episodes": max(len(c["seeds"]) for c in cells), "problems": sum(len(c["ids"]) for c in cells),
+                           "invalid": sum(c["invalid"] for c in cells)}
                     for key, name, _ in METRICS:
-                        stat = bootstrap_mean([c[key] for c in cells], n_boot=n_boot, rng=seeded_rng(seed, section, task, n, key))
+                        stat = bootstrap_mean([c[key] for c in cells], n_boot=n_boot, rng=seeded_rng(seed, section, task, n, key),
+                                              resample_strata=sampled_tasks)
                         row[name], row[f"{name}_ci"] = stat["mean"], stat["ci"]
                     summary.append(row)
                 for a, b in pairs:
@@ -183,7 +195,8 @@ def build_report(rows_by_method: Mapping[str, Sequence[dict]], *, n_boot: int = 
                            "pairs": sum(c["correct"].size for c in ca)}
                     for key, name, _ in METRICS:
                         stat = paired_bootstrap([x[key] - y[key] for x, y in zip(ca, cb)], n_boot=n_boot,
-                                                rng=seeded_rng(seed, section, task, n, key))
+                                                rng=seeded_rng(seed, section, task, n, key),
+                                                resample_strata=sampled_tasks)
                         row[f"{name}_diff"], row[f"{name}_diff_ci"], row[f"{name}_p"] = stat["diff"], stat["ci"], stat["p"]
                     graded_a = np.concatenate([x["correct"].ravel() for x in ca])
                     graded_b = np.concatenate([y["correct"].ravel() for y in cb])
@@ -194,7 +207,8 @@ def build_report(rows_by_method: Mapping[str, Sequence[dict]], *, n_boot: int = 
     # has an NLL over part of its solution only.
     diagnostics = {
         m: {"unfinished_generations": float(np.mean([not r.get("finished", True) for r in rows])),
-            "truncated_references": float(np.mean([bool(r.get("truncated", False)) for r in rows]))}
+            "truncated_references": float(np.mean([bool(r.get("truncated", False)) for r in rows])),
+            "invalid_rows": sum(1 for r in rows if r.get("invalid"))}
         for m, rows in rows_by_method.items()
     }
     return {"methods": methods, "n_boot": n_boot, "seed": seed, "confidence": CONFIDENCE,
@@ -238,13 +252,19 @@ def render_markdown(report: dict) -> str:
         "match; NLL: mean token negative log-likelihood of the reference solution at the adapted weights; "
         "answer-token accuracy / NLL: the tokens of the reference's final boxed answer alone, under teacher "
         "forcing (accuracy = the model ranks the reference token first). ALL pools the section's tasks (every "
-        "episode x problem weighs the same).",
+        "episode x problem weighs the same); the CI of a held-out ALL row also draws the tasks (a sample of "
+        "unseen tasks).",
         "",
         "Generations cut at --max-new-tokens without EOS: "
         + ", ".join(f"{m} {100 * report['diagnostics'][m]['unfinished_generations']:.1f}%" for m in methods)
         + "; reference solutions truncated to --max-length: "
         + ", ".join(f"{m} {100 * report['diagnostics'][m]['truncated_references']:.1f}%" for m in methods) + ".",
     ]
+    invalid = {m: report["diagnostics"][m]["invalid_rows"] for m in methods}
+    if any(invalid.values()):
+        lines += ["", "**Invalid rows** (an adaptation that ended in non-finite weights or logits: not scored, left "
+                  "out of every mean; a cell that has them says how many): "
+                  + ", ".join(f"{m} {k}" for m, k in invalid.items() if k) + "."]
     for section, title in SECTIONS:
         rows = [r for r in report["summary"] if r["section"] == section]
         if not rows:
@@ -263,7 +283,9 @@ def render_markdown(report: dict) -> str:
                       "|---|---:|---:|" + "---:|" * len(methods)]
             for (task, n), per_method in by_cell.items():
                 first = per_method[methods[0]]
-                cells = [_fmt(per_method[m][name], per_method[m][f"{name}_ci"]) for m in methods]
+                cells = [_fmt(per_method[m][name], per_method[m][f"{name}_ci"])
+                         + (f" ({per_method[m]['invalid']} invalid)" if per_method[m]["invalid"] else "")
+                         for m in methods]
                 lines.append(f"| {task} | {n} | {first['episodes']} x {first['problems']} | " + " | ".join(cells) + " |")
         sig = [r for r in report["significance"] if r["section"] == section and shown(r["task"])]
         if sig:

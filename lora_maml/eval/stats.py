@@ -3,7 +3,8 @@
 Data: per stratum (a task) a complete grid of E episodes x P problems (``correct`` 0/1 or an NLL);
 NaN entries are left out of means. Two-way bootstrap: episodes AND problems resampled with replacement,
 independently (the crossed design kept); ``resample_strata`` also draws the tasks (a three-level
-bootstrap, for tasks that are themselves a sample). Percentile CIs at ``CONFIDENCE``; the paired
+bootstrap, for tasks that are themselves a sample): a task drawn k times in a resample contributes k
+independent resamples of its grid, as drawing k tasks would. Percentile CIs at ``CONFIDENCE``; the paired
 p-value is ``min(1, 2 (min(#{d* <= 0}, #{d* >= 0}) + 1) / (n_boot + 1))``. docs/evaluation.md has the story.
 
 Trained inits compared over training seeds (the meta-vs-SFT experiment): values are keyed
@@ -38,7 +39,7 @@ def _grid_means(grids: Sequence[np.ndarray], n_boot: int, rng: np.random.Generat
     total, count = 0.0, 0
     # How often each stratum is drawn per resample (all once when the strata are fixed).
     drawn = (rng.multinomial(len(grids), np.full(len(grids), 1.0 / len(grids)), size=n_boot).T if resample_strata
-             else np.ones((len(grids), n_boot)))
+             else np.ones((len(grids), n_boot), dtype=int))
     for grid, times in zip(grids, drawn):
         grid = np.asarray(grid, dtype=float)
         finite = np.isfinite(grid)
@@ -46,12 +47,16 @@ def _grid_means(grids: Sequence[np.ndarray], n_boot: int, rng: np.random.Generat
         total += values.sum()
         count += int(finite.sum())
         e, p = grid.shape
+        # One within-stratum resample per draw of the stratum: drawn k times in resample b, it adds k
+        # independent resamples of its grid to b (``owner``: the resample each draw belongs to). With
+        # fixed strata that is one per resample, in order.
+        owner = np.repeat(np.arange(n_boot), times)
         # Resampling with replacement = multinomial counts of how often each episode/problem is drawn.
-        w_e = rng.multinomial(e, np.full(e, 1.0 / e), size=n_boot)
-        w_p = rng.multinomial(p, np.full(p, 1.0 / p), size=n_boot)
-        # Sum over the resampled grid = w_e^T grid w_p, per resample (matrix products, not a triple loop).
-        num += times * ((w_e @ values) * w_p).sum(axis=1)
-        den += times * ((w_e @ finite.astype(float)) * w_p).sum(axis=1)
+        w_e = rng.multinomial(e, np.full(e, 1.0 / e), size=owner.size)
+        w_p = rng.multinomial(p, np.full(p, 1.0 / p), size=owner.size)
+        # Sum over the resampled grid = w_e^T grid w_p, per draw (matrix products, not a triple loop).
+        num += np.bincount(owner, weights=((w_e @ values) * w_p).sum(axis=1), minlength=n_boot)
+        den += np.bincount(owner, weights=((w_e @ finite.astype(float)) * w_p).sum(axis=1), minlength=n_boot)
     if count == 0:
         return math.nan, np.full(n_boot, math.nan)
     with np.errstate(invalid="ignore", divide="ignore"):

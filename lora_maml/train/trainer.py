@@ -24,6 +24,7 @@ import torch.distributed as dist
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lora_maml import checkpoint as ckpt
+from lora_maml import inputs
 from lora_maml.atomic import check_writable_dir
 from lora_maml.config import Config, ConfigError, config_to_dict, with_absolute_paths
 from lora_maml.data import prepare
@@ -155,8 +156,10 @@ class Trainer:
 
     def ensure_inputs(self) -> None:
         """Prepare ``data.data_dir`` from ``data.source`` if it is missing, and build the tiny model if
-        ``model.build_tiny_if_missing`` asks for it (process 0 only; the others wait); then read the
-        meta-training tasks' splits, so that a bad data directory or ``data.tasks`` fails before the model loads."""
+        ``model.build_tiny_if_missing`` asks for it (process 0 only; the others wait). Then fingerprint
+        them (``self.inputs``, recorded by every checkpoint) and refuse to resume a checkpoint whose data
+        or base changed since (``lora_maml.inputs.check_resume``), and read the meta-training tasks'
+        splits: a bad data directory or ``data.tasks`` fails before the model loads."""
         cfg = self.cfg
         data_dir = Path(cfg.data.data_dir)
         if self.dist.is_main and not (data_dir / prepare.MANIFEST).exists():
@@ -174,6 +177,9 @@ class Trainer:
             log.info("model: building a tiny random-init Qwen3 at %s", model_dir)
             build_tiny_model(model_dir, texts_from_prepared(data_dir), seed=cfg.trainer.seed)
         barrier()
+        self.inputs = inputs.fingerprint(cfg)
+        if self.checkpoint is not None:
+            inputs.check_resume(self.checkpoint["path"], self.checkpoint["trainer_state"], cfg, self.inputs)
         self.read_data()
 
     def setup_model(self) -> None:
@@ -470,6 +476,7 @@ class Trainer:
                 "world_size": self.dist.world_size,
                 "kind": self.kind,
                 "sampler": self.sampler.state_dict(),
+                inputs.INPUTS_KEY: self.inputs,
             }
             ckpt.save_checkpoint(
                 self.out_dir,

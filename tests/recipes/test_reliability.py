@@ -17,6 +17,7 @@ import torch
 from recipe_helpers import (
     REPO_ROOT,
     SUBPROCESS_TIMEOUT_S,
+    RecipeInputs,
     checkpoint_weights,
     latest_step,
     read_metrics,
@@ -26,10 +27,14 @@ from recipe_helpers import (
 )
 
 import recipes.fomaml_math as fomaml
+from recipes.build_tiny_model import main as tiny_model_main
+from recipes.prepare_math_data import main as prepare_main
 from lora_maml import cli
 from lora_maml.config import ConfigError, load_config
 from lora_maml import checkpoint as ckpt
 from lora_maml.checkpoint import check_resumable
+from lora_maml.data.prepare import read_manifest
+from lora_maml.load_trained import load_trained
 
 OUTER_LR = 3e-3  # optim.outer_lr of tiny_cpu.yaml; its warm-up rounds to 0 steps for these runs
 
@@ -101,6 +106,61 @@ def test_resume_compares_shapes_not_only_names(tmp_path):
         check_resumable(tmp_path / "x.pt", config_to_dict(cfg), cfg, saved, params)
     with pytest.raises(ConfigError, match=r"1 saved weights vs 2 in this model"):
         check_resumable(tmp_path / "x.pt", config_to_dict(cfg), cfg, saved, {**params, "b": torch.zeros(1)})
+
+
+def test_changed_data_or_base_is_refused_on_resume_and_named_by_evaluation(recipe_inputs, tmp_path, caplog, capsys):
+    """The data dir re-prepared with the same split sizes but other contents (another seed), or the base at
+    the recorded path replaced by another tiny model of the same shape (another init seed): resuming is
+    refused before the model loads, naming what changed and the key that allows it; that key resumes with
+    a warning; evaluation warns naming the data dir / the base."""
+    data, model, out = tmp_path / "data", tmp_path / "tiny", tmp_path / "run"
+    inputs = RecipeInputs(data, model)
+
+    def prepare(seed: int) -> None:  # the recipe_inputs data dir's command, with another seed
+        assert prepare_main(["--source", "synthetic", "--synthetic-per-task", "40", "--output-dir", str(data),
+                             "--seed", str(seed), "--overwrite"]) == 0
+
+    prepare(42)
+    shutil.copytree(recipe_inputs.model_dir, model)
+    assert run_in_process(fomaml.main, run_args(inputs, out, "trainer.total_steps=2")) == 0
+    before = {p.name: p.read_bytes() for p in out.glob("*.pt")}
+    counts = read_manifest(data)["counts"]
+
+    prepare(43)
+    assert read_manifest(data)["counts"] == counts  # the sampler's fingerprint (split sizes) sees no change
+    with pytest.raises(ConfigError) as err:
+        run_in_process(fomaml.main, run_args(inputs, out, "trainer.total_steps=4"))
+    message = str(err.value)
+    assert message.startswith(f"cannot resume {out}/maml_checkpoint_step_2.pt: the data in data.data_dir={data} "
+                              "changed since it was written (")
+    assert "files with other rows" in message and "Set trainer.allow_changed_inputs=true" in message
+    caplog.clear()
+    assert run_in_process(cli.main, ["eval", "--model-path", str(out), "--data-dir", str(data), "--tasks", "algebra",
+                                     "--n-shots", "0", "--max-test-per-task", "1", "--no-generate", "--n-boot", "10",
+                                     "--output-dir", str(tmp_path / "eval")]) == 0
+    assert f"the data dir {data} is not the data it was trained on" in caplog.text
+
+    prepare(42)  # the same rows again; now another base of the same shape at the recorded path
+    assert tiny_model_main([
+        "--output-dir", str(model), "--data-dir", str(data), "--vocab-size", "512", "--hidden-size", "32",
+        "--num-hidden-layers", "2", "--num-attention-heads", "2", "--num-key-value-heads", "1", "--head-dim", "16",
+        "--intermediate-size", "64", "--seed", "1", "--overwrite"]) == 0
+    with pytest.raises(ConfigError, match=rf"^cannot resume {out}/maml_checkpoint_step_2\.pt: the base model at "
+                                          rf"model\.partial_pretrain={model} is not the one it was trained on \(other "
+                                          rf"weights in model\.safetensors\)\. Set trainer\.allow_changed_inputs=true"):
+        run_in_process(fomaml.main, run_args(inputs, out, "trainer.total_steps=4"))
+    assert {p.name: p.read_bytes() for p in out.glob("*.pt")} == before and latest_step(out) == 2
+    caplog.clear()
+    load_trained(out)
+    assert f"the base model {model} is not the one it was trained on (other weights in model.safetensors)" in caplog.text
+
+    caplog.clear()
+    assert run_in_process(fomaml.main, run_args(inputs, out, "trainer.total_steps=4",
+                                                "trainer.allow_changed_inputs=true")) == 0
+    assert "resuming anyway (trainer.allow_changed_inputs=true)" in caplog.text and latest_step(out) == 4
+    caplog.clear()
+    load_trained(out)  # step 4 recorded the base it was resumed on
+    assert "is not the one it was trained on" not in caplog.text
 
 
 def test_a_run_whose_every_step_is_skipped_fails_and_saves_nothing(recipe_inputs, tmp_path):
