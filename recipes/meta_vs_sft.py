@@ -105,7 +105,7 @@ METHODS: dict[str, tuple[ModuleType, dict[str, Any]]] = {
     "sft_tokens": (sft_math, {}),
 }
 ROW_KEYS = ("task", "n", "seed", "id", "shot_ids", "tokens", "nll", "nll_pre", "answer_nll", "answer_nll_pre",
-            "answer_accuracy", "answer_tokens")
+            "answer_accuracy", "answer_tokens", "invalid")
 # Keys this script sets (or relies on) per run; a user override of one would silently break the design.
 CONTROLLED = ("model.partial_pretrain", "model.gguf_file", "model.build_tiny_if_missing", "data.data_dir",
               "data.source", "trainer.seed", "trainer.default_local_dir", "trainer.experiment_name",
@@ -650,9 +650,12 @@ def evaluate_init(evaluator: Evaluator, name: str, path: Path, plan: EvalPlan, g
         scored = evaluator.rows(name, path, [(f"validation/{name}_lr{lr:g}_k{k}", tuned, lr, k) for lr, k in grid],
                                 plan.records)
         scores = {setting: {key: stats.finite_mean(r[key] for r in rows if r[key] is not None)
-                            for key in report.TEACHER_FORCED} for setting, rows in zip(grid, scored)}
-        best = (min if criterion in report.LOWER_IS_BETTER else max)
-        chosen = best(scores, key=lambda setting: scores[setting][criterion])
+                            for key in report.TEACHER_FORCED} | {"invalid": sum(bool(r.get("invalid")) for r in rows)}
+                  for setting, rows in zip(grid, scored)}
+        # A setting that diverged on some episode (rows marked invalid, left out of its means) is never chosen
+        # over one that did not: its mean would be over the episodes it survived.
+        sign = -1 if criterion in report.LOWER_IS_BETTER else 1
+        chosen = max(scores, key=lambda setting: (-scores[setting]["invalid"], sign * scores[setting][criterion]))
         adaptation = {"criterion": criterion, "validation": [{"lr": lr, "steps": k, **v} for (lr, k), v in scores.items()]}
     meta = evaluator.cfg.meta
     adaptation = {"lr": "learned" if learned else meta.inner_lr if chosen[0] is None else chosen[0],
