@@ -122,7 +122,7 @@ def test_a_waiting_process_takes_the_lock_once_it_is_released(tmp_path):
         assert (tmp_path / LOCK_FILE).is_file()
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o077])
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
 def test_an_atomic_dir_is_published_with_the_umasks_modes(tmp_path, umask):
     """Temporaries are private (mkdtemp 0700, mkstemp 0600); what is published gets the umask's modes."""
     import tempfile

@@ -359,7 +359,7 @@ def test_the_sweep_removes_only_temporaries_of_dead_processes(tmp_path):
         live.wait()
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o077])
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
 def test_a_checkpoint_is_published_with_the_umasks_modes(tmp_path, umask):
     """Every file of a checkpoint, the PEFT adapter's safetensors (which safetensors writes 0600) and the
     trainer's tensors included, gets the mode a plain create gets under the umask; directories too."""

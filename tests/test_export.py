@@ -100,7 +100,7 @@ def test_merged_fp32_model_equals_base_plus_adapter_and_loads_with_from_pretrain
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o077])
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
 def test_a_merge_is_published_with_the_umasks_modes(fp32_run, tmp_path, umask):
     """model.safetensors (written 0600 by safetensors) gets the mode of its siblings: that of a plain create
     under the umask (0644 under 022, 0600 under 077); the directory 0755 / 0700."""
