@@ -29,11 +29,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
+from lora_maml.atomic import write_text_atomic
 from lora_maml.data.episodes import EpisodeSampler
 from lora_maml.data.prepare import list_tasks, load_split, prepare_from_source
 from lora_maml.data.tokenize import collate, encode_records, padding_efficiency
@@ -177,10 +177,7 @@ def print_table(rows: list[dict], info: dict) -> None:
 
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2))
 
 
 def main(argv=None) -> int:

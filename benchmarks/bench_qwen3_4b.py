@@ -39,10 +39,8 @@ import gc
 import importlib.util
 import json
 import math
-import os
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -50,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from lora_maml.atomic import write_text_atomic
 from lora_maml.config import LoraConfig, MetaConfig, ModelConfig, OptimConfig
 from lora_maml.data.tokenize import IGNORE_INDEX, collate
 from lora_maml.loss import causal_lm_loss_tensors, label_token_count, set_loss_chunk_size
@@ -404,10 +403,7 @@ def print_table(rows: list[dict], args) -> None:
 
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, allow_nan=True)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2, allow_nan=True))
 
 
 def memory_plan(args) -> dict:

@@ -57,7 +57,7 @@ import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError
 
-from lora_maml.atomic import fsync_dir, write_text_atomic
+from lora_maml.atomic import apply_umask, fsync_dir, pid_alive, write_text_atomic
 from lora_maml.config import Config, ConfigError, config_to_dict
 from lora_maml.errors import LoraMamlError, write_failure
 
@@ -74,7 +74,7 @@ TRAINER_TENSORS_FILE = "trainer_state.safetensors"
 INNER_LRS_FILE = "inner_lrs.json"
 LOG_INNER_LRS_KEY = "log_inner_lrs"
 # Only names this module creates; other files in the run directory are never touched.
-_TEMP_PATTERN = re.compile(r"^(maml_checkpoint_step_\d+\.pt|step_\d+|latest)\.tmp-\d+(-old)?$")
+_TEMP_PATTERN = re.compile(r"^(maml_checkpoint_step_\d+\.pt|step_\d+|latest)\.tmp-(\d+)(-old)?$")
 _TENSOR_REF = "__tensor__"
 _REQUIRED_PRETRAINED_FILES = {
     "adapter": [("adapter_config.json",), ("adapter_model.safetensors",)],
@@ -269,6 +269,14 @@ def _scan_steps(out_dir: Path) -> set[int]:
     return steps
 
 
+def checkpoint_entries(out_dir: str | Path) -> list[Path]:
+    """``latest`` and every checkpoint ``.pt`` and ``step_N`` directory in ``out_dir``, complete or not."""
+    out_dir = Path(out_dir)
+    latest = out_dir / LATEST_FILE
+    steps = [p for s in sorted(_scan_steps(out_dir)) for p in (pt_path(out_dir, s), step_dir(out_dir, s)) if p.exists()]
+    return ([latest] if latest.exists() else []) + steps
+
+
 def checkpoint_problems(out_dir: str | Path, step: int) -> list[str]:
     """Why checkpoint ``step`` in ``out_dir`` is not complete (an empty list when it is)."""
     out_dir = Path(out_dir)
@@ -355,9 +363,9 @@ def save_checkpoint(
     learned log inner rates by parameter name, kept in ``trainer_state`` and, as rates, in the export's
     ``inner_lrs.json`` (see the module docstring).
 
-    Before writing, temporary leftovers of killed saves are deleted. An existing checkpoint for the
-    same step (e.g. left by an abandoned run after resuming an older one) is replaced once the new
-    one is fully written. Errors (bad payload, failed export, full disk) leave the directory as it
+    Before writing, temporary leftovers of killed saves (their process no longer runs) are deleted. An
+    existing checkpoint for the same step (e.g. left by an abandoned run after resuming an older one) is
+    replaced once the new one is fully written. Errors (bad payload, failed export, full disk) leave the directory as it
     was, apart from the cleaned leftovers. After
     ``latest`` is updated, ``max_to_keep`` (None = keep all) keeps the newest complete checkpoints
     with step <= ``step`` (the new one included) and deletes the other checkpoint files of those
@@ -448,6 +456,7 @@ def save_checkpoint(
             },
         }
         (tmp_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        apply_umask(tmp_dir)  # safetensors writes its files 0600
         _fsync_tree(tmp_dir)
 
         if final_dir.exists():
@@ -503,10 +512,23 @@ def _check_pretrained_export(export_dir: Path, kind: str, shown_as: Path) -> Non
 
 
 def _remove_temporaries(out_dir: Path) -> None:
+    """Delete the temporaries of this process's and of dead processes' saves; another live process's are
+    its save under way (the run directory's lock keeps a second run out; this keeps its files if not)."""
     for entry in out_dir.iterdir():
-        if _TEMP_PATTERN.match(entry.name):
+        m = _TEMP_PATTERN.match(entry.name)
+        if m and (int(m.group(2)) == os.getpid() or not pid_alive(int(m.group(2)))):
             logger.info("removing leftover of an interrupted checkpoint save: %s", entry)
             _remove(entry)
+
+
+def remove_checkpoints(out_dir: str | Path) -> None:
+    """Delete every checkpoint in ``out_dir``: ``latest`` first, so that it never names a deleted step, then
+    each step as :func:`_prune` does (a kill part-way leaves no complete-looking step without its files)."""
+    out_dir = Path(out_dir)
+    _remove(out_dir / LATEST_FILE)
+    for s in sorted(_scan_steps(out_dir)):
+        _remove(step_dir(out_dir, s))
+        _remove(pt_path(out_dir, s))
 
 
 def _prune(out_dir: Path, newest: int, max_to_keep: int) -> None:

@@ -209,6 +209,7 @@ class TrainerConfig(_Section):
     default_local_dir: str = "./outputs/fomaml_qwen3_4b_math"
     resume_mode: Literal["auto", "disable", "path"] = "auto"
     resume_from_path: str | None = None
+    overwrite: bool = False
     max_ckpt_to_keep: int | None = Field(3, ge=1)
     max_consecutive_nonfinite: int = Field(5, ge=1)
     eval_num_support: int = Field(8, ge=1)

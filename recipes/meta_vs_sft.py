@@ -57,6 +57,7 @@ import json
 import multiprocessing
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -71,7 +72,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from lora_maml.atomic import write_text_atomic
+from lora_maml.atomic import DirectoryLock, write_text_atomic
 from lora_maml.config import Config, config_to_dict, load_config
 from lora_maml.data import SUBJECTS
 from lora_maml.data.prepare import MANIFEST, list_tasks, prepare, read_manifest, read_source, summary_text, validate
@@ -392,7 +393,11 @@ def train_runs(runs: Sequence[Run], *, jobs: int, in_process: bool) -> None:
     """Train the unfinished ``runs``: one by one in this process (``in_process``), or as subprocesses
     (``python -m <recipe> --config <run dir>/config.yaml``), ``jobs`` at a time, sharing ``OMP_NUM_THREADS``
     (default: every core) between them; a parallel run's output goes to ``<run dir>.log``. A run that fails
-    stops the experiment (rerun to resume it)."""
+    stops the experiment (rerun to resume it).
+
+    SIGTERM / SIGINT sent to this program reach every running recipe at once (each finishes its step and
+    saves) and unwind this program, which waits for them all: a repeated signal is passed on again, never
+    cuts the wait short, so no run directory is left to an orphan still writing it when this is rerun."""
     todo = [run for run in runs if not finished(run)]
     for run in runs:  # a finished run's too: sft_tokens reads its fomaml run's config
         run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -402,6 +407,19 @@ def train_runs(runs: Sequence[Run], *, jobs: int, in_process: bool) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // jobs)),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     running: list[tuple[Run, subprocess.Popen, float, IO | None]] = []
+    signalled = unwinding = False
+
+    def forward(signum: int, frame) -> None:
+        nonlocal signalled
+        first, signalled = not (signalled or unwinding), True
+        for _, process, _, _ in running:
+            if process.poll() is None:
+                process.send_signal(signum)
+        if first:  # unwind as run_main's handler and Ctrl-C do
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+
+    # In-process runs stop on these signals themselves (the trainer's handler).
+    previous = {} if in_process else {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         while todo or running:
             while todo and (in_process or len(running) < jobs):
@@ -426,15 +444,16 @@ def train_runs(runs: Sequence[Run], *, jobs: int, in_process: bool) -> None:
             if running:
                 time.sleep(0.5)
     finally:
-        # A failed run, Ctrl-C or SIGTERM (run_main unwinds it as SystemExit): the runs still going get SIGTERM
-        # (the trainer finishes its step and saves) and are waited for, so no run directory is left to an
-        # orphan that still writes to it when this command is rerun.
-        for _, process, _, _ in running:
-            process.terminate()
+        unwinding = True  # from here on a signal is passed on, never raised: every child is waited for
+        if not signalled:  # a failed run: the others are stopped the same way (they finish their step and save)
+            for _, process, _, _ in running:
+                process.terminate()
         for _, process, _, log in running:
             process.wait()
             if log:
                 log.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def mark_done(run: Run, code: int | None, start: float, *, log: Path | None) -> None:
@@ -757,7 +776,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not config.is_file():
         raise FileNotFoundError(f"--config {config}: no such file")
     out = Path(args.out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    with DirectoryLock(out, "--out"):  # one experiment per --out at a time (each run locks its own directory)
+        return experiment(args, config, out)
+
+
+def experiment(args: argparse.Namespace, config: Path, out: Path) -> int:
+    """The six phases of the module docstring, everything under ``out``."""
     timings: dict[str, float] = {}
     started = time.perf_counter()
 

@@ -340,6 +340,54 @@ def test_resaving_a_step_replaces_it(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+def test_the_sweep_removes_only_temporaries_of_dead_processes(tmp_path):
+    """A save sweeps what killed saves left (their pid no longer runs); a live process's temporaries are its
+    save under way and stay."""
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        (tmp_path / f"step_3.tmp-{live.pid}").mkdir()
+        (tmp_path / f"maml_checkpoint_step_3.pt.tmp-{live.pid}").write_bytes(b"x")
+        (tmp_path / f"step_2.tmp-{gone}").mkdir()
+        (tmp_path / f"step_1.tmp-{gone}-old").mkdir()
+        (tmp_path / f"maml_checkpoint_step_2.pt.tmp-{gone}").write_bytes(b"x")
+        _save(tmp_path, 1)
+        assert _leftovers(tmp_path) == sorted([f"maml_checkpoint_step_3.pt.tmp-{live.pid}", f"step_3.tmp-{live.pid}"])
+    finally:
+        live.kill()
+        live.wait()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_a_checkpoint_is_published_with_the_umasks_modes(tmp_path, umask):
+    """Every file of a checkpoint, the PEFT adapter's safetensors (which safetensors writes 0600) and the
+    trainer's tensors included, gets the mode a plain create gets under the umask; directories too."""
+    model = _tiny_lora_model()
+    previous = os.umask(umask)
+    try:
+        _save(tmp_path, 1, save_pretrained=lambda d: model.save_pretrained(d, safe_serialization=True),
+              trainer_state={"tensor": torch.zeros(2)})
+    finally:
+        os.umask(previous)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    assert {"step_1/adapter/adapter_model.safetensors", "step_1/trainer_state.safetensors"} <= set(modes)
+    wrong = {name: oct(mode) for name, mode in modes.items()
+             if mode != (0o777 if (tmp_path / name).is_dir() else 0o666) & ~umask}
+    assert not wrong, f"umask {umask:03o}: {wrong}"
+
+
+def test_remove_checkpoints_deletes_every_checkpoint_and_nothing_else(tmp_path):
+    _save(tmp_path, 1)
+    _save(tmp_path, 2)
+    (tmp_path / "maml_checkpoint_step_3.pt").write_bytes(b"incomplete")
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert [p.name for p in ck.checkpoint_entries(tmp_path)] == [
+        "latest", "maml_checkpoint_step_1.pt", "step_1", "maml_checkpoint_step_2.pt", "step_2", "maml_checkpoint_step_3.pt"]
+    ck.remove_checkpoints(tmp_path)
+    assert ck.checkpoint_entries(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
 # ---------------------------------------------------------------------------------------------
 # resume_mode=path
 

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -163,6 +168,51 @@ def test_rerun_skips_finished_work_and_retrains_only_what_is_missing(bench, expe
         assert math.isclose(row["nll"], old_rows[key]["nll"], rel_tol=1e-6), key
     assert {k: v for k, v in checkpoints(experiment).items() if "sft_steps_0" not in k} == {
         k: v for k, v in before.items() if "sft_steps_0" not in k}
+
+
+def wait_until(predicate, process: subprocess.Popen, log: Path, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"no {what} (exit code {process.poll()}):\n" + log.read_text(errors="replace")[-4000:])
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the training subprocess through Linux /proc")
+def test_signals_reach_the_training_run_and_the_runner_waits_for_it(bench, tmp_path, capsys):
+    """While a run trains in its subprocess, a second experiment on the same --out is refused with one line naming
+    the runner. Then SIGTERM to the runner, and SIGINT while it waits (a user or a cluster that signals twice): the
+    run gets both, finishes its step and saves, and the runner exits 143 only after it, so no training process
+    outlives the runner to collide with a rerun."""
+    out, log_path = tmp_path / "out", tmp_path / "runner.log"
+    endless = ("trainer.total_steps=", "trainer.save_freq=", "trainer.test_freq=")
+    command = [sys.executable, str(REPO_ROOT / "recipes" / "meta_vs_sft.py"),
+               *[a for a in argv(out, "--methods", "fomaml") if not a.startswith(endless)],
+               "trainer.total_steps=100000", "trainer.save_freq=100000", "trainer.test_freq=100000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    with open(log_path, "w") as log:
+        runner = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    metrics = out / "runs" / "fomaml_0" / "metrics.jsonl"
+    child = None
+    try:
+        wait_until(lambda: metrics.is_file() and metrics.stat().st_size > 0, runner, log_path, "training step")
+        child = int(Path(f"/proc/{runner.pid}/task/{runner.pid}/children").read_text().split()[0])
+        assert bench.main(argv(out)) == 1
+        assert f"error: --out={out}: in use by process {runner.pid} on host " in capsys.readouterr().err
+        runner.send_signal(signal.SIGTERM)
+        wait_until(lambda: "received SIGTERM" in log_path.read_text(errors="replace"), runner, log_path,
+                   "SIGTERM passed on to the training run")
+        runner.send_signal(signal.SIGINT)
+        code = runner.wait(timeout=300)
+        assert not Path(f"/proc/{child}").exists(), "the training run outlived the runner"
+        assert code == 128 + signal.SIGTERM
+    finally:  # on a failure: nothing left running
+        if child is not None and Path(f"/proc/{child}").exists():
+            os.kill(child, signal.SIGKILL)
+        if runner.poll() is None:
+            runner.kill()
+        runner.wait()
+    assert "stopped at step" in log_path.read_text() and (out / "runs" / "fomaml_0" / "latest").is_file()
 
 
 # --- tuning on validation tasks and the wrong-code control (issue 18's evidence rules) ---------------------

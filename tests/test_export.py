@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -98,6 +99,23 @@ def test_merged_fp32_model_equals_base_plus_adapter_and_loads_with_from_pretrain
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_a_merge_is_published_with_the_umasks_modes(fp32_run, tmp_path, umask):
+    """model.safetensors (written 0600 by safetensors) gets the mode of its siblings: that of a plain create
+    under the umask (0644 under 022, 0600 under 077); the directory 0755 / 0700."""
+    previous = os.umask(umask)
+    try:
+        merge_and_save(fp32_run[0], tmp_path / "merged")
+    finally:
+        os.umask(previous)
+    out = tmp_path / "merged"
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]}
+    assert "merged/model.safetensors" in modes
+    wrong = {name: oct(mode) for name, mode in modes.items()
+             if mode != (0o777 if (tmp_path / name).is_dir() else 0o666) & ~umask}
+    assert not wrong, f"umask {umask:03o}: {wrong}"
 
 
 def test_bf16_base_merges_within_tolerance_and_keeps_the_adapter(tmp_path):

@@ -25,7 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lora_maml import checkpoint as ckpt
 from lora_maml import inputs
-from lora_maml.atomic import check_writable_dir
+from lora_maml.atomic import DirectoryLock, check_writable_dir
 from lora_maml.config import Config, ConfigError, config_to_dict, with_absolute_paths
 from lora_maml.data import prepare
 from lora_maml.data.math import DataError
@@ -34,6 +34,7 @@ from lora_maml.distributed import (
     Dist,
     all_gather_objects,
     barrier,
+    broadcast_object,
     consolidated_optimizer_state,
     destroy_distributed,
     full_tensor,
@@ -44,6 +45,7 @@ from lora_maml.distributed import (
     shard_model,
     shard_optimizer_state,
 )
+from lora_maml.errors import LoraMamlError
 from lora_maml.errors import describe as describe_error
 from lora_maml.meta.algorithms import inner_loop, per_tensor
 from lora_maml.meta.fast_weights import FunctionalLoss
@@ -51,7 +53,7 @@ from lora_maml.meta.sharded import ShardedLoss
 from lora_maml.models import add_lora, adapted_parameters, compile_decoder, load_base, torch_dtype
 from lora_maml.tiny_model import build_tiny_model, texts_from_prepared
 from lora_maml.train.memory import describe, free_device_memory, full_mode_estimate
-from lora_maml.train.metrics import MetricLogger, ProgressBar, flops_per_token, mfu, peak_flops
+from lora_maml.train.metrics import METRICS_FILE, MetricLogger, ProgressBar, flops_per_token, mfu, peak_flops
 
 log = logging.getLogger("lora_maml")
 
@@ -139,9 +141,52 @@ class Trainer:
             format="%(asctime)s %(levelname)s %(message)s",
             stream=sys.stderr,
         )
-        # The checkpoint to resume (trainer.resume_mode), read now (memory-mapped) so that a config it
-        # cannot be resumed with fails before the model loads; its weights are copied in by resume().
-        self.checkpoint = ckpt.checkpoint_to_resume(cfg)
+        self.lock = self.lock_out_dir()  # before anything in it is read, swept or written
+        try:
+            self.check_fresh_start()
+            # The checkpoint to resume (trainer.resume_mode), read now (memory-mapped) so that a config it
+            # cannot be resumed with fails before the model loads; its weights are copied in by resume().
+            self.checkpoint = ckpt.checkpoint_to_resume(cfg)
+        except BaseException:
+            self.release_out_dir()
+            raise
+
+    def lock_out_dir(self) -> DirectoryLock | None:
+        """Process 0, the one that writes ``trainer.default_local_dir``, locks it (``atomic.DirectoryLock``): a
+        second run on it is refused, naming the process that holds it. Every process fails alike."""
+        lock, refusal = None, None
+        if self.dist.is_main:
+            try:
+                lock = DirectoryLock(self.out_dir, "trainer.default_local_dir")
+            except LoraMamlError as err:
+                refusal = str(err)
+        refusal = broadcast_object(refusal)
+        if refusal is not None:
+            raise LoraMamlError(refusal)
+        return lock
+
+    def release_out_dir(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def check_fresh_start(self) -> None:
+        """``trainer.resume_mode=disable`` over a directory that holds an earlier run is refused unless
+        ``trainer.overwrite=true``: starting afresh there would cut its metrics.jsonl and point ``latest`` at
+        the new run's steps among the old run's checkpoints."""
+        trainer = self.cfg.trainer
+        if trainer.resume_mode != "disable" or trainer.overwrite:
+            return
+        earlier = [p.name for p in ckpt.checkpoint_entries(self.out_dir)]
+        metrics = self.out_dir / METRICS_FILE
+        if metrics.is_file() and metrics.stat().st_size:
+            earlier.append(METRICS_FILE)
+        if earlier:
+            shown = ", ".join(earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
+            raise ConfigError(
+                f"trainer.resume_mode=disable: trainer.default_local_dir={self.out_dir} holds an earlier run "
+                f"({shown}); set trainer.resume_mode=auto to continue it, trainer.overwrite=true to replace it, "
+                "or choose another trainer.default_local_dir"
+            )
 
     # -- set-up pieces -----------------------------------------------------------------------
     def check_even_share(self, count: int, what: str) -> None:
@@ -295,6 +340,12 @@ class Trainer:
             self.eval_set[task] = (support, test)
 
     def setup_logging(self, resume_step: int | None, total_steps: int) -> None:
+        if resume_step is None and self.cfg.trainer.overwrite and self.dist.is_main:
+            earlier = ckpt.checkpoint_entries(self.out_dir)
+            if earlier:
+                log.warning("trainer.overwrite=true: deleting the earlier run's checkpoints in %s (%d files and "
+                            "directories) before this run starts afresh", self.out_dir, len(earlier))
+                ckpt.remove_checkpoints(self.out_dir)
         self.logger = MetricLogger(
             self.cfg.trainer, config_to_dict(self.cfg), self.out_dir, is_main=self.dist.is_main,
             resume_step=resume_step, total_steps=total_steps,
@@ -565,6 +616,7 @@ class Trainer:
                 getattr(self, name).close()
         if hasattr(self, "stop"):
             self.stop.restore()
+        self.release_out_dir()
         destroy_distributed()
 
     def run(self) -> None:

@@ -1,13 +1,17 @@
 """Faults a user or a cluster inflicts on the training commands end with the right result or one
 `error:` line (exit code 1 or 2, no traceback), and nothing on disk is lost: a bad `latest` pointer, a
 resume with another LoRA shape or schedule, runs whose every step is skipped, relative paths, output
-directories that are not writable, a full disk, a prepared file missing a column."""
+directories that are not writable, a full disk, a prepared file missing a column, two runs on one run
+directory, a fresh start over an earlier run."""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +19,19 @@ from pathlib import Path
 import pytest
 import torch
 from recipe_helpers import (
+    FOMAML_SCRIPT,
     REPO_ROOT,
     SUBPROCESS_TIMEOUT_S,
     RecipeInputs,
     checkpoint_weights,
     latest_step,
+    logged_steps,
     read_metrics,
     run_args,
     run_in_process,
+    start_subprocess,
     subprocess_env,
+    wait_for,
 )
 
 import recipes.fomaml_math as fomaml
@@ -257,3 +265,64 @@ def test_the_console_script_prints_one_line_and_a_traceback_on_request(recipe_in
     debug = subprocess.run([*args, "--debug"], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
                            timeout=SUBPROCESS_TIMEOUT_S)
     assert debug.returncode == 2 and "Traceback" in debug.stderr and "error: invalid config" in debug.stderr
+
+
+# -- one run per run directory ---------------------------------------------------------------------------
+
+
+def test_a_second_run_on_a_run_directory_is_refused_and_a_killed_runs_lock_is_taken_over(
+        recipe_inputs, tmp_path, capsys, caplog):
+    """Run A trains in a subprocess. Run B on the same trainer.default_local_dir (resume_mode auto, then
+    disable) exits 1 with one error line naming A's pid and host, and A's files are untouched: its
+    metrics.jsonl not cut, its checkpoint not replaced. A is then SIGKILLed, so its lock file stays: the next
+    run takes the lock over with a warning naming A, resumes A's newest checkpoint and finishes."""
+    out = tmp_path / "run"
+    settings = ("trainer.save_freq=2", "trainer.test_freq=100000", "trainer.max_ckpt_to_keep=null")
+    log_path = tmp_path / "a.log"
+    proc, log = start_subprocess([sys.executable, str(FOMAML_SCRIPT), *run_args(
+        recipe_inputs, out, "trainer.total_steps=100000", *settings)], log_path)
+    try:
+        wait_for(lambda: (out / "latest").exists() and len(logged_steps(out)) >= 3, proc, log_path, "run A's step 3")
+        metrics = (out / "metrics.jsonl").read_text(encoding="utf-8")
+        metrics = metrics[: metrics.rindex("\n") + 1]  # the complete lines
+        step_2 = (out / "maml_checkpoint_step_2.pt").read_bytes()
+        for mode in ("auto", "disable"):
+            args = run_args(recipe_inputs, out, "trainer.total_steps=2", f"trainer.resume_mode={mode}")
+            assert run_in_process(cli.main, ["train", *args]) == 1
+            assert one_error_line(capsys.readouterr().err).startswith(
+                f"error: trainer.default_local_dir={out}: in use by process {proc.pid} on host {socket.gethostname()}, "
+                "started ")
+        assert (out / "metrics.jsonl").read_text(encoding="utf-8").startswith(metrics)
+        assert (out / "maml_checkpoint_step_2.pt").read_bytes() == step_2
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+    assert json.loads((out / ".lock").read_text())["pid"] == proc.pid
+    killed_at = latest_step(out)
+    args = run_args(recipe_inputs, out, f"trainer.total_steps={killed_at + 2}", *settings)
+    with caplog.at_level(logging.INFO):
+        assert run_in_process(fomaml.main, args) == 0
+    assert f"taking over the lock of process {proc.pid} on host {socket.gethostname()}" in caplog.text
+    assert f"resumed from {out / f'maml_checkpoint_step_{killed_at}.pt'}" in caplog.text
+    assert latest_step(out) == killed_at + 2 and logged_steps(out) == list(range(1, killed_at + 3))
+    assert not (out / ".lock").exists()
+
+
+def test_a_fresh_start_over_an_earlier_run_is_refused_unless_overwrite(recipe_inputs, fomaml_reference, tmp_path, capsys):
+    """trainer.resume_mode=disable over a finished run: one error line naming what is there and how to go on,
+    nothing touched. With trainer.overwrite=true the earlier checkpoints go and the new run owns the directory."""
+    out, before = copy_run(fomaml_reference, tmp_path)
+    metrics, latest = (out / "metrics.jsonl").read_bytes(), (out / "latest").read_bytes()
+    assert run_in_process(cli.main, ["train", *run_args(recipe_inputs, out, "trainer.resume_mode=disable")]) == 2
+    assert one_error_line(capsys.readouterr().err) == (
+        f"error: trainer.resume_mode=disable: trainer.default_local_dir={out} holds an earlier run (latest, "
+        "maml_checkpoint_step_2.pt, step_2, maml_checkpoint_step_4.pt and 2 more); set trainer.resume_mode=auto to "
+        "continue it, trainer.overwrite=true to replace it, or choose another trainer.default_local_dir")
+    assert {p.name: p.read_bytes() for p in out.glob("*.pt")} == before
+    assert (out / "metrics.jsonl").read_bytes() == metrics and (out / "latest").read_bytes() == latest
+
+    args = run_args(recipe_inputs, out, "trainer.resume_mode=disable", "trainer.overwrite=true", "trainer.total_steps=2")
+    assert run_in_process(cli.main, ["train", *args]) == 0
+    assert ckpt.complete_steps(out) == [2] and latest_step(out) == 2 and not (out / "step_4").exists()
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
