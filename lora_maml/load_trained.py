@@ -454,7 +454,8 @@ def _load_adapter(directory: str, base, dtype, device_map, options) -> Trained:
             f"{directory}: LoRA weights {low[:3]} were not upcast to fp32 by peft (autocast_adapter_dtype)"
         )
     weights = Path(directory) / ADAPTER_WEIGHTS  # the only adapter file accepted (checked before the base loaded)
-    check_adapter_keys(weights, model, adapter_cfg.get("target_modules"))
+    targets = json.loads((Path(directory) / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("target_modules")
+    check_adapter_keys(weights, model, targets)
     check_finite_weights(params, weights, names={name: _ADAPTER_NAME.sub(r".\1", name) for name in params})
     return Trained(
         model=model, tokenizer=tokenizer if own_tokenizer is None else own_tokenizer, params=params, config=None,
