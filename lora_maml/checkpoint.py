@@ -365,8 +365,9 @@ def save_checkpoint(
 
     Before writing, temporary leftovers of killed saves (their process no longer runs) are deleted. An
     existing checkpoint for the same step (e.g. left by an abandoned run after resuming an older one) is
-    replaced once the new one is fully written. Errors (bad payload, failed export, full disk) leave the directory as it
-    was, apart from the cleaned leftovers. After
+    replaced once the new one is fully written. Errors (bad payload, failed export, full disk) leave the
+    directory as it was, apart from the cleaned leftovers. Published files get the umask's modes
+    (``atomic.apply_umask``). After
     ``latest`` is updated, ``max_to_keep`` (None = keep all) keeps the newest complete checkpoints
     with step <= ``step`` (the new one included) and deletes the other checkpoint files of those
     steps; checkpoints of later steps are left alone.

@@ -8,8 +8,9 @@ evaluated on one plan, paired statistics.
 
 ``--source`` is any ``prepare`` source and ``--model`` any base, so the demo, the real-model study and a study
 on your own data run the same phases. Trailing ``key=value`` config overrides (after ``--``) apply to every
-training run. Everything goes under ``--out``; each phase skips what an earlier invocation finished (a run
-killed half-way resumes from its checkpoint); every file is written atomically.
+training run. Everything goes under ``--out``, which one invocation at a time owns (``atomic.DirectoryLock``); each
+phase skips what an earlier invocation finished (a run killed half-way resumes from its checkpoint); every file is
+written atomically.
 
 1. Base model. ``--model DIR`` as it is; ``--model FILE.gguf`` dequantised ONCE to fp32 into
    ``<out>/base_model``; ``--tiny``: a tiny random-init Qwen3 (``--tiny-dims``) whose tokenizer is trained on
