@@ -504,8 +504,11 @@ def train_all(args: argparse.Namespace, config: Path, shared: Mapping[str, Any],
 
     SFT matched in tokens is matched to the FOMAML run's config (written before anything trains), so it need
     not wait for that run. With ``--sft-lrs`` an SFT method is first trained at every rate with the first
-    seed (beside everything else), the rate with the lowest validation answer NLL at n = 0 is kept (that run
-    is the first seed's), and the other seeds train at it."""
+    seed (beside everything else), the rate whose run scores best on the validation tasks is kept (that run
+    is the first seed's), and the other seeds train at it. The score is what the meta-learners are judged on:
+    ``--verdict-metric`` at the largest n after the run's best ``--adapt-grid`` adaptation (without a grid:
+    answer NLL at n = 0, the multi-task objective, which cannot tell rates apart when every rate reaches the
+    floor, and adaptation can)."""
     swept = [m for m in args.methods if m.startswith("sft") and args.sft_lrs]
     first, *rest = args.seeds
 
@@ -518,11 +521,22 @@ def train_all(args: argparse.Namespace, config: Path, shared: Mapping[str, Any],
     train_runs([*batch, *sweep_runs.values()], jobs=args.jobs, in_process=args.in_process)
     runs = {r.run_dir.name: r.run_dir for r in batch}
     sweep: dict[str, dict] = {}
+    grid, criterion = adapt_grid(args.adapt_grid), args.verdict_metric.removesuffix("_gain")
     for method in swept:
-        scores = {lr: evaluator.validation_score(sweep_runs[(method, lr)].run_dir, plan) for lr in args.sft_lrs}
-        chosen = min(scores, key=lambda lr: scores[lr])
-        sweep[method] = {"validation_answer_nll_n0": {f"{lr:g}": v for lr, v in scores.items()}, "chosen_lr": chosen}
-        print(f"{method}: sft.lr {chosen:g} chosen on the validation tasks (answer NLL at n = 0: "
+        scores = {}
+        for lr in args.sft_lrs:
+            path = sweep_runs[(method, lr)].run_dir
+            if grid:  # SFT + its best adaptation, on what the meta-learners are judged on
+                setting, adaptation = choose_adaptation(evaluator, path.name, path, plan, grid, criterion)
+                scores[lr] = next(e for e in adaptation["validation"] if (e["lr"], e["steps"]) == setting)[criterion]
+            else:
+                scores[lr] = evaluator.validation_score(path, plan)
+        how = (f"{criterion} at n = {plan.tune_n} after its best --adapt-grid adaptation" if grid
+               else "answer_nll at n = 0")
+        better = max if grid and criterion not in report.LOWER_IS_BETTER else min
+        chosen = better(scores, key=lambda lr: scores[lr])
+        sweep[method] = {"criterion": how, "validation": {f"{lr:g}": v for lr, v in scores.items()}, "chosen_lr": chosen}
+        print(f"{method}: sft.lr {chosen:g} chosen on the validation tasks ({how}: "
               + ", ".join(f"{lr:g} -> {v:.4f}" for lr, v in scores.items()) + ")")
         runs[run_name(method, first)] = sweep_runs[(method, chosen)].run_dir
         later = [run(method, seed, run_name(method, seed), {"sft.lr": chosen}) for seed in rest]
@@ -656,27 +670,34 @@ def answer_nll(rows: Sequence[dict]) -> float:
     return stats.finite_mean(r[key] for r in rows if r.get(key) is not None)
 
 
+def choose_adaptation(evaluator: Evaluator, name: str, path: Path, plan: EvalPlan, grid: Sequence[tuple[float, int]],
+                      criterion: str) -> tuple[tuple[float, int], dict]:
+    """The ``grid`` setting ``(lr, steps)`` with the best validation ``criterion`` at the largest n for init
+    ``name`` at ``path``, and ``{"criterion", "validation": [{"lr", "steps", <metric>: mean, "invalid": rows}]}``.
+    A setting that diverged on some episode (rows marked invalid, left out of its means) is never chosen over
+    one that did not: its mean would be over the episodes it survived."""
+    tuned = [ep for ep in plan.validation if ep.n == plan.tune_n]
+    scored = evaluator.rows(name, path, [(f"validation/{name}_lr{lr:g}_k{k}", tuned, lr, k) for lr, k in grid],
+                            plan.records)
+    scores = {setting: {key: stats.finite_mean(r[key] for r in rows if r[key] is not None)
+                        for key in report.TEACHER_FORCED} | {"invalid": sum(bool(r.get("invalid")) for r in rows)}
+              for setting, rows in zip(grid, scored)}
+    sign = -1 if criterion in report.LOWER_IS_BETTER else 1
+    chosen = max(scores, key=lambda setting: (-scores[setting]["invalid"], sign * scores[setting][criterion]))
+    return chosen, {"criterion": criterion, "validation": [{"lr": lr, "steps": k, **v} for (lr, k), v in scores.items()]}
+
+
 def evaluate_init(evaluator: Evaluator, name: str, path: Path, plan: EvalPlan, grid: Sequence[tuple[float, int]],
                   criterion: str) -> dict:
-    """One init: its adaptation chosen on the validation tasks (the ``grid`` setting with the best validation
-    ``criterion`` at the largest n; else the config's), then its rows on the test plan and on the wrong-code
-    control with it. A run that learned its inner rates (Meta-SGD) adapts as it was meta-trained: its rates,
-    the config's steps (a grid would overwrite what it learned)."""
-    tuned = [ep for ep in plan.validation if ep.n == plan.tune_n]
+    """One init: its adaptation chosen on the validation tasks (:func:`choose_adaptation`; without a grid the
+    config's), then its rows on the test plan and on the wrong-code control with it. A run that learned its
+    inner rates (Meta-SGD) adapts as it was meta-trained: its rates, the config's steps (a grid would overwrite
+    what it learned)."""
     learned = name != "base" and load_config(path / RUN_CONFIG).meta.learn_inner_lr
     chosen: tuple[float | None, int | None] = (None, None)  # None: the config's
     adaptation: dict[str, Any] = {}
-    if grid and tuned and not learned:
-        scored = evaluator.rows(name, path, [(f"validation/{name}_lr{lr:g}_k{k}", tuned, lr, k) for lr, k in grid],
-                                plan.records)
-        scores = {setting: {key: stats.finite_mean(r[key] for r in rows if r[key] is not None)
-                            for key in report.TEACHER_FORCED} | {"invalid": sum(bool(r.get("invalid")) for r in rows)}
-                  for setting, rows in zip(grid, scored)}
-        # A setting that diverged on some episode (rows marked invalid, left out of its means) is never chosen
-        # over one that did not: its mean would be over the episodes it survived.
-        sign = -1 if criterion in report.LOWER_IS_BETTER else 1
-        chosen = max(scores, key=lambda setting: (-scores[setting]["invalid"], sign * scores[setting][criterion]))
-        adaptation = {"criterion": criterion, "validation": [{"lr": lr, "steps": k, **v} for (lr, k), v in scores.items()]}
+    if grid and plan.validation and not learned:
+        chosen, adaptation = choose_adaptation(evaluator, name, path, plan, grid, criterion)
     meta = evaluator.cfg.meta
     adaptation = {"lr": "learned" if learned else meta.inner_lr if chosen[0] is None else chosen[0],
                   "steps": meta.num_inner_steps if chosen[1] is None else chosen[1], **adaptation}

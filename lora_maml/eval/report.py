@@ -563,8 +563,8 @@ def render_experiment_markdown(result: dict) -> str:
         lines += [f"Base: pretrained on all weights for {p['steps']} steps on `{p['source']}` "
                   f"(last training loss {p['last_loss']:.4f}).", ""]
     for method, sweep in (result.get("sft_sweep") or {}).items():
-        lines += [f"{label(method)}: learning rate {sweep['chosen_lr']:g} chosen on the validation tasks (answer NLL "
-                  "at n = 0: " + ", ".join(f"{lr} → {_fmt(v)}" for lr, v in sweep["validation_answer_nll_n0"].items())
+        lines += [f"{label(method)}: learning rate {sweep['chosen_lr']:g} chosen on the validation tasks "
+                  f"({sweep['criterion']}: " + ", ".join(f"{lr} → {_fmt(v)}" for lr, v in sweep["validation"].items())
                   + ").", ""]
     adaptation = result.get("adaptation") or {}
     if adaptation:
