@@ -63,7 +63,8 @@ class LoraConfig(_Section):
 class FSDPConfig(_Section):
     enabled: bool = False
     cpu_offload: bool = False
-    reshard_after_forward: bool = True
+    # None: FSDP2's own default (decoder layers reshard, the root stays gathered until its backward).
+    reshard_after_forward: bool | None = True
 
 
 class ModelConfig(_Section):

@@ -115,7 +115,7 @@ def shard_model(
     replicated: Sequence[nn.Parameter] = (),
     compute_dtype: torch.dtype | None = None,
     cpu_offload: bool,
-    reshard_after_forward: bool,
+    reshard_after_forward: bool | None,
 ) -> nn.Module:
     """Shard ``model`` with FSDP2, one unit per decoder layer plus the root.
 
@@ -123,7 +123,8 @@ def shard_model(
     the inner loop's fast weights are plain tensors and the meta-gradient all-reduce stays one buffer.
     ``compute_dtype`` (full mode: fp32 master shards, ``model.dtype`` compute): the all-gather casts the
     shards to it and gradients are reduce-scattered in the shards' dtype (fp32), FSDP2's
-    ``MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=float32)``.
+    ``MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=float32)``. ``reshard_after_forward``
+    None leaves FSDP2's default: every unit but the root reshards after forward.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -136,8 +137,9 @@ def shard_model(
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     if not layers:
         raise ValueError(f"FSDP: found no *DecoderLayer modules to shard in {type(model).__name__}")
-    kwargs = dict(reshard_after_forward=reshard_after_forward, offload_policy=offload, mp_policy=mixed,
-                  ignored_params=ignored)
+    kwargs = dict(offload_policy=offload, mp_policy=mixed, ignored_params=ignored)
+    if reshard_after_forward is not None:  # torch 2.7's fully_shard refuses None (its default is True)
+        kwargs["reshard_after_forward"] = reshard_after_forward
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)

@@ -84,7 +84,7 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     """Whether every tensor is finite, decided together by all processes (the same on every process
     even when each holds only a shard of the weights, e.g. FSDP DTensors), so they roll back together."""
     local = [t.detach().to_local() if hasattr(t, "to_local") else t.detach() for t in tensors]
-    flag = torch.stack([t.isfinite().all() for t in local]).all().to(torch.float32).reshape(1)
+    flag = torch.stack([t.isfinite().all() for t in local]).all().to(torch.int32).reshape(1)  # MIN: a vote
     if is_multiprocess():
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())

@@ -5,10 +5,15 @@ parameters, then ``.backward()`` of the query loss: no fast weights, no function
 full-logits loss even where the meta-learner's model has a chunked one (``model.loss_chunk_size``).
 """
 
+import collections
+import contextlib
 import copy
+from unittest import mock
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from lora_maml.config import LoraConfig, MetaConfig, OptimConfig
@@ -193,32 +198,62 @@ def test_naive_functional_call_then_grad_is_wrong_under_checkpointing():
     assert results[True] > 1e-3
 
 
-@pytest.fixture
-def exact_fp64(monkeypatch):
-    """Make the fp64 tiny Qwen3 fp64 throughout, so central differences reach ~1e-9.
+def _rms_norm_in_input_dtype(self, hidden_states):
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def _rope_in_input_dtype(self, x, position_ids):
+    freqs = position_ids[..., None].to(x.dtype) * self.inv_freq.to(device=x.device, dtype=x.dtype)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
+
+
+@contextlib.contextmanager
+def fp64_throughout():
+    """Make the fp64 tiny Qwen3 (built with ``attn="sdpa"``) fp64 throughout; :class:`Fp64Probe` checks it.
 
     Qwen3's RMSNorm casts to fp32 and its eager attention takes the softmax in fp32: fp32 rounding
     of θ-dependent values puts ~1e-7 noise on the loss, which swamps a difference quotient at
-    eps = 1e-6. RMSNorm is patched to compute in its input dtype, and attention goes through SDPA's
-    math backend, which has a double backward (the default CPU SDPA kernel has none). The RoPE
-    angles, also fp32, are made fp64 too: torch.compile's cos/sin differ from eager's by fp32 ulps.
+    eps = 1e-6, and makes two layouts of the same sums (1 process vs rows split over 2) round
+    differently on one CPU and alike on another. RMSNorm is patched to compute in its input dtype,
+    and attention goes through SDPA's math backend, which has a double backward (the default CPU SDPA
+    kernel has none). The RoPE angles, also fp32, are made fp64 too: torch.compile's cos/sin differ
+    from eager's by fp32 ulps. Also used inside the workers of the multi-process tests.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers.models.qwen3 import modeling_qwen3
 
-    def rms_norm_in_input_dtype(self, hidden_states):
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
-
-    def rope_in_input_dtype(self, x, position_ids):
-        freqs = position_ids[..., None].to(x.dtype) * self.inv_freq.to(device=x.device, dtype=x.dtype)
-        angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
-
-    monkeypatch.setattr(modeling_qwen3.Qwen3RMSNorm, "forward", rms_norm_in_input_dtype)
-    monkeypatch.setattr(modeling_qwen3.Qwen3RotaryEmbedding, "forward", rope_in_input_dtype)
-    with sdpa_kernel(SDPBackend.MATH):
+    with (
+        mock.patch.object(modeling_qwen3.Qwen3RMSNorm, "forward", _rms_norm_in_input_dtype),
+        mock.patch.object(modeling_qwen3.Qwen3RotaryEmbedding, "forward", _rope_in_input_dtype),
+        sdpa_kernel(SDPBackend.MATH),
+    ):
         yield
+
+
+@pytest.fixture
+def exact_fp64():
+    """:func:`fp64_throughout` for one test."""
+    with fp64_throughout():
+        yield
+
+
+class Fp64Probe(TorchDispatchMode):
+    """Counts the ops that produce a floating-point tensor in another dtype than fp64 (forward,
+    backward, optimizer, collectives): on an fp64 model, each is a place that silently computes in
+    lower precision. Empty tensors (placeholders) compute nothing and are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.other: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 and t.numel():
+                self.other[f"{func} -> {t.dtype}"] += 1
+        return out
 
 
 @CHUNKS
@@ -328,6 +363,25 @@ def outer_setup(model, params, cfg, optim_cfg=None, total_steps=10):
     learner = MetaLearner(model, params, cfg)
     optimizer = build_optimizer(params, cfg.outer_lr, optim_cfg)
     return learner, optimizer, build_scheduler(optimizer, optim_cfg, total_steps), optim_cfg.clip_grad
+
+
+@pytest.mark.parametrize("inner", ["sgd", "adam"])
+def test_an_fp64_meta_gradient_computes_in_fp64_only(exact_fp64, inner):
+    """The meta-gradient of an fp64 full-mode model (micro-batched support and query, diagnostics)
+    produces no floating-point tensor of another dtype in its forwards, backwards, inner loop, losses and
+    sums: the premise of every fp64 tolerance here and in tests/recipes/test_full_mode.py. Catches e.g.
+    an int / int tensor division (fp32, the default dtype) or a tensor made without a dtype. (The outer
+    step is left out: AdamW keeps its step counts as fp32 tensors, exact integers it reads as floats.)"""
+    model, params = tiny_model("full", tie=True, attn="sdpa")
+    gen = torch.Generator().manual_seed(7)
+    split = lambda b: [{k: v[:1] for k, v in b.items()}, {k: v[1:] for k, v in b.items()}]  # noqa: E731
+    tasks = [TaskBatch(f"task{i}", [split(random_batch(gen, b=3))], split(random_batch(gen, b=3))) for i in range(2)]
+    cfg = MetaConfig(algorithm="fomaml", inner_optimizer=inner, inner_lr=0.01, num_inner_steps=2, meta_batch_size=2)
+    learner = MetaLearner(model, params, cfg)
+    with Fp64Probe() as probe:
+        metrics = learner.meta_gradient(tasks, diagnostics=True).metrics
+    assert metrics["meta/inner_progress"] != 0.0  # the diagnostics' forwards ran
+    assert not probe.other, f"computed in another dtype than fp64: {dict(probe.other)}"
 
 
 def test_lora_meta_steps_leave_base_bit_identical():

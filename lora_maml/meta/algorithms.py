@@ -232,7 +232,7 @@ class MetaLearner:
     def task_gradient(self, task: TaskBatch, diagnostics: bool = True) -> tuple[list[Tensor], Tensor]:
         """g_t (then h_t with Meta-SGD) and the task's metric row (0-d tensors in ``_SLOTS`` order, no host sync)."""
         cfg = self.cfg
-        zero = torch.zeros((), device=self._flat.device)
+        zero = self._flat.new_zeros(())  # in the accumulation dtype: nothing fp32 on an fp64 model's path
         pre = zero
         if diagnostics:
             with torch.no_grad():

@@ -24,6 +24,15 @@ over processes is the global token mean; FSDP averages the reduce-scatter over t
 backward runs on world_size × that. The gradient therefore does not depend on the number of processes
 (nor on how the examples are split, duplicated copies included: periodic evaluation gives every
 process the same batch).
+
+No gathered copy outlives a call: every call (:meth:`ShardedLoss.loss_and_grads`, :meth:`ShardedLoss.loss`)
+reshards every FSDP unit before its first forward and after its last. FSDP2 frees a unit's gathered
+parameters after its forward only if the unit reshards after forward, and otherwise after the backward;
+a unit that does not (``model.fsdp_config.reshard_after_forward=false``; the root under FSDP2's default,
+``null``; the root whatever the setting in torch 2.7) stays gathered after a forward without backward
+(the diagnostics' no-grad losses, periodic evaluation), and its next ``unshard()`` is a no-op. The shards
+written since (an inner step, θ restored at the end of a task, an outer step) would then not be read:
+the next task's first inner gradient would be taken at the previous task's φ_K.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
 from lora_maml.distributed import all_reduce_sum
 from lora_maml.loss import causal_lm_loss_tensors, label_token_count
@@ -57,6 +67,7 @@ class ShardedLoss:
             raise ValueError(f"ShardedLoss needs FSDP2-sharded parameters; {not_sharded[:3]} are not (fully_shard first)")
         self._world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self._saved: list[Tensor] | None = None
+        self._units = [m for m in model.modules() if isinstance(m, FSDPModule)]
 
     def weights(self) -> list[Tensor]:
         """This process's shards of the parameters (views: writing them writes the model)."""
@@ -99,6 +110,17 @@ class ShardedLoss:
         if len(weights) != len(held) or any(w.data_ptr() != h for w, h in zip(weights, held)):
             raise ValueError("ShardedLoss: the weights must be the shards the model holds (fn.weights() or fast_weights' φ)")
 
+    @contextlib.contextmanager
+    def _gathered_afresh(self) -> Iterator[None]:
+        """Forwards inside all-gather the shards as they are now, and leave nothing gathered (module docstring)."""
+        for unit in self._units:  # FSDPModule.reshard is not recursive; a no-op on a sharded unit
+            unit.reshard()
+        try:
+            yield
+        finally:
+            for unit in self._units:
+                unit.reshard()
+
     def _run(self, weights, batch, grads: bool):
         self._check(weights)
         micro = [batch] if isinstance(batch, dict) else list(batch)
@@ -106,13 +128,14 @@ class ShardedLoss:
             raise ValueError("an empty list of micro-batches")
         total = all_reduce_sum(torch.stack([label_token_count(b) for b in micro]).sum())
         loss = None
-        for b in micro:
-            part_loss, n_tokens = causal_lm_loss_tensors(self.model, b)
-            part = part_loss * (n_tokens.to(part_loss.dtype) / total.clamp(min=1).to(part_loss.dtype))
-            if grads:  # FSDP2 divides the reduce-scatter by the world size: undo it for the sum
-                (part * self._world).backward()
-            part = part.detach()
-            loss = part if loss is None else loss + part
+        with self._gathered_afresh():
+            for b in micro:
+                part_loss, n_tokens = causal_lm_loss_tensors(self.model, b)
+                part = part_loss * (n_tokens.to(part_loss.dtype) / total.clamp(min=1).to(part_loss.dtype))
+                if grads:  # FSDP2 divides the reduce-scatter by the world size: undo it for the sum
+                    (part * self._world).backward()
+                part = part.detach()
+                loss = part if loss is None else loss + part
         loss = all_reduce_sum(loss)  # the token-mean NLL is fp32 (fp64 on an fp64 model) whatever model.dtype
         if not grads:
             return loss, total, ()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,15 +28,24 @@ from recipe_helpers import (
     worker_pid,
 )
 from safetensors.torch import load_file
+from test_meta_gradients import INNER_LR, K, fp64_throughout, max_err, meta_cfg, random_tasks, reference, tiny_model
 
 import recipes.fomaml_math as fomaml
 from lora_maml.config import ConfigError
 from lora_maml.export import merge_and_save
 from lora_maml.load_trained import load_trained
+from lora_maml.meta.algorithms import MetaLearner
 
 FULL = ("meta.adapter=full",)
-# fp64 on both sides: the 1- and 2-process sums differ in order only, far below this.
-EXACT = 1e-9
+RUN_FP64 = Path(__file__).with_name("run_fp64.py")  # runs a recipe fp64 throughout
+# The fp64 comparisons below run the tiny Qwen3 fp64 throughout (fp64_throughout, in every process; no
+# fp32 op left: test_meta_gradients.Fp64Probe), so the two sides differ only in the order of fp64 sums
+# (rows split over processes, per-process token weights, FSDP's reduce-scatter). Each such difference
+# is a few units of fp64 roundoff (2^-53 ≈ 1.1e-16) of the values summed; through two layers, a few
+# inner steps and three AdamW steps of these O(1) quantities a budget of 1e4 of them, 1e-12, is ample
+# (measured: < 1e-15), while one fp32 rounding anywhere (2^-24 ≈ 6e-8, as transformers' fp32 RMSNorm
+# gave on some CPUs: 2e-7) or a stale weight (0.3) is far above it.
+EXACT = 1e-12
 
 
 def checkpoint(run_dir: Path) -> dict:
@@ -86,7 +94,7 @@ import sys
 import torch
 import torch.distributed as dist
 sys.path.insert(0, sys.argv[2])
-from test_meta_gradients import meta_cfg, random_tasks, tiny_model
+from test_meta_gradients import Fp64Probe, fp64_throughout, meta_cfg, random_tasks, tiny_model
 from lora_maml.meta.algorithms import MetaLearner, TaskBatch
 from lora_maml.meta.fast_weights import gradient_for
 from lora_maml.meta.sharded import ShardedLoss
@@ -94,18 +102,22 @@ from lora_maml.distributed import full_tensor, shard_model
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
-# fp64, seeded: the same model on every process; activation checkpointing as in the guide config
-# (each layer's recomputation re-gathers its shards inside the backward)
-model, _ = tiny_model("full", tie=True, checkpointing=True)
-shard_model(model, cpu_offload=False, reshard_after_forward=True)
-params = dict(model.named_parameters())
-share = lambda batch: {k: v[rank::world] for k, v in batch.items()}  # this process's rows of a batch
-tasks = [TaskBatch(t.name, [share(s) for s in t.support], share(t.query)) for t in random_tasks()]
-result = MetaLearner(model, params, meta_cfg(), fn=ShardedLoss(model, params)).meta_gradient(tasks)
+# fp64 throughout, seeded: the same model on every process; activation checkpointing as in the guide
+# config (each layer's recomputation re-gathers its shards inside the backward)
+with fp64_throughout():
+    model, _ = tiny_model("full", tie=True, checkpointing=True, attn="sdpa")
+    shard_model(model, cpu_offload=False, reshard_after_forward=True)
+    params = dict(model.named_parameters())
+    share = lambda batch: {k: v[rank::world] for k, v in batch.items()}  # this process's rows of a batch
+    tasks = [TaskBatch(t.name, [share(s) for s in t.support], share(t.query)) for t in random_tasks()]
+    learner = MetaLearner(model, params, meta_cfg(), fn=ShardedLoss(model, params))
+    with Fp64Probe() as probe:
+        result = learner.meta_gradient(tasks)
 grads = {n: full_tensor(gradient_for(p, g)) for (n, p), g in zip(params.items(), result.grads.values())}
 after = {n: full_tensor(p) for n, p in params.items()}
 if rank == 0:
-    torch.save({"grads": grads, "metrics": result.metrics, "weights_after": after}, sys.argv[1])
+    torch.save({"grads": grads, "metrics": result.metrics, "weights_after": after,
+                "not_fp64": dict(probe.other)}, sys.argv[1])
 dist.barrier()
 dist.destroy_process_group()
 """
@@ -114,30 +126,27 @@ dist.destroy_process_group()
 @pytest.mark.slow
 def test_fsdp_meta_gradient_equals_one_process_and_inplace_sgd(tmp_path):
     """2 processes, every weight an FSDP2 shard, activation checkpointing on, each process holding one
-    row of every batch (the padded row on one of them): the meta-gradient equals the 1-process functional one and the
-    in-place SGD reference (tied embeddings included), and θ's shards are restored after each task."""
+    row of every batch (the padded row on one of them): the meta-gradient equals the 1-process functional
+    one and the in-place SGD reference (tied embeddings included) at fp64 precision, nothing on the
+    sharded path computes in another dtype, and θ's shards are restored after each task."""
     tests_dir = str(REPO_ROOT / "tests")
-    sys.path.insert(0, tests_dir)
-    try:
-        from test_meta_gradients import INNER_LR, K, max_err, meta_cfg, random_tasks, reference, tiny_model
-    finally:
-        sys.path.remove(tests_dir)
-    from lora_maml.meta.algorithms import MetaLearner
-
     script, out = tmp_path / "worker.py", tmp_path / "sharded.pt"
     script.write_text(_GRADIENT_WORKER, encoding="utf-8")
     run_subprocess(torchrun(script, [str(out), tests_dir]), tmp_path / "worker.log")
     sharded = torch.load(out, weights_only=True)
+    assert not sharded["not_fp64"], f"the sharded path computed in another dtype than fp64: {sharded['not_fp64']}"
 
-    model, params = tiny_model("full", tie=True)
-    tasks = random_tasks()
-    single = MetaLearner(model, params, meta_cfg()).meta_gradient(tasks)
-    ref = reference(model, list(params), tasks, K, INNER_LR)
+    with fp64_throughout():
+        model, params = tiny_model("full", tie=True, attn="sdpa")
+        tasks = random_tasks()
+        single = MetaLearner(model, params, meta_cfg()).meta_gradient(tasks)
+        ref = reference(model, list(params), tasks, K, INNER_LR)
+        unadapted = reference(model, list(params), tasks, 0, INNER_LR)
     assert list(sharded["grads"]) == list(params)
     ours = list(sharded["grads"].values())
     assert max_err(ours, list(single.grads.values())) <= EXACT
     assert max_err(ours, ref) <= EXACT
-    assert max_err(ours, reference(model, list(params), tasks, 0, INNER_LR)) > 1e-3  # adaptation matters
+    assert max_err(ours, unadapted) > 1e-3  # adaptation matters
     for key, value in single.metrics.items():
         assert sharded["metrics"][key] == pytest.approx(value, rel=EXACT, abs=EXACT), key
     assert all(torch.equal(sharded["weights_after"][n], p.detach()) for n, p in params.items())
@@ -149,17 +158,18 @@ def test_fsdp_meta_gradient_equals_one_process_and_inplace_sgd(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the worker processes through Linux /proc")
 def test_fsdp_full_run_stops_resumes_and_matches_one_process(recipe_inputs, tmp_path):
-    """torchrun, 2 processes, every weight sharded (fp64): SIGTERM to one process after meta-step 1
+    """torchrun, 2 processes, every weight sharded (fp64 throughout): SIGTERM to one process after meta-step 1
     saves and exits 0; the resumed run (sharded optimizer state restored from the consolidated
     checkpoint) ends with the weights and metrics of an uninterrupted 1-process run; its .pt
     (weights_only) and Hugging Face directory load, and merge, like the 1-process run's."""
     extra = (*FULL, "model.dtype=fp64", "trainer.total_steps=3", "trainer.save_freq=100")
     one, two = tmp_path / "one", tmp_path / "fsdp"
-    assert run_in_process(fomaml.main, run_args(recipe_inputs, one, *extra)) == 0
+    with fp64_throughout():
+        assert run_in_process(fomaml.main, run_args(recipe_inputs, one, *extra)) == 0
 
-    args = run_args(recipe_inputs, two, *extra, "model.fsdp_config.enabled=true")
+    args = [str(FOMAML_SCRIPT), *run_args(recipe_inputs, two, *extra, "model.fsdp_config.enabled=true")]
     log_path = tmp_path / "fsdp.log"
-    proc, log = start_subprocess(torchrun(FOMAML_SCRIPT, args), log_path)
+    proc, log = start_subprocess(torchrun(RUN_FP64, args), log_path)
     try:
         wait_for(lambda: 1 in logged_steps(two), proc, log_path, "meta-step 1 to be logged")
         os.kill(worker_pid(proc.pid, rank=1), signal.SIGTERM)
@@ -170,7 +180,7 @@ def test_fsdp_full_run_stops_resumes_and_matches_one_process(recipe_inputs, tmp_
         log.close()
     assert rc == 0, log_path.read_text(errors="replace")[-4000:]
     assert 1 <= latest_step(two) < 3
-    run_subprocess(torchrun(FOMAML_SCRIPT, args), tmp_path / "fsdp_resumed.log")
+    run_subprocess(torchrun(RUN_FP64, args), tmp_path / "fsdp_resumed.log")
     assert "resumed from" in (tmp_path / "fsdp_resumed.log").read_text(errors="replace")
 
     assert latest_step(one) == latest_step(two) == 3
@@ -187,6 +197,41 @@ def test_fsdp_full_run_stops_resumes_and_matches_one_process(recipe_inputs, tmp_
                                {n: p.detach() for n, p in reference.params.items()}) <= EXACT
     report = merge_and_save(two / "maml_checkpoint_step_3.pt", tmp_path / "merged")
     assert report["adapter"] == "full" and report["max_abs_diff"] <= report["tolerance"]
+
+
+# Diagnostics (no-grad losses at θ and φ_K) on every step and periodic evaluation after every step: the
+# forwards without a backward after which FSDP2 leaves a unit gathered unless it reshards after forward.
+DIAGNOSED = (*FULL, "model.dtype=fp64", "trainer.total_steps=2", "trainer.log_freq=1", "trainer.test_freq=1",
+             "trainer.save_freq=100")
+
+
+@pytest.fixture(scope="module")
+def one_process_diagnosed(recipe_inputs, tmp_path_factory):
+    """The functional reference of the reshard tests: 1 process, no FSDP, fp64 throughout."""
+    out = tmp_path_factory.mktemp("one_process_diagnosed") / "run"
+    with fp64_throughout():
+        assert run_in_process(fomaml.main, run_args(recipe_inputs, out, *DIAGNOSED)) == 0
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reshard", ["true", "false", "null"])
+def test_fsdp_full_reads_the_shards_whatever_reshard_after_forward(recipe_inputs, one_process_diagnosed, tmp_path,
+                                                                   reshard):
+    """torchrun, 1 process, every weight an FSDP2 shard, with model.fsdp_config.reshard_after_forward
+    true, false and null (FSDP2's default: the root stays gathered after its forward): weights and
+    metrics (diagnostics, periodic evaluation) equal the functional run's. A unit left gathered by a
+    no-grad forward would make the next forward read the weights of then (the previous task's φ_K
+    after θ was restored into the shards): a gradient error of ~0.3, not fp64 rounding."""
+    run = tmp_path / "fsdp"
+    args = run_args(recipe_inputs, run, *DIAGNOSED, "model.fsdp_config.enabled=true",
+                    f"model.fsdp_config.reshard_after_forward={reshard}")
+    run_subprocess(torchrun(RUN_FP64, [str(FOMAML_SCRIPT), *args], nproc=1), tmp_path / "fsdp.log")
+    rows = read_metrics(run)
+    assert {"meta/query_loss_pre", "meta/inner_progress", "eval/loss_post"} <= set(rows[0])
+    diff = max_weight_diff(checkpoint_weights(one_process_diagnosed), checkpoint_weights(run))
+    assert diff <= EXACT, f"reshard_after_forward={reshard}: the weights differ by {diff:.3g}"
+    assert_same_metrics(read_metrics(one_process_diagnosed), rows, rel=EXACT, abs_=EXACT)
 
 
 def test_fsdp_full_refuses_meta_sgd_and_uneven_batches(recipe_inputs, tmp_path, monkeypatch):
