@@ -31,7 +31,8 @@ written atomically.
    and holds that config.
 5. Evaluation, on tasks split once (``--eval-on holdout``: the family's unseen tasks; ``--validation-tasks K``
    of them, a draw seeded by ``--plan-seed``, only ever tune, the others are reported). SFT's rate
-   (``--sft-lrs``, first seed, lowest validation answer NLL at n = 0) is chosen during training. Every init
+   (``--sft-lrs``, first seed: the best validation ``--verdict-metric`` at the largest n after the run's best
+   ``--adapt-grid`` adaptation; without a grid the lowest answer NLL at n = 0) is chosen during training. Every init
    (``base`` with a fresh LoRA, B = 0, and every run) gets its own adaptation: the ``--adapt-grid`` setting
    with the best validation ``--verdict-metric`` at the largest n (a run that learned its inner rates,
    Meta-SGD: those rates). Then ONE test plan (``--n-shots``, ``--episodes`` shot draws per task and n,
@@ -155,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "optimizer and micro-batch); the best on --verdict-metric is used on the test tasks (default: "
                    "the config's inner loop for every init)")
     p.add_argument("--sft-lrs", nargs="+", type=positive_float, default=[], metavar="LR",
-                   help="SFT learning rates trained with the first seed; the lowest validation answer NLL at n = 0 "
-                   "(the multi-task objective) trains the other seeds (default: the config's sft.lr)")
+                   help="SFT learning rates trained with the first seed; the one with the best validation "
+                   "--verdict-metric at the largest n after its best --adapt-grid adaptation (without a grid: the "
+                   "lowest answer NLL at n = 0) trains the other seeds (default: the config's sft.lr)")
     p.add_argument("--data-seed", type=int, default=42, help="seed of the data (generation and split; default 42)")
     p.add_argument("--tiny-per-task", type=int, default=40, help="problems per task of --source synthetic (default 40)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "fp64"], help="evaluation dtype (default: model.dtype)")
