@@ -10,6 +10,7 @@ from lora_maml.data.tokenize import (
     encode_example,
     encode_records,
     padding_efficiency,
+    prompt_ids,
     records_that_fit,
 )
 from lora_maml.loss import label_token_count
@@ -66,6 +67,32 @@ def test_labels_train_the_response_and_eos_only(tok):
     assert targets[0] == (n_prompt - 1, response_ids[0])
     assert targets[-1] == (len(ids) - 2, tok.eos_token_id)
     assert len(targets) == len(response_ids) + 1
+
+
+def test_in_context_shots_are_earlier_turns_and_never_targets(tok):
+    shots = PROBLEMS[2:4]
+    ex = encode_example(tok, PROMPT, RESPONSE, max_length=10_000, truncation="error", shots=shots, answer="2")
+    plain = full_example(tok)
+    n_context = len(prompt_ids(tok, PROMPT, shots))
+    # The exact text: each shot a user and an assistant turn, in the given order, then the prompt.
+    expected = "".join(f"<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n{r}<|im_end|>\n" for p, r in shots)
+    expected += f"<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(ex["input_ids"][:n_context]) == expected
+    # The targets are the plain example's: the last response and its EOS, nothing of the shots.
+    assert all(label == IGNORE_INDEX for label in ex["labels"][:n_context])
+    assert ex["labels"][n_context:] == plain["labels"][-(len(ex["labels"]) - n_context):]
+    assert [x for x in ex["labels"] if x != IGNORE_INDEX] == [x for x in plain["labels"] if x != IGNORE_INDEX]
+    assert [x for x in ex["answer_labels"] if x != IGNORE_INDEX] == tok("2", add_special_tokens=False)["input_ids"]
+    # Order matters: the same shots reversed give another context.
+    reversed_ex = encode_example(tok, PROMPT, RESPONSE, max_length=10_000, truncation="error", shots=shots[::-1])
+    assert reversed_ex["input_ids"] != ex["input_ids"] and len(reversed_ex["input_ids"]) == len(ex["input_ids"])
+
+
+def test_in_context_example_longer_than_max_length_names_its_shots(tok):
+    with pytest.raises(ValueError, match=r"with 2 in-context examples.*data.max_length=40"):
+        encode_example(tok, PROMPT, RESPONSE, max_length=40, truncation="error", shots=PROBLEMS[2:4])
+    left = encode_example(tok, PROMPT, RESPONSE, max_length=40, truncation="left", shots=PROBLEMS[2:4])
+    assert left["truncated"] and left["labels"][-1] == tok.eos_token_id and len(left["input_ids"]) == 40
 
 
 def test_truncation_modes(tok):

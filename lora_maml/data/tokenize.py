@@ -9,6 +9,16 @@ Labels are aligned with ``input_ids`` (the model shifts them: position i predict
 last prompt token carries no label while it is the position that predicts the first response token, and
 the EOS is a target: a model trained on these examples learns to stop.
 
+In-context examples (``shots``: solved (prompt, response) pairs of the same task) go before the prompt as
+earlier turns of the same chat, each shot a user turn and an assistant turn, in the order given
+(:func:`chat_messages`)::
+
+    user: {shot 1 prompt}  assistant: {shot 1 response}  ...  user: {prompt}  assistant: {response}<EOS>
+
+Only the last response is a target: the shots are context, as in MetaICL (Min et al., 2022) and in
+in-context evaluation. The chat template renders the earlier turns (a template may rewrite them, e.g.
+Qwen3's drops ``<think>`` blocks of earlier assistant turns).
+
 Two batch layouts hold the same examples:
 
 * padded: ``input_ids``/``attention_mask``/``labels`` of shape [B, T], right-padded;
@@ -57,17 +67,31 @@ def chat_template_source(tokenizer) -> str:
     return f"the chat template of tokenizer {name or type(tokenizer).__name__}"
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """The token ids of ``prompt`` as a user turn followed by the assistant's header (the chat template).
-    ``ValueError`` naming the template's file when the template fails (jinja2 runs it sandboxed: a
-    template that reaches for Python internals is refused, as is one that raises)."""
+Shot = tuple[str, str]  # an in-context example: (prompt, response)
+
+
+def chat_messages(prompt: str, shots: Sequence[Shot] = ()) -> list[dict[str, str]]:
+    """The chat of one example: every shot as a user turn (its prompt) and an assistant turn (its
+    response), in order, then ``prompt`` as the last user turn (the module docstring's format)."""
+    messages = []
+    for shot_prompt, shot_response in shots:
+        messages += [{"role": "user", "content": shot_prompt}, {"role": "assistant", "content": shot_response}]
+    return [*messages, {"role": "user", "content": prompt}]
+
+
+def prompt_ids(tokenizer, prompt: str, shots: Sequence[Shot] = ()) -> list[int]:
+    """The token ids of ``prompt`` as a user turn, after the in-context ``shots`` (:func:`chat_messages`),
+    followed by the assistant's header (the chat template). ``ValueError`` naming the template's file when
+    the template fails (jinja2 runs it sandboxed: a template that reaches for Python internals is refused,
+    as is one that raises)."""
     try:
         # transformers 5 returns a BatchEncoding unless return_dict=False; accept both so 4.x works as well.
         out = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+            chat_messages(prompt, shots), add_generation_prompt=True, tokenize=True, return_dict=False
         )
     except jinja2.TemplateError as err:
-        raise ValueError(f"{chat_template_source(tokenizer)}: the chat template failed on a user prompt "
+        what = "a user prompt" if not shots else f"a prompt after {len(shots)} in-context examples"
+        raise ValueError(f"{chat_template_source(tokenizer)}: the chat template failed on {what} "
                          f"({type(err).__name__}: {err})") from None
     if not isinstance(out, list):
         out = out["input_ids"]
@@ -82,9 +106,11 @@ def answer_span(response: str, answer: str) -> tuple[int, int] | None:
 
 
 def encode_example(
-    tokenizer, prompt: str, response: str, *, max_length: int, truncation: Truncation, answer: str | None = None
+    tokenizer, prompt: str, response: str, *, max_length: int, truncation: Truncation, answer: str | None = None,
+    shots: Sequence[Shot] = (),
 ) -> dict:
-    """Chat-templated prompt + response + EOS → ``{"input_ids", "labels", "truncated"}``.
+    """Chat-templated prompt + response + EOS → ``{"input_ids", "labels", "truncated"}``; with ``shots``,
+    the in-context examples before the prompt (:func:`chat_messages`; context only, never targets).
 
     With ``answer`` (the record's final answer), also ``answer_labels``: ``labels`` kept only on the
     response tokens that overlap the answer's characters in the last ``\\boxed{}`` (-100 elsewhere; all
@@ -103,7 +129,7 @@ def encode_example(
     if eos_id is None:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos_token: cannot mark the end of a response")
 
-    prompt_token_ids = prompt_ids(tokenizer, prompt)
+    prompt_token_ids = prompt_ids(tokenizer, prompt, shots)
     encoded = tokenizer(response, add_special_tokens=False, return_offsets_mapping=answer is not None)
     response_ids = list(encoded["input_ids"]) + [eos_id]
     input_ids = prompt_token_ids + response_ids
@@ -120,7 +146,8 @@ def encode_example(
     if truncated:
         if truncation == "error":
             raise ValueError(
-                f"example has {len(input_ids)} tokens (prompt {len(prompt_token_ids)} + response {len(response_ids) - 1}"
+                f"example has {len(input_ids)} tokens (prompt {len(prompt_token_ids)}"
+                + (f" with {len(shots)} in-context examples" if shots else "") + f" + response {len(response_ids) - 1}"
                 f" + EOS) > data.max_length={max_length}; raise data.max_length or set data.truncation=left|right"
             )
         cut = slice(None, max_length) if truncation == "right" else slice(-max_length, None)
