@@ -95,7 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, _, kind, what in ADAPT_FLAGS:
         p.add_argument(flag, nargs="+", metavar="[NAME=]V",
                        help=f"{kind}; default: the reference checkpoint's {what} for every method; NAME=V for one method")
-    p.add_argument("--max-length", type=length_cap, help=f"token cap of shots/references (default: data.max_length or {DEFAULT_MAX_LENGTH})")
+    p.add_argument("--in-context", nargs="*", metavar="NAME",
+                   help="in-context learning: the n shots go into the prompt of every scored problem (chat turns, "
+                   "docs/evaluation.md) for the methods NAME (none given: every method); with --adapt-steps 0 no "
+                   "gradient step (ICL alone), otherwise ICL + gradient adaptation")
+    p.add_argument("--max-length", type=length_cap, help=f"token cap of shots/references (default: data.max_length or "
+                   f"{DEFAULT_MAX_LENGTH}); an example with k shots in its prompt: (k + 1) x this")
     p.add_argument("--truncation", choices=["error", "left", "right"], help="default: data.truncation or right")
     p.add_argument("--max-new-tokens", type=positive_int, default=1024, help="generation budget per problem (default 1024)")
     p.add_argument("--no-generate", dest="generate", action="store_false",
@@ -123,6 +128,7 @@ def main(argv: Sequence[str]) -> int:
     out_dir = Path(args.output_dir).expanduser()
     check_writable_dir(out_dir, "--output-dir")  # before anything is read or loaded
     given = adaptation_flags(args, list(paths))
+    in_context = in_context_methods(args, list(paths))
     seeds: int | list[int] = args.seeds[0] if len(args.seeds) == 1 else args.seeds
     episodes = plan_episodes(args.data_dir, selected_tasks(args), args.n_shots, seeds, args.max_test_per_task, args.seed)
 
@@ -131,7 +137,8 @@ def main(argv: Sequence[str]) -> int:
     ref_name, ref_cfg = reference_run(models)
     # Every method's settings are settled before the first (slow) load, so a missing one fails at once.
     adapting = any(ep.n > 0 for ep in episodes)
-    adapt_by_method = {name: adaptation_settings(name, given[name], ref_cfg, adapting, args) for name in paths}
+    adapt_by_method = {name: adaptation_settings(name, given[name], ref_cfg, adapting, args, name in in_context)
+                       for name in paths}
     settings_by_method = {name: settings_record(adapt_by_method[name], ref_name, paths[name]) for name in paths}
 
     records = episode_records(args.data_dir, episodes)
@@ -251,8 +258,18 @@ def reference_run(models: Mapping[str, ModelPath]) -> tuple[str | None, Config |
     return None, None
 
 
+def in_context_methods(args: argparse.Namespace, names: Sequence[str]) -> set[str]:
+    """The methods ``--in-context`` names (every method when it names none; no method without the flag)."""
+    if args.in_context is None:
+        return set()
+    unknown = [name for name in args.in_context if name not in names]
+    if unknown:
+        raise ValueError(f"--in-context {' '.join(unknown)}: no such method (methods: {', '.join(names)})")
+    return set(args.in_context or names)
+
+
 def adaptation_settings(name: str, given: Mapping[str, Any], ref_cfg: Config | None, adapting: bool,
-                        args: argparse.Namespace) -> AdaptSettings:
+                        args: argparse.Namespace, in_context: bool = False) -> AdaptSettings:
     """One method's settings: its ``--adapt-*`` values, else the reference run's inner loop (``meta.*``);
     ``--max-length`` / ``--truncation``, else the reference's ``data.*``. Every method adapts the same way
     unless told otherwise, so the comparison is fair."""
@@ -262,7 +279,7 @@ def adaptation_settings(name: str, given: Mapping[str, Any], ref_cfg: Config | N
     }
     values = {field: given[field] if given[field] is not None else defaults.get(field) for field in given}
     missing = [flag for flag, _, _, _ in ADAPT_FLAGS if values[_field(flag)] is None]
-    if adapting and missing:
+    if adapting and values["steps"] != 0 and missing:  # in context with no gradient step needs no rate
         raise ValueError(
             f"method {name!r}: no run checkpoint among the methods to take the adaptation settings from "
             f"(meta.inner_lr / num_inner_steps / inner_batch_size); give {' '.join(missing)}"
@@ -271,6 +288,7 @@ def adaptation_settings(name: str, given: Mapping[str, Any], ref_cfg: Config | N
         **values,
         max_length=args.max_length or (ref_cfg.data.max_length if ref_cfg else DEFAULT_MAX_LENGTH),
         truncation=args.truncation or (ref_cfg.data.truncation if ref_cfg else DEFAULT_TRUNCATION),
+        shots_in_prompt=in_context,
     )
 
 
@@ -290,6 +308,7 @@ def settings_record(adapt: AdaptSettings, ref_name: str | None, path: str) -> di
     """A method's ``settings`` in rows/{method}.json and results.json (completed while it is evaluated)."""
     return {"adapt_lr": adapt.lr, "adapt_steps": adapt.steps, "adapt_batch_size": adapt.batch_size,
             "adapt_optimizer": adapt.optimizer, "max_length": adapt.max_length, "truncation": adapt.truncation,
+            "in_context": adapt.shots_in_prompt,
             "defaults_from": ref_name, "model_path": path}
 
 

@@ -38,8 +38,9 @@ written atomically.
    Meta-SGD: those rates). Then ONE test plan (``--n-shots``, ``--episodes`` shot draws per task and n,
    ``--test-per-episode`` problems per task) and the wrong-code control (the largest n, each task adapted on the
    same episode's shots of another test task) score every init (``--jobs`` inits at a time), teacher forcing
-   only: ``nll``, ``answer_nll``, ``answer_accuracy`` (and ``*_pre`` at the init's own weights). Files in ``<out>/eval/{rows,validation,control}/``, each cached with what it
-   depends on.
+   only: ``nll``, ``answer_nll``, ``answer_accuracy`` (and ``*_pre`` at the init's own weights). ``--icl``: every
+   init also scored with the shots in its prompt and no gradient step (rows ``<init>_icl``, test plan and control).
+   Files in ``<out>/eval/{rows,validation,control}/``, each cached with what it depends on.
 6. Statistics (:mod:`lora_maml.eval.stats`), per n, pooled over the test tasks: per init and per method
    (seeds pooled) the mean of every metric and the gain ``pre - post`` of the NLLs; paired differences A - B
    (seed s with seed s, the same episode and problem), and each init against its wrong-code control. 95% CIs:
@@ -68,7 +69,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import ModuleType
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import torch
 import yaml
@@ -159,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SFT learning rates trained with the first seed; the one with the best validation "
                    "--verdict-metric at the largest n after its best --adapt-grid adaptation (without a grid: the "
                    "lowest answer NLL at n = 0) trains the other seeds (default: the config's sft.lr)")
+    p.add_argument("--icl", action="store_true",
+                   help="also score every init with the n shots in the prompt and no gradient step (in-context "
+                   "learning: rows '<init>_icl', on the test plan and the wrong-code control)")
     p.add_argument("--data-seed", type=int, default=42, help="seed of the data (generation and split; default 42)")
     p.add_argument("--tiny-per-task", type=int, default=40, help="problems per task of --source synthetic (default 40)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "fp64"], help="evaluation dtype (default: model.dtype)")
@@ -549,6 +553,18 @@ def train_all(args: argparse.Namespace, config: Path, shared: Mapping[str, Any],
 
 # --- 5. evaluation ---------------------------------------------------------------------------
 WRONG_CODE = report.WRONG_CODE  # suffix of an init's rows adapted on another task's shots (the control)
+ICL = report.ICL  # suffix of an init's rows scored with the shots in the prompt, no gradient step
+
+
+class Job(NamedTuple):
+    """One scoring of an init: its rows cached in ``<out>/eval/<file>.json``; ``lr`` / ``steps`` None: the
+    config's inner loop; ``in_context``: the shots in the prompt too."""
+
+    file: str
+    episodes: Sequence[Episode]
+    lr: float | None = None
+    steps: int | None = None
+    in_context: bool = False
 
 
 @dataclass
@@ -616,29 +632,29 @@ class Evaluator:
     device: str
     progress: bool = True  # a progress bar per scored plan
 
-    def settings(self, init, lr: float | None, steps: int | None) -> AdaptSettings:
+    def settings(self, init, lr: float | None, steps: int | None, in_context: bool = False) -> AdaptSettings:
         """The config's inner loop with ``lr`` / ``steps`` (None: the config's); a Meta-SGD run adapts with
-        the rates it learned, whatever ``lr``."""
+        the rates it learned, whatever ``lr``. ``in_context``: the shots in the prompt too."""
         meta, data = self.cfg.meta, self.cfg.data
         return AdaptSettings(lr=init.inner_lrs or (meta.inner_lr if lr is None else lr),
                              steps=meta.num_inner_steps if steps is None else steps, batch_size=meta.inner_batch_size,
-                             optimizer=meta.inner_optimizer, max_length=data.max_length, truncation=data.truncation)
+                             optimizer=meta.inner_optimizer, max_length=data.max_length, truncation=data.truncation,
+                             shots_in_prompt=in_context)
 
-    def rows(self, name: str, path: Path, jobs: Sequence[tuple[str, Sequence[Episode], float | None, int | None]],
-             records: Mapping[str, dict]) -> list[list[dict]]:
-        """For each job ``(file, episodes, lr, steps)``: the rows of init ``name`` at ``path`` (the base with a
-        fresh LoRA shaped like the runs', B = 0), loaded once for all jobs not cached yet."""
+    def rows(self, name: str, path: Path, jobs: Sequence[Job], records: Mapping[str, dict]) -> list[list[dict]]:
+        """For each :class:`Job`: the rows of init ``name`` at ``path`` (the base with a fresh LoRA shaped like
+        the runs', B = 0), loaded once for all jobs not cached yet."""
         results: list[list[dict] | None] = []
         todo = []
-        for file, episodes, lr, steps in jobs:
+        for file, episodes, lr, steps, in_context in jobs:
             identity = {"init": name, "path": str(path), "weights": weights_stamp(path), "dtype": self.dtype,
-                        "plan_sha256": plan_fingerprint(episodes), "lr": lr, "steps": steps,
+                        "plan_sha256": plan_fingerprint(episodes), "lr": lr, "steps": steps, "in_context": in_context,
                         "inner_loop": [self.cfg.meta.inner_optimizer, self.cfg.meta.inner_batch_size,
                                        self.cfg.data.max_length, self.cfg.data.truncation]}
             saved = read_json(self.out / "eval" / f"{file}.json")
             results.append(saved["rows"] if saved is not None and saved["identity"] == identity else None)
             if results[-1] is None:
-                todo.append((len(results) - 1, file, episodes, lr, steps, identity))
+                todo.append((len(results) - 1, file, episodes, lr, steps, in_context, identity))
         if not todo:
             print(f"{name}: evaluated earlier, skipped")
         else:
@@ -646,9 +662,9 @@ class Evaluator:
             init = load_trained(str(path), dtype=self.dtype, device=self.device,
                                 lora=self.cfg.model.lora if name == "base" else None,
                                 trust_remote_code=self.cfg.model.trust_remote_code)
-            for i, file, episodes, lr, steps, identity in todo:
+            for i, file, episodes, lr, steps, in_context, identity in todo:
                 start = time.perf_counter()
-                rows = evaluate_model(init, episodes, records, self.settings(init, lr, steps), generate=False,
+                rows = evaluate_model(init, episodes, records, self.settings(init, lr, steps, in_context), generate=False,
                                       desc=f"{name} {file}", progress=self.progress)
                 results[i] = [{k: r[k] for k in ROW_KEYS} for r in rows]
                 write_json(self.out / "eval" / f"{file}.json", report.jsonable(
@@ -661,7 +677,7 @@ class Evaluator:
     def validation_score(self, path: Path, plan: EvalPlan) -> float:
         """Mean answer NLL (NLL where there is no answer) of an init at n = 0 on the validation tasks."""
         at_0 = [ep for ep in plan.validation if ep.n == 0]
-        (rows,) = self.rows(path.name, path, [(f"validation/{path.name}_n0", at_0, None, None)], plan.records)
+        (rows,) = self.rows(path.name, path, [Job(f"validation/{path.name}_n0", at_0)], plan.records)
         return answer_nll(rows)
 
 
@@ -679,7 +695,7 @@ def choose_adaptation(evaluator: Evaluator, name: str, path: Path, plan: EvalPla
     A setting that diverged on some episode (rows marked invalid, left out of its means) is never chosen over
     one that did not: its mean would be over the episodes it survived."""
     tuned = [ep for ep in plan.validation if ep.n == plan.tune_n]
-    scored = evaluator.rows(name, path, [(f"validation/{name}_lr{lr:g}_k{k}", tuned, lr, k) for lr, k in grid],
+    scored = evaluator.rows(name, path, [Job(f"validation/{name}_lr{lr:g}_k{k}", tuned, lr, k) for lr, k in grid],
                             plan.records)
     scores = {setting: {key: stats.finite_mean(r[key] for r in rows if r[key] is not None)
                         for key in report.TEACHER_FORCED} | {"invalid": sum(bool(r.get("invalid")) for r in rows)}
@@ -690,11 +706,12 @@ def choose_adaptation(evaluator: Evaluator, name: str, path: Path, plan: EvalPla
 
 
 def evaluate_init(evaluator: Evaluator, name: str, path: Path, plan: EvalPlan, grid: Sequence[tuple[float, int]],
-                  criterion: str) -> dict:
+                  criterion: str, icl: bool = False) -> dict:
     """One init: its adaptation chosen on the validation tasks (:func:`choose_adaptation`; without a grid the
-    config's), then its rows on the test plan and on the wrong-code control with it. A run that learned its
-    inner rates (Meta-SGD) adapts as it was meta-trained: its rates, the config's steps (a grid would overwrite
-    what it learned)."""
+    config's), then its rows on the test plan and on the wrong-code control with it; with ``icl`` also both
+    with the shots in the prompt and no gradient step (nothing to tune). A run that learned its inner rates
+    (Meta-SGD) adapts as it was meta-trained: its rates, the config's steps (a grid would overwrite what it
+    learned)."""
     learned = name != "base" and load_config(path / RUN_CONFIG).meta.learn_inner_lr
     chosen: tuple[float | None, int | None] = (None, None)  # None: the config's
     adaptation: dict[str, Any] = {}
@@ -703,11 +720,16 @@ def evaluate_init(evaluator: Evaluator, name: str, path: Path, plan: EvalPlan, g
     meta = evaluator.cfg.meta
     adaptation = {"lr": "learned" if learned else meta.inner_lr if chosen[0] is None else chosen[0],
                   "steps": meta.num_inner_steps if chosen[1] is None else chosen[1], **adaptation}
-    jobs = [(f"rows/{name}", plan.test, *chosen)]
+    jobs = [Job(f"rows/{name}", plan.test, *chosen)]
     if plan.control:
-        jobs.append((f"control/{name}", plan.control, *chosen))
-    test_rows, *control = evaluator.rows(name, path, jobs, plan.records)
-    return {"rows": test_rows, "control": control[0] if control else None, "adaptation": adaptation}
+        jobs.append(Job(f"control/{name}", plan.control, *chosen))
+    if icl:
+        jobs.append(Job(f"rows/{name}{ICL}", plan.test, None, 0, True))
+        if plan.control:
+            jobs.append(Job(f"control/{name}{ICL}", plan.control, None, 0, True))
+    scored = dict(zip([job.file for job in jobs], evaluator.rows(name, path, jobs, plan.records)))
+    return {"rows": scored[f"rows/{name}"], "control": scored.get(f"control/{name}"), "adaptation": adaptation,
+            "icl_rows": scored.get(f"rows/{name}{ICL}"), "icl_control": scored.get(f"control/{name}{ICL}")}
 
 
 def evaluate_all(args: argparse.Namespace, plan: EvalPlan, evaluator: Evaluator, runs: dict[str, Path]) -> dict:
@@ -726,7 +748,7 @@ def evaluate_all(args: argparse.Namespace, plan: EvalPlan, evaluator: Evaluator,
     results: dict[str, dict] = {}
     if jobs == 1:
         for name, path in inits.items():
-            results[name] = evaluate_init(evaluator, name, path, plan, grid, criterion)
+            results[name] = evaluate_init(evaluator, name, path, plan, grid, criterion, args.icl)
     else:
         threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
         # spawn, not fork: a forked torch process can deadlock in its thread pools. The workers' progress bars
@@ -734,7 +756,7 @@ def evaluate_all(args: argparse.Namespace, plan: EvalPlan, evaluator: Evaluator,
         quiet = replace(evaluator, progress=False)
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
                                  initargs=(max(1, threads // jobs),)) as pool:
-            futures = {pool.submit(evaluate_init, quiet, name, path, plan, grid, criterion): name
+            futures = {pool.submit(evaluate_init, quiet, name, path, plan, grid, criterion, args.icl): name
                        for name, path in inits.items()}
             for future in tqdm(as_completed(futures), total=len(futures), desc="inits evaluated", unit="init",
                                dynamic_ncols=True):
@@ -744,6 +766,10 @@ def evaluate_all(args: argparse.Namespace, plan: EvalPlan, evaluator: Evaluator,
         rows_by_init[name] = results[name]["rows"]
         if results[name]["control"] is not None:
             control_rows[name + WRONG_CODE] = results[name]["control"]
+        if results[name]["icl_rows"] is not None:
+            rows_by_init[name + ICL] = results[name]["icl_rows"]
+        if results[name]["icl_control"] is not None:
+            control_rows[name + ICL + WRONG_CODE] = results[name]["icl_control"]
         adaptation[name] = chosen = results[name]["adaptation"]
         print(f"[{i}/{len(inits)}] {name}: adapts with lr {chosen['lr']}, {chosen['steps']} steps"
               + (f" (the best validation {criterion})" if "validation" in chosen else ""))
@@ -758,14 +784,17 @@ def compare(args: argparse.Namespace, evaluated: dict, tune_n: int) -> dict:
     series = [name for name, _ in report.series_names()]
     keys = [*report.TEACHER_FORCED, *(f"{m}_pre" for m in report.PRE_ADAPTATION)]
     values = stats.paired_values(rows_by_init, keys)
-    inits = {method: {seed: run_name(method, seed) for seed in args.seeds} for method in args.methods}
-    units = {"base": ["base"], **{method: list(by_seed.values()) for method, by_seed in inits.items()},
+    variants = ["", ICL] if args.icl else [""]  # adapted by gradient; in context
+    bases = ["base" + v for v in variants]
+    inits = {method + v: {seed: run_name(method, seed) + v for seed in args.seeds}
+             for v in variants for method in args.methods}
+    units = {**{b: [b] for b in bases}, **{method: list(by_seed.values()) for method, by_seed in inits.items()},
              **{name: [name] for by_seed in inits.values() for name in by_seed.values()}}
     bootstrap = {"n_boot": args.n_boot, "boot_seed": args.boot_seed, "sampled_tasks": args.eval_on == "holdout"}
     summary = stats.pooled_summary(values, units, args.n_shots, series, **bootstrap)
     # The base is one init: every training seed of a method is paired with it.
-    paired = {"base": {seed: "base" for seed in args.seeds}, **inits}
-    comparisons = stats.seed_paired_comparisons(values, report.comparisons(["base", *args.methods]), paired,
+    paired = {**{b: {seed: b for seed in args.seeds} for b in bases}, **inits}
+    comparisons = stats.seed_paired_comparisons(values, report.comparisons([*bases, *inits]), paired,
                                                 args.n_shots, series, **bootstrap)
     for row in comparisons:
         row["verdict"] = report.verdict_text(row, args.verdict_metric)
@@ -774,13 +803,13 @@ def compare(args: argparse.Namespace, evaluated: dict, tune_n: int) -> dict:
     if evaluated["control_rows"]:
         at_n = {name: [r for r in rows if r["n"] == tune_n] for name, rows in rows_by_init.items()}
         control_values = stats.paired_values({**at_n, **evaluated["control_rows"]}, keys)
-        control_inits = {"base": {0: "base"}, "base" + WRONG_CODE: {0: "base" + WRONG_CODE}}
-        for method, by_seed in inits.items():
+        control_inits = {}
+        for method, by_seed in {**{b: {0: b} for b in bases}, **inits}.items():
             control_inits[method] = by_seed
             control_inits[method + WRONG_CODE] = {s: name + WRONG_CODE for s, name in by_seed.items()}
         control_units = {unit: list(by_seed.values()) for unit, by_seed in control_inits.items()
                          if unit.endswith(WRONG_CODE)}
-        pairs = [(m, m + WRONG_CODE) for m in ["base", *args.methods]]
+        pairs = [(m, m + WRONG_CODE) for m in [*bases, *inits]]
         control_comparisons = stats.seed_paired_comparisons(control_values, pairs, control_inits, [tune_n], series,
                                                             **bootstrap)
         for row in control_comparisons:
@@ -848,7 +877,7 @@ def experiment(args: argparse.Namespace, config: Path, out: Path) -> int:
 
     result = report.jsonable({
         "config": str(config), "overrides": list(args.overrides), "base_model": str(base_dir), "source": args.source,
-        "pretrain": pretrained, "methods": list(args.methods), "seeds": list(args.seeds),
+        "pretrain": pretrained, "methods": list(args.methods), "icl": args.icl, "seeds": list(args.seeds),
         "n_shots": sorted(args.n_shots), "episodes": args.episodes, "test_per_episode": args.test_per_episode,
         "n_boot": args.n_boot, "boot_seed": args.boot_seed, "verdict_metric": args.verdict_metric,
         "floor": read_manifest(data_dir)["source"].get("code_agnostic_floor"),

@@ -220,7 +220,7 @@ RULES_ARGV = ["--tiny", "--tiny-dims", "64,2", "--config", str(REPO_ROOT / "reci
               "--source", "synthetic-rules:tasks=16,unseen=8,per_task=12", "--methods", "fomaml", "sft_tokens",
               "--seeds", "0", "1", "--eval-on", "holdout", "--validation-tasks", "3", "--adapt-grid", "1e-2:1",
               "3e-2:2", "--sft-lrs", "1e-3", "1e-2", "--n-shots", "0", "2", "--episodes", "1", "--test-per-episode",
-              "2", "--n-boot", "100", "--in-process", "--", "trainer.total_steps=2", "meta.meta_batch_size=2",
+              "2", "--n-boot", "100", "--icl", "--in-process", "--", "trainer.total_steps=2", "meta.meta_batch_size=2",
               "sft.batch_size=4", "trainer.save_freq=2", "trainer.test_freq=2", "trainer.logger=[jsonl]"]
 
 
@@ -282,12 +282,33 @@ def test_wrong_code_control_adapts_on_another_tasks_shots(tuned):
         donors |= donor
     assert donors == {ep["task"] for ep in plan["control_episodes"]}  # a permutation of the tasks
     control = result["control"]
-    assert {r["init"] for r in control["summary"]} == {f"{m}@wrong_code" for m in ("base", "fomaml", "sft_tokens")}
-    assert {(r["a"], r["b"]) for r in control["comparisons"]} == {(m, f"{m}@wrong_code")
-                                                                  for m in ("base", "fomaml", "sft_tokens")}
+    methods = [m + v for v in ("", "_icl") for m in ("base", "fomaml", "sft_tokens")]  # --icl: in context too
+    assert {r["init"] for r in control["summary"]} == {f"{m}@wrong_code" for m in methods}
+    assert {(r["a"], r["b"]) for r in control["comparisons"]} == {(m, f"{m}@wrong_code") for m in methods}
     assert result["floor"] == {"accuracy": pytest.approx(0.1), "nll": pytest.approx(math.log(10))}
     markdown = (out / "results.md").read_text()
     assert "**Floor**" in markdown and "**Control**" in markdown
+
+
+def test_in_context_rows_pair_with_the_gradient_rows_and_face_the_meta_learners(tuned):
+    """--icl: every init is also scored with the shots in its prompt and no gradient step, on the same episodes
+    and problems (the rows pair); every meta-learner is compared with the base in context (the strongest
+    obvious alternative), each method with itself in context, and the wrong-code control covers ICL too."""
+    out, result = tuned
+    for init in ("base", "fomaml_0", "fomaml_1", "sft_tokens_0", "sft_tokens_1"):
+        gradient, icl = rows_of(out, init), rows_of(out, f"{init}_icl")
+        assert list(by_key(icl)) == list(by_key(gradient))
+        for plain, in_context in zip(gradient, icl):
+            assert in_context["tokens"] == plain["tokens"] and in_context["shot_ids"] == plain["shot_ids"]
+            if plain["n"] == 0:  # no shots: nothing in the prompt, nothing adapted
+                assert in_context["nll"] == plain["nll"] == plain["nll_pre"]
+            else:  # no gradient step: the scores are the init's own, with the shots in the prompt
+                assert in_context["nll"] == in_context["nll_pre"] != plain["nll_pre"]
+    pairs = {(c["a"], c["b"]) for c in result["comparisons"]}
+    assert {("fomaml", "base_icl"), ("base_icl", "base"), ("fomaml_icl", "fomaml"), ("sft_tokens_icl", "sft_tokens")} <= pairs
+    assert {r["init"] for r in result["control"]["summary"]} >= {"base_icl@wrong_code", "fomaml_icl@wrong_code"}
+    markdown = (out / "results.md").read_text()
+    assert "| base + ICL |" in markdown and "| FOMAML − base + ICL | 2 |" in markdown
 
 
 def test_tuning_needs_validation_tasks(bench, tmp_path, capsys):

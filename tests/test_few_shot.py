@@ -228,6 +228,92 @@ def test_adapted_nll_and_generation_equal_an_sgd_reference(evaluated):
     assert changed, "adaptation changed no generation: this test could not tell adapted from loaded weights"
 
 
+# --- in context: the shots in the prompt ------------------------------------------------------
+def in_context_ids(tokenizer, records, shot_ids, rid):
+    """The prompt of ``rid`` after ``shot_ids``, built here from plain chat messages (not through the code
+    under test): each shot a user then an assistant turn, then the problem."""
+    messages = []
+    for i in shot_ids:
+        messages += [{"role": "user", "content": records[i]["prompt"]},
+                     {"role": "assistant", "content": records[i]["response"]}]
+    messages.append({"role": "user", "content": records[rid]["prompt"]})
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def in_context_example(tokenizer, records, shot_ids, rid):
+    prompt = in_context_ids(tokenizer, records, shot_ids, rid)
+    response = tokenizer(records[rid]["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return {"input_ids": prompt + response, "labels": [-100] * len(prompt) + response}
+
+
+@torch.no_grad()
+def nll_of(model, tokenizer, example):
+    loss, tokens = causal_lm_loss_tensors(model, collate([example], tokenizer.pad_token_id, packed=False))
+    return float(loss), int(tokens)
+
+
+@torch.no_grad()
+def greedy_from_ids(model, tokenizer, ids, max_new_tokens, eos):
+    ids, out = list(ids), []
+    for _ in range(max_new_tokens):
+        token = int(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax())
+        if token in eos:
+            break
+        out.append(token)
+        ids.append(token)
+    return tokenizer.decode(out, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("steps", [0, 2], ids=["icl", "icl+gradient"])
+def test_in_context_rows_equal_a_reference_and_pair_with_gradient_rows(evaluated, steps):
+    """ICL (steps=0): every problem scored and generated after its episode's shots in the prompt, at the
+    loaded weights; ICL + gradient: SGD on each shot after the episode's OTHER shots, then scored in context.
+    The rows have the keys, order and scored tokens of the gradient rows (they pair); n = 0 is unchanged."""
+    trained = evaluated.trained
+    tok = trained.tokenizer
+    settings = replace(ADAPT, steps=steps, shots_in_prompt=True)
+    rows = evaluate_model(trained, evaluated.plan, evaluated.records, settings, **EVAL)
+    plain = {(r["task"], r["n"], r["seed"], r["id"]): r for r in evaluated.rows}
+    assert [(r["task"], r["n"], r["seed"], r["id"]) for r in rows] == list(plain)
+    differ = 0
+    for ep in evaluated.plan:
+        model = trained.model
+        if ep.n and steps:
+            shots = [in_context_example(tok, evaluated.records, [j for j in ep.shot_ids if j != i], i)
+                     for i in ep.shot_ids]
+            model = reference_adapted(trained, shots, ADAPT.lr, steps)
+        for row in (r for r in rows if (r["task"], r["n"], r["seed"]) == (ep.task, ep.n, ep.seed)):
+            same = plain[(ep.task, ep.n, ep.seed, row["id"])]
+            assert row["in_context"] is True and row["tokens"] == same["tokens"]
+            assert row["answer_tokens"] == same["answer_tokens"]
+            example = in_context_example(tok, evaluated.records, ep.shot_ids, row["id"])
+            nll, _ = nll_of(model, tok, example)
+            pre, _ = nll_of(trained.model, tok, example)
+            assert row["nll"] == pytest.approx(nll, rel=1e-8) and row["nll_pre"] == pytest.approx(pre, rel=1e-8)
+            assert row["generation"] == greedy_from_ids(model, tok, in_context_ids(tok, evaluated.records, ep.shot_ids,
+                                                                                   row["id"]),
+                                                        EVAL["max_new_tokens"], eos_ids(trained))
+            if ep.n == 0:
+                assert row["nll"] == pytest.approx(same["nll"], rel=1e-12)
+            else:
+                differ += abs(row["nll"] - same["nll"]) > 1e-6
+    assert differ, "the shots in the prompt changed no score: this test could not tell ICL from the plain rows"
+
+
+def test_in_context_examples_are_capped_per_shot_and_named_when_too_long(evaluated):
+    """An example with k shots in its prompt holds k + 1 records: its cap is (k + 1) x max_length; over it,
+    truncation=error names the record and its shots before anything runs."""
+    episode = next(ep for ep in evaluated.plan if ep.n > 0)
+    longest = max(len(in_context_example(evaluated.trained.tokenizer, evaluated.records, episode.shot_ids, i)["input_ids"])
+                  for i in episode.test_ids)
+    tight = replace(ADAPT, steps=0, shots_in_prompt=True, truncation="error", max_length=longest // (episode.n + 1) - 1)
+    with pytest.raises(ValueError, match=rf"record \S+ after the in-context shots \[.*\]: example has \d+ tokens "
+                                         rf"\(prompt \d+ with {episode.n} in-context examples"):
+        few_shot.check_lengths(evaluated.trained.tokenizer, [episode], evaluated.records, tight)
+    roomy = replace(tight, max_length=-(-longest // (episode.n + 1)))
+    few_shot.check_lengths(evaluated.trained.tokenizer, [episode], evaluated.records, roomy)
+
+
 def test_generation_does_not_depend_on_the_batch(evaluated):
     trained = evaluated.trained
     episodes = [ep for ep in evaluated.plan if ep.n == 0]
@@ -322,16 +408,19 @@ def test_over_long_problems_are_cut_to_what_the_model_takes(evaluated, caplog):
     full_prompt = prompt_ids(trained.tokenizer, records[long_test]["prompt"])
     # A --max-length beyond the model's positions: the positions bound the lengths.
     encoded, prompts, cut = few_shot._encode_plan(trained.tokenizer, positions, [episode], records,
-                                                 max_length=4 * positions, truncation="right", max_new_tokens=6)
-    assert cut == {long_test} and len(prompts[long_test]) == positions - 6 < len(full_prompt)
-    assert prompts[long_test] == full_prompt[-(positions - 6):]  # the end: the question's end, the assistant turn
-    assert encoded[long_shot]["truncated"] and len(encoded[long_shot]["input_ids"]) == positions
-    assert all(prompts[rid] == prompt_ids(trained.tokenizer, records[rid]["prompt"]) for rid in prompts if rid != long_test)
+                                                 replace(ADAPT, max_length=4 * positions, truncation="right"),
+                                                 max_new_tokens=6)
+    test_key, shot_key = ((), long_test), ((), long_shot)
+    assert cut == {test_key} and len(prompts[test_key]) == positions - 6 < len(full_prompt)
+    assert prompts[test_key] == full_prompt[-(positions - 6):]  # the end: the question's end, the assistant turn
+    assert encoded[shot_key]["truncated"] and len(encoded[shot_key]["input_ids"]) == positions
+    assert all(prompts[key] == prompt_ids(trained.tokenizer, records[key[1]]["prompt"]) for key in prompts
+               if key != test_key)
 
     rows = evaluate_model(trained, [episode], records, ADAPT, **EVAL)
     assert [r["prompt_truncated"] for r in rows] == [r["id"] == long_test for r in rows]
     assert next(r for r in rows if r["id"] == long_test)["truncated"]
-    assert f"1 of {len(episode.test_ids)} generation prompts cut to their last {MAX_LENGTH} tokens" in caplog.text
+    assert f"1 of {len(episode.test_ids)} generation prompts cut to their last tokens" in caplog.text
     with pytest.raises(ValueError, match=rf"record {long_shot}: example has \d+ tokens"):
         evaluate_model(trained, [episode], records, replace(ADAPT, truncation="error"), **EVAL)
 
@@ -424,6 +513,27 @@ def test_cli_compares_methods_on_identical_episodes(data_dir, tiny_dir, tmp_path
     assert markdown in capsys.readouterr().out
     for name in ("few_shot_curve.png", "learning_curves.png"):
         assert (out / name).stat().st_size > 10_000
+
+
+def test_cli_scores_a_method_in_context_beside_gradient_adaptation(data_dir, tiny_dir, tmp_path, capsys):
+    """--in-context NAME: that method's shots go into the prompt; with --adapt-steps NAME=0 no rate is needed (no
+    gradient step). Its rows pair with the other method's and the report compares the two."""
+    out = tmp_path / "out"
+    code = main(["--compare", f"base={tiny_dir}", f"base_icl={tiny_dir}", "--in-context", "base_icl",
+                 "--adapt-steps", "base=1", "base_icl=0", "--adapt-lr", "base=0.05", "--adapt-batch-size", "2",
+                 "--data-dir", str(data_dir), "--tasks", "algebra", "--n-shots", "0", "2", "--seeds", "1",
+                 "--max-test-per-task", "2", "--no-generate", "--n-boot", "50", "--dtype", "fp32", "--output-dir", str(out)])
+    assert code == 0, capsys.readouterr().err
+    rows = {m: json.loads((out / "rows" / f"{m}.json").read_text())["rows"] for m in ("base", "base_icl")}
+    assert [(r["n"], r["id"]) for r in rows["base"]] == [(r["n"], r["id"]) for r in rows["base_icl"]]
+    assert all(r["in_context"] for r in rows["base_icl"]) and not any(r["in_context"] for r in rows["base"])
+    assert all(r["nll"] == r["nll_pre"] for r in rows["base_icl"])  # no gradient step
+    results = json.loads((out / "results.json").read_text())
+    assert results["metadata"]["methods"]["base_icl"]["in_context"] is True
+    assert {(r["a"], r["b"]) for r in results["significance"]} == {("base_icl", "base")}
+    assert main(["--model-path", str(tiny_dir), "--in-context", "nobody", "--data-dir", str(data_dir),
+                 "--output-dir", str(tmp_path / "x")]) == 1
+    assert "--in-context nobody: no such method" in capsys.readouterr().err
 
 
 def test_cli_without_a_run_config_needs_the_adaptation_settings(data_dir, tiny_dir, tmp_path, capsys):

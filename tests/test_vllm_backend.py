@@ -115,8 +115,9 @@ def test_vllm_and_hf_generate_the_same_tokens_with_and_without_an_adapted_lora(s
     assert sum("\\boxed{7}" in text for text in texts[0]) >= 3
 
 
-def test_eval_with_vllm_writes_the_same_rows_as_hf(setup, tmp_path, capsys):
-    common = ["--model-path", str(setup["base_dir"]), "--data-dir", str(setup["data_dir"]), "--tasks", *TASKS,
+@pytest.mark.parametrize("in_context", [False, True], ids=["shots-adapted", "shots-in-prompt-too"])
+def test_eval_with_vllm_writes_the_same_rows_as_hf(setup, tmp_path, capsys, in_context):
+    common = ["--in-context"] * in_context + ["--model-path", str(setup["base_dir"]), "--data-dir", str(setup["data_dir"]), "--tasks", *TASKS,
               "--n-shots", "0", "2", "--seeds", "2", "--max-test-per-task", "3", "--adapt-lr", "1e-3",
               "--adapt-steps", "2", "--adapt-batch-size", "2", "--adapt-optimizer", "adam",
               "--max-new-tokens", str(MAX_NEW_TOKENS), "--dtype", "fp32", "--device", "cpu", "--n-boot", "20"]
@@ -133,6 +134,7 @@ def test_eval_with_vllm_writes_the_same_rows_as_hf(setup, tmp_path, capsys):
     assert vllm["settings"]["generation"]["backend"] == "vllm"
     assert vllm["settings"]["generation"]["tokens"] == hf["settings"]["generation"]["tokens"] > 0
     assert len(hf["rows"]) == len(TASKS) * (1 + 2) * 3
+    assert all(row["in_context"] == in_context for row in hf["rows"])
     assert vllm["rows"] == hf["rows"]
     grades = [row["correct"] for row in hf["rows"]]
     assert any(grades) and not all(grades), "grades all alike: their equality would say little"

@@ -14,6 +14,12 @@ and returns one row per (episode, scored problem). Each episode starts from the 
    with the ``math_accuracy`` metric (:func:`lora_maml.eval.grading.load_metric`, the grader users load
    with ``evaluate.load``).
 
+In context (``AdaptSettings.shots_in_prompt``, in-context learning): the episode's n shots are written
+into the prompt of every scored problem, its generation prompt and its ``*_pre`` scores, in the chat
+format of :func:`lora_maml.data.tokenize.chat_messages`; ``steps=0`` is ICL alone, ``steps`` > 0 adapts
+each shot after the episode's other shots and scores in context (ICL + gradient adaptation). The plan,
+the scored tokens and the rows are the same as without, so the rows pair.
+
 Non-finite numbers are never scored: the loaded weights giving non-finite logits is an error (a corrupt
 model or adapter, e.g. a huge ``lora_alpha``, or an overflow in its dtype); an adaptation that ends in
 non-finite weights or logits (e.g. too high a learning rate) marks its rows ``invalid`` (the reason), with
@@ -65,7 +71,11 @@ class AdaptSettings:
     the meta-training inner loop's). ``lr``, ``steps`` and ``batch_size`` may be None (not set) only for
     an evaluation in which no episode adapts. ``max_length`` / ``truncation`` cap shots and references
     as training does (``data.max_length`` / ``data.truncation``; at least ``MIN_MAX_LENGTH`` tokens, the
-    config key's minimum). Raises ``ValueError`` for a value out of range (a rate must be finite).
+    config key's minimum). ``shots_in_prompt``: in-context learning — every scored problem follows the
+    episode's n shots in its prompt (:func:`lora_maml.data.tokenize.chat_messages`); with ``steps`` > 0 the
+    inner loop trains each shot after the episode's other shots, so it adapts in the format it is scored in
+    (``steps=0``: ICL alone, no gradient step). Raises ``ValueError`` for a value out of range (a rate must
+    be finite).
     """
 
     lr: float | Mapping[str, float] | None
@@ -74,6 +84,7 @@ class AdaptSettings:
     optimizer: str = "sgd"
     max_length: int = DEFAULT_MAX_LENGTH
     truncation: str = DEFAULT_TRUNCATION
+    shots_in_prompt: bool = False
 
     def __post_init__(self) -> None:
         if self.lr is not None:
@@ -90,6 +101,8 @@ class AdaptSettings:
             raise ValueError(f"AdaptSettings.max_length must be an int >= {MIN_MAX_LENGTH}, got {self.max_length!r}")
         if self.truncation not in TRUNCATIONS:
             raise ValueError(f"AdaptSettings.truncation must be one of {'|'.join(TRUNCATIONS)}, got {self.truncation!r}")
+        if not isinstance(self.shots_in_prompt, bool):
+            raise ValueError(f"AdaptSettings.shots_in_prompt must be a bool, got {self.shots_in_prompt!r}")
 
 
 def _is_int(value) -> bool:
@@ -134,76 +147,102 @@ def _generation_fields(tokenizer, generated: Generated, eos_ids: Sequence[int]) 
     return {"text": tokenizer.decode(kept, skip_special_tokens=True), "tokens": len(kept), "finished": finished}
 
 
+Key = tuple[tuple[str, ...], str]  # (the ids of the in-context shots before it, the record's id)
+
+
+def _scored_key(ep: Episode, pid: str, in_context: bool) -> Key:
+    """How problem ``pid`` of ``ep`` is scored: after all the episode's shots in the prompt (``in_context``) or alone."""
+    return (ep.shot_ids if in_context else (), pid)
+
+
+def _shot_key(ep: Episode, sid: str, in_context: bool) -> Key:
+    """How shot ``sid`` of ``ep`` is trained on: after the episode's OTHER shots in the prompt (``in_context``:
+    the inner loop sees what scoring sees, without a shot answering itself) or alone."""
+    return (tuple(i for i in ep.shot_ids if i != sid) if in_context else (), sid)
+
+
 def check_lengths(tokenizer, episodes: Sequence[Episode], records: Mapping[str, dict], adapt: AdaptSettings, *,
                   max_new_tokens: int | None = None) -> None:
     """Raise ``ValueError`` when ``adapt``'s length cap cannot score ``episodes`` (the checks of
     :func:`evaluate_model` that need only the tokenizer): a record longer than the cap with
     ``truncation="error"``, or a cap that leaves no scored reference a token to score. For a program to
     call before it loads any weight."""
-    _encode_plan(tokenizer, None, episodes, records, max_length=adapt.max_length, truncation=adapt.truncation,
-                 max_new_tokens=max_new_tokens)
+    _encode_plan(tokenizer, None, episodes, records, adapt, max_new_tokens=max_new_tokens)
 
 
-def _encode_plan(tokenizer, positions: int | None, episodes: Sequence[Episode], records: Mapping[str, dict], *,
-                 max_length: int, truncation: str,
-                 max_new_tokens: int | None) -> tuple[dict[str, dict], dict[str, list[int]], set[str]]:
+def _encode_plan(tokenizer, positions: int | None, episodes: Sequence[Episode], records: Mapping[str, dict],
+                 adapt: AdaptSettings, *, max_new_tokens: int | None) -> tuple[dict[Key, dict], dict[Key, list[int]], set[Key]]:
     """Encode every shot and scored problem of ``episodes`` (:func:`encode_example`) and, when
     ``max_new_tokens`` is given, every generation prompt, within the lengths the model can take
     (``positions``: its ``max_position_embeddings``, None when unknown). Returns the examples and the
-    prompts by record id, and the ids of the prompts that were cut.
+    prompts by :data:`Key` (with ``adapt.shots_in_prompt``, a problem is encoded once per episode, after that
+    episode's shots), and the keys of the prompts that were cut.
 
-    Shots and references are cut to ``min(max_length, max_position_embeddings)`` tokens as training
-    cuts them (``truncation``). A prompt may take ``max_position_embeddings - max_new_tokens`` tokens
-    (and at most ``max_length``); a longer one keeps its LAST tokens (the end of the problem and the
-    assistant turn the model answers in), or with ``truncation=error`` raises ``ValueError`` naming the
-    record. Truncations are counted in one warning; without these caps a 100k-token problem would be
-    fed to the model whole. A cap that leaves no scored reference a target token (right truncation
-    shorter than every scored prompt) raises ``ValueError``: nothing would be scored.
+    An example with k shots in its prompt is cut to ``min((k + 1) * max_length, max_position_embeddings)``
+    tokens (it holds k + 1 records, each of which training caps at ``max_length``) as training cuts examples
+    (``adapt.truncation``: ``left`` drops the oldest context first). A prompt may take
+    ``max_position_embeddings - max_new_tokens`` tokens (and at most its example's cap); a longer one keeps
+    its LAST tokens (the end of the problem and the assistant turn the model answers in), or with
+    ``truncation=error`` raises ``ValueError`` naming the record. Truncations are counted in one warning;
+    without these caps a 100k-token problem would be fed to the model whole. A cap that leaves no scored
+    reference a target token (right truncation shorter than every scored prompt) raises ``ValueError``:
+    nothing would be scored.
     """
-    cap = max_length if positions is None else min(max_length, positions)
-    if cap < max_length:
+    in_context = adapt.shots_in_prompt
+
+    def cap(context: Sequence[str]) -> int:
+        length = (len(context) + 1) * adapt.max_length
+        return length if positions is None else min(length, positions)
+
+    if positions is not None and adapt.max_length > positions:
         log.warning("max_length %d exceeds the model's max_position_embeddings: shots and references are cut "
-                    "to %d tokens", max_length, cap)
-    wanted = list(dict.fromkeys(i for ep in episodes for i in (*ep.shot_ids, *ep.test_ids)))
+                    "to %d tokens", adapt.max_length, positions)
+    scored = list(dict.fromkeys(_scored_key(ep, pid, in_context) for ep in episodes for pid in ep.test_ids))
+    trained = [_shot_key(ep, sid, in_context) for ep in episodes if ep.n > 0 and adapt.steps for sid in ep.shot_ids]
     encoded = {}
-    for rid in wanted:
+    for key in dict.fromkeys([*trained, *scored]):
+        context, rid = key
+        shots = [(records[i]["prompt"], records[i]["response"]) for i in context]
         try:
-            encoded[rid] = encode_example(tokenizer, records[rid]["prompt"], records[rid]["response"],
-                                          max_length=cap, truncation=truncation, answer=records[rid]["answer"])
+            encoded[key] = encode_example(tokenizer, records[rid]["prompt"], records[rid]["response"],
+                                          max_length=cap(context), truncation=adapt.truncation,
+                                          answer=records[rid]["answer"], shots=shots)
         except ValueError as err:
-            raise ValueError(f"record {rid}: {err}") from None
-    scored = list(dict.fromkeys(i for ep in episodes for i in ep.test_ids))
-    if scored and not any(label != IGNORE_INDEX for rid in scored for label in encoded[rid]["labels"][1:]):
-        shortest = min(len(prompt_ids(tokenizer, records[rid]["prompt"])) for rid in scored)
+            where = f" after the in-context shots {list(context)}" if context else ""
+            raise ValueError(f"record {rid}{where}: {err}") from None
+    if scored and not any(label != IGNORE_INDEX for key in scored for label in encoded[key]["labels"][1:]):
+        shortest = min(len(prompt_ids(tokenizer, records[rid]["prompt"])) for _, rid in scored)
         raise ValueError(
-            f"max_length={cap} ({truncation} truncation) leaves no scored problem a token of its solution to score: "
-            f"the shortest of the {len(scored)} scored prompts takes {shortest} tokens with the chat template; "
-            f"expected max_length > {shortest} (or truncation=left)"
+            f"max_length={adapt.max_length} ({adapt.truncation} truncation) leaves no scored problem a token of its "
+            f"solution to score: the shortest of the {len(scored)} scored prompts takes {shortest} tokens with the "
+            f"chat template; expected max_length > {shortest} (or truncation=left)"
         )
-    prompts: dict[str, list[int]] = {}
-    cut_prompts: set[str] = set()
+    prompts: dict[Key, list[int]] = {}
+    cut_prompts: set[Key] = set()
     if max_new_tokens is not None:
-        prompt_cap = cap if positions is None else min(cap, positions - max_new_tokens)
-        if prompt_cap < 1:
+        if positions is not None and positions - max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt within the model's "
                              f"max_position_embeddings={positions}")
-        for rid in dict.fromkeys(i for ep in episodes for i in ep.test_ids):
-            ids = prompt_ids(tokenizer, records[rid]["prompt"])
+        for key in scored:
+            context, rid = key
+            prompt_cap = cap(context) if positions is None else min(cap(context), positions - max_new_tokens)
+            ids = prompt_ids(tokenizer, records[rid]["prompt"], [(records[i]["prompt"], records[i]["response"])
+                                                                  for i in context])
             if len(ids) > prompt_cap:
-                if truncation == "error":
+                if adapt.truncation == "error":
                     raise ValueError(
-                        f"record {rid}: its prompt has {len(ids)} tokens > {prompt_cap} (min of max_length and the "
-                        f"model's max_position_embeddings={positions} - max_new_tokens={max_new_tokens}); "
-                        "set truncation to left or right to cut it"
+                        f"record {rid}: its prompt has {len(ids)} tokens"
+                        + (f" with {len(context)} in-context shots" if context else "")
+                        + f" > {prompt_cap} (min of its cap {cap(context)} and the model's max_position_embeddings="
+                        f"{positions} - max_new_tokens={max_new_tokens}); set truncation to left or right to cut it"
                     )
                 ids = ids[-prompt_cap:]
-                cut_prompts.add(rid)
-            prompts[rid] = ids
+                cut_prompts.add(key)
+            prompts[key] = ids
     cut = sum(ex["truncated"] for ex in encoded.values())
     if cut or cut_prompts:
-        log.warning("%d of %d shots / references cut to %d tokens (%s truncation); %d of %d generation prompts cut "
-                    "to their last %s tokens", cut, len(encoded), cap, truncation, len(cut_prompts),
-                    len(prompts), prompt_cap if max_new_tokens is not None else "-")
+        log.warning("%d of %d shots / references cut to their caps (%s truncation); %d of %d generation prompts cut "
+                    "to their last tokens", cut, len(encoded), adapt.truncation, len(cut_prompts), len(prompts))
     return encoded, prompts, cut_prompts
 
 
@@ -230,10 +269,10 @@ def evaluate_model(
     ``gen_batch_size``, closed here; a backend passed in stays open for the next model); greedy, at most
     ``max_new_tokens`` per problem. ``grading_timeout_s``: math-verify's timeout per parse / comparison.
 
-    Row keys: task, n, seed, holdout, id, shot_ids; nll, tokens (the reference's mean token NLL and its
+    Row keys: task, n, seed, holdout, id, shot_ids, in_context (the shots were in its prompt); nll, tokens (the reference's mean token NLL and its
     scored tokens), answer_nll, answer_accuracy, answer_tokens (the final boxed answer's tokens alone),
     truncated (the reference was cut), nll_pre, answer_nll_pre (at the loaded weights: ``nll_pre - nll``
-    is the gain of adaptation), prompt_truncated; generation, gen_tokens, finished (a stop token ended it);
+    is the gain of adaptation; in context, with the same shots in the prompt), prompt_truncated; generation, gen_tokens, finished (a stop token ended it);
     extracted, gold, correct (math-verify), strict (notational match). A NaN score: no target token left,
     or an ``invalid`` row. invalid: None, or why the adapted episode was not scored (its adapted weights
     or logits were not finite; every score, generation and grade of the row is then None / NaN).
@@ -257,19 +296,19 @@ def evaluate_model(
     fn = FunctionalLoss(model, names)
     loaded = [p.detach() for p in params.values()]
     # Every shot, reference and prompt is encoded and length-checked here, before the first episode.
-    encoded, prompts, cut_prompts = _encode_plan(tokenizer, positions, episodes, records, max_length=adapt.max_length,
-                                                 truncation=adapt.truncation,
+    encoded, prompts, cut_prompts = _encode_plan(tokenizer, positions, episodes, records, adapt,
                                                  max_new_tokens=max_new_tokens if generate else None)
-    # Scores at the loaded weights, per problem: the same for every episode, so computed once (an
-    # unadapted episode's own scores are these).
-    unadapted: dict[str, dict] = {}
+    in_context = adapt.shots_in_prompt
+    # Scores at the loaded weights, per problem (and, in context, per shots before it): the same for every
+    # episode that scores it so, computed once (an unadapted episode's own scores are these).
+    unadapted: dict[Key, dict] = {}
 
     @torch.no_grad()
-    def score(pid: str, weights: list[torch.Tensor]) -> dict | None:
+    def score(key: Key, weights: list[torch.Tensor]) -> dict | None:
         """NLL of the reference solution (token mean) and, on its final answer's tokens alone, the NLL and
         the fraction of tokens the model ranks first (teacher forcing: one forward, no generation); None
         when the logits are not finite (their argmax and NLL would read as accuracy 0 and no NLL)."""
-        ref = encoded[pid]
+        ref = encoded[key]
         batch = _to(collate([ref], pad_id, packed=False), device)
         logits = fn.logits(weights, batch)
         if not torch.isfinite(logits).all():
@@ -285,13 +324,13 @@ def evaluate_model(
             "answer_tokens": n_answer, "truncated": bool(ref["truncated"]),
         }
 
-    def score_loaded(pid: str) -> dict:
+    def score_loaded(key: Key) -> dict:
         """:func:`score` at the loaded weights; non-finite logits there are an error: every episode starts from them."""
-        scores = score(pid, loaded)
+        scores = score(key, loaded)
         if scores is None:
             raise FloatingPointError(
                 f"{getattr(trained, 'source', 'the model')}: its loaded weights give non-finite logits on problem "
-                f"{pid!r}: the model or adapter is corrupt (e.g. a huge lora_alpha in adapter_config.json) or "
+                f"{key[1]!r}: the model or adapter is corrupt (e.g. a huge lora_alpha in adapter_config.json) or "
                 "overflows in its dtype (evaluate in fp32); nothing was scored"
             )
         return scores
@@ -309,7 +348,7 @@ def evaluate_model(
         for ep in bar:
             adapted = None
             if ep.n > 0 and adapt.steps > 0:
-                shots = [encoded[i] for i in ep.shot_ids]
+                shots = [encoded[_shot_key(ep, i, in_context)] for i in ep.shot_ids]
                 micro = [_to(collate(shots[i : i + adapt.batch_size], pad_id, packed=False), device)
                          for i in range(0, len(shots), adapt.batch_size)]
                 model.train()
@@ -318,14 +357,15 @@ def evaluate_model(
                     # One element = one inner step over ALL micro-batches (token-weighted mean loss).
                     adapted = adapt_weights(model, params, [micro], adapt.lr, adapt.steps, optimizer=adapt.optimizer)
             model.eval()
-            for pid in ep.test_ids:
-                if pid not in unadapted:
-                    unadapted[pid] = score_loaded(pid)
-            scores, why = _score_adapted(ep, adapted, names, unadapted, score)
+            keys = [_scored_key(ep, pid, in_context) for pid in ep.test_ids]
+            for key in keys:
+                if key not in unadapted:
+                    unadapted[key] = score_loaded(key)
+            scores, why = _score_adapted(keys, adapted, names, unadapted, score)
             if generate and why is None:  # a broken adapted model is not worth generating with
-                backend.add(adapted, [prompts[pid] for pid in ep.test_ids])
+                backend.add(adapted, [prompts[key] for key in keys])
             scored.append((ep, scores, why))
-            bar.set_postfix(task=ep.task, n=ep.n, nll=f"{sum(scores[p]['nll'] for p in ep.test_ids) / len(ep.test_ids):.3f}")
+            bar.set_postfix(task=ep.task, n=ep.n, nll=f"{sum(scores[k]['nll'] for k in keys) / len(keys):.3f}")
         bar.close()
         invalid = [(ep, why) for ep, _, why in scored if why is not None]
         if invalid:
@@ -342,8 +382,8 @@ def evaluate_model(
         model.train(was_training)
         if generate and backend_owned:
             backend.close()
-    problems = [(ep, scores, why, pid) for ep, scores, why in scored for pid in ep.test_ids]
-    golds = [records[pid]["answer"] for *_, pid in problems]
+    problems = [(ep, scores, why, _scored_key(ep, pid, in_context)) for ep, scores, why in scored for pid in ep.test_ids]
+    golds = [records[pid]["answer"] for *_, (_, pid) in problems]
     texts = [_NOT_GENERATED] * len(problems)
     verdicts = [_NOT_GRADED] * len(problems)
     if generate:
@@ -356,11 +396,11 @@ def evaluate_model(
                                              grading_timeout_s), strict=True):
             verdicts[i] = verdict
     rows: list[dict] = []
-    for (ep, scores, why, pid), gold, gen, verdict in zip(problems, golds, texts, verdicts, strict=True):
+    for (ep, scores, why, key), gold, gen, verdict in zip(problems, golds, texts, verdicts, strict=True):
         rows.append({
-            "task": ep.task, "n": ep.n, "seed": ep.seed, "holdout": ep.holdout, "id": pid,
-            "shot_ids": list(ep.shot_ids), **scores[pid], "nll_pre": unadapted[pid]["nll"],
-            "answer_nll_pre": unadapted[pid]["answer_nll"], "prompt_truncated": pid in cut_prompts,
+            "task": ep.task, "n": ep.n, "seed": ep.seed, "holdout": ep.holdout, "id": key[1],
+            "shot_ids": list(ep.shot_ids), "in_context": in_context, **scores[key], "nll_pre": unadapted[key]["nll"],
+            "answer_nll_pre": unadapted[key]["answer_nll"], "prompt_truncated": key in cut_prompts,
             "generation": gen["text"], "gen_tokens": gen["tokens"], "finished": gen["finished"],
             "extracted": verdict["extracted"], "gold": gold,
             "correct": verdict["math_verify"], "strict": verdict["strict"], "invalid": why,
@@ -368,24 +408,25 @@ def evaluate_model(
     return rows
 
 
-def _score_adapted(ep: Episode, adapted: Mapping[str, torch.Tensor] | None, names: Sequence[str],
-                   unadapted: Mapping[str, dict], score) -> tuple[dict[str, dict], str | None]:
-    """An episode's scores per problem and None, or (when its adaptation ended in non-finite weights or
-    logits) NaN scores and the reason: the whole episode is invalid, its adapted model being broken."""
+def _score_adapted(keys: Sequence[Key], adapted: Mapping[str, torch.Tensor] | None, names: Sequence[str],
+                   unadapted: Mapping[Key, dict], score) -> tuple[dict[Key, dict], str | None]:
+    """An episode's scores per scored problem (``keys``) and None, or (when its adaptation ended in
+    non-finite weights or logits) NaN scores and the reason: the whole episode is invalid, its adapted model
+    being broken."""
     if adapted is None:
-        return {pid: unadapted[pid] for pid in ep.test_ids}, None
+        return {key: unadapted[key] for key in keys}, None
     bad = next((name for name in names if not torch.isfinite(adapted[name]).all()), None)
     why = None if bad is None else f"non-finite adapted weight {bad}"
-    scores: dict[str, dict] = {}
-    for pid in ep.test_ids if why is None else ():
-        scores[pid] = score(pid, [adapted[name] for name in names])
-        if scores[pid] is None:
-            why = f"non-finite logits at the adapted weights (problem {pid!r})"
+    scores: dict[Key, dict] = {}
+    for key in keys if why is None else ():
+        scores[key] = score(key, [adapted[name] for name in names])
+        if scores[key] is None:
+            why = f"non-finite logits at the adapted weights (problem {key[1]!r})"
             break
     if why is None:
         return scores, None
     nan = float("nan")
-    return {pid: {**unadapted[pid], "nll": nan, "answer_nll": nan, "answer_accuracy": nan} for pid in ep.test_ids}, why
+    return {key: {**unadapted[key], "nll": nan, "answer_nll": nan, "answer_accuracy": nan} for key in keys}, why
 
 
 def _grade(predictions: list[str], golds: list[str], timeout_s: int) -> list[dict]:

@@ -81,10 +81,20 @@ ALL = "ALL"
 SECTIONS = (("meta_train", "Meta-training subjects"), ("holdout", "Adaptation to an unseen subject (held out of meta-training)"))
 
 
+ICL = "_icl"  # suffix of a method scored with its shots in the prompt (in-context learning), no gradient step
+META_LEARNERS = ("fomaml", "maml", "metasgd")
+
+
 def comparisons(methods: Collection[str]) -> list[tuple[str, str]]:
     """The pairs of :data:`COMPARISONS` whose two methods are both in ``methods``: every meta-learner against
-    every SFT baseline (and the base), and MAML / Meta-SGD against FOMAML."""
-    return [(a, b) for a, b in COMPARISONS if a in methods and b in methods]
+    every SFT baseline (and the base), and MAML / Meta-SGD against FOMAML; then, for in-context rows
+    (:data:`ICL`): every meta-learner (adapted by gradient) against the base in context — the strongest obvious
+    alternative — and against MetaICL in context, and each method in context against itself adapted by gradient."""
+    pairs = [(a, b) for a, b in COMPARISONS if a in methods and b in methods]
+    for rival in ("base" + ICL, "metaicl" + ICL):
+        pairs += [(m, rival) for m in META_LEARNERS if m in methods and rival in methods]
+    pairs += [(m + ICL, m) for m in methods if m + ICL in methods]
+    return list(dict.fromkeys(pairs))
 
 
 # --- grids -----------------------------------------------------------------------------------
@@ -502,9 +512,11 @@ WRONG_CODE = "@wrong_code"  # an init adapted on another task's shots (the exper
 
 
 def label(name: str) -> str:
-    """How the tables name an init, a method or its wrong-code control."""
+    """How the tables name an init, a method, its wrong-code control or its in-context rows."""
     if name.endswith(WRONG_CODE):
         return f"{label(name.removesuffix(WRONG_CODE))} (wrong-code shots)"
+    if name.endswith(ICL):
+        return f"{label(name.removesuffix(ICL))} + ICL"
     return LABELS.get(name, name)
 # The metrics scored without generating (evaluate_model(generate=False)), in the experiment's order; lower
 # is better for LOWER_IS_BETTER (else higher); rows also carry "<key>_pre" (at the loaded weights) for PRE_ADAPTATION.
@@ -534,6 +546,13 @@ def verdict_line(row: dict, metric: str) -> str:
     return (f"n={row['n']}: {label(row['a'])} vs {label(row['b'])}: {row['verdict']} on {metric} "
             f"({row['a']} − {row['b']} {_fmt(row[f'{metric}_diff'], row[f'{metric}_diff_ci'], sign=True)}, "
             f"p {_fmt_p(row[f'{metric}_p'])})")
+
+
+def experiment_methods(result: dict) -> list[str]:
+    """The experiment's rows in its tables and plot: the base and every method, then (``result["icl"]``) each
+    of them with the shots in the prompt."""
+    methods = ["base", *result["methods"]]
+    return methods + [m + ICL for m in methods] if result.get("icl") else methods
 
 
 def render_experiment_markdown(result: dict) -> str:
@@ -573,13 +592,15 @@ def render_experiment_markdown(result: dict) -> str:
                   f"{s['adapt_batch_size']})" + (f", chosen per init on the validation tasks at n = {result['tune_n']} "
                   f"(best {tuned}) from " + " ".join(s["adapt_grid"]) if tuned else "") + ": "
                   + "; ".join(f"{name} lr {a['lr']}, {a['steps']} steps" for name, a in adaptation.items()) + ".", ""]
-    methods = ["base", *result["methods"]]
-    lines += ["| n | " + " | ".join(f"{label(m)}: {' / '.join(headline)}" for m in methods) + " |",
-              "|---:|" + "---:|" * len(methods)]
+    methods = experiment_methods(result)
+    if result.get("icl"):
+        lines += ["*+ ICL*: the n shots in the prompt (earlier chat turns), no gradient step.", ""]
+    lines += [f"| method: {' / '.join(headline)} | " + " | ".join(f"n = {n}" for n in result["n_shots"]) + " |",
+              "|---|" + "---:|" * len(result["n_shots"])]
     by = {(r["init"], r["n"]): r for r in result["summary"]}
-    for n in result["n_shots"]:
-        cells = [" / ".join(_fmt(by[(m, n)][k]) for k in headline) for m in methods]
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    for m in methods:
+        cells = [" / ".join(_fmt(by[(m, n)][k]) for k in headline) for n in result["n_shots"]]
+        lines.append(f"| {label(m)} | " + " | ".join(cells) + " |")
     if floor:
         above = [f"{label(m)} at n={n}" for m in methods for n in result["n_shots"]
                  if (by[(m, n)]["answer_accuracy_ci"][0] or 0) > floor["accuracy"]]
@@ -618,12 +639,17 @@ def plot_experiment_curve(result: dict, path: str | Path) -> Path:
     plt = _pyplot()
     path = Path(path)
     fig, axes = plt.subplots(1, len(TEACHER_FORCED), figsize=(5 * len(TEACHER_FORCED), 4), layout="constrained")
-    for method in ["base", *result["methods"]]:
+    colors: dict[str, str] = {}
+    for method in experiment_methods(result):
         rows = sorted((r for r in result["summary"] if r["init"] == method), key=lambda r: r["n"])
         x = [r["n"] for r in rows]
+        gradient = method.removesuffix(ICL)
         for ax, metric in zip(axes, TEACHER_FORCED):
             y = [r[metric] if r[metric] is not None else math.nan for r in rows]
-            line, = ax.plot(x, y, marker="o", label=label(method))
+            # A method in context: its colour, dashed.
+            line, = ax.plot(x, y, marker="o", label=label(method), color=colors.get(gradient),
+                            linestyle="--" if method.endswith(ICL) else "-")
+            colors.setdefault(gradient, line.get_color())
             lo = [r[f"{metric}_ci"][0] for r in rows]
             hi = [r[f"{metric}_ci"][1] for r in rows]
             keep = [i for i in range(len(x)) if lo[i] is not None and hi[i] is not None]
