@@ -27,9 +27,9 @@ written atomically.
    (:data:`METHODS`): ``fomaml``, ``maml`` (second order), ``metasgd`` (FOMAML with learned per-tensor inner
    rates), ``sft_steps`` (the same optimizer steps), ``sft_tokens`` (``sft.match_tokens_of`` the FOMAML
    run: as many training label tokens) and ``metaicl`` (MetaICL: ``sft_tokens`` on k-shot prompts,
-   ``sft.icl_max_shots`` = the largest ``--n-shots``, so training shows every shot count evaluation uses). Each run's config is ``<out>/runs/<name>/config.yaml``; its recipe
-   runs in a subprocess (``--in-process``: in this one); ``<out>/runs/<name>.done.json`` marks it finished
-   and holds that config.
+   ``sft.icl_max_shots`` = the largest ``--n-shots``, so training shows every shot count evaluation uses).
+   Each run's config is ``<out>/runs/<name>/config.yaml``; its recipe runs in a subprocess (``--in-process``:
+   in this one); ``<out>/runs/<name>.done.json`` marks it finished and holds that config.
 5. Evaluation, on tasks split once (``--eval-on holdout``: the family's unseen tasks; ``--validation-tasks K``
    of them, a draw seeded by ``--plan-seed``, only ever tune, the others are reported). SFT's rate
    (``--sft-lrs``, first seed: the best validation ``--verdict-metric`` at the largest n after the run's best
@@ -114,8 +114,8 @@ ROW_KEYS = ("task", "n", "seed", "id", "shot_ids", "tokens", "nll", "nll_pre", "
 # Keys this script sets (or relies on) per run; a user override of one would silently break the design.
 CONTROLLED = ("model.partial_pretrain", "model.gguf_file", "model.build_tiny_if_missing", "data.data_dir",
               "data.source", "trainer.seed", "trainer.default_local_dir", "trainer.experiment_name",
-              "trainer.resume_mode", "sft.match_tokens_of", "sft.icl_max_shots", "meta.algorithm", "meta.learn_inner_lr",
-              "meta.adapter")
+              "trainer.resume_mode", "sft.match_tokens_of", "sft.icl_max_shots", "meta.algorithm",
+              "meta.learn_inner_lr", "meta.adapter")
 BASE_SOURCE_FILE = "meta_vs_sft_source.json"
 RUN_CONFIG = "config.yaml"
 
@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "optimizer and micro-batch); the best on --verdict-metric is used on the test tasks (default: "
                    "the config's inner loop for every init)")
     p.add_argument("--sft-lrs", nargs="+", type=positive_float, default=[], metavar="LR",
-                   help="SFT (and MetaICL) learning rates trained with the first seed; the one with the best validation "
-                   "--verdict-metric at the largest n after its best --adapt-grid adaptation (without a grid: the "
+                   help="SFT (and MetaICL) learning rates trained with the first seed; the one with the best "
+                   "validation --verdict-metric at the largest n after its best --adapt-grid adaptation (without a grid: the "
                    "lowest answer NLL at n = 0) trains the other seeds (default: the config's sft.lr)")
     p.add_argument("--data-seed", type=int, default=42, help="seed of the data (generation and split; default 42)")
     p.add_argument("--tiny-per-task", type=int, default=40, help="problems per task of --source synthetic (default 40)")
@@ -514,9 +514,9 @@ def train_all(args: argparse.Namespace, config: Path, shared: Mapping[str, Any],
     """Train every (method, seed), ``--jobs`` at a time; return ``{name: run dir}`` and the SFT sweep.
 
     SFT matched in tokens is matched to the FOMAML run's config (written before anything trains), so it need
-    not wait for that run. With ``--sft-lrs`` an SFT method (``sft_*``, ``metaicl``) is first trained at every rate with the first
-    seed (beside everything else), the rate whose run scores best on the validation tasks is kept (that run
-    is the first seed's), and the other seeds train at it. The score is what the meta-learners are judged on:
+    not wait for that run. With ``--sft-lrs`` an SFT method (``sft_*``, ``metaicl``) is first trained at every
+    rate with the first seed (beside everything else), the rate whose run scores best on the validation tasks
+    is kept (that run is the first seed's), and the other seeds train at it. The score is what the meta-learners are judged on:
     ``--verdict-metric`` at the largest n after the run's best ``--adapt-grid`` adaptation (without a grid:
     answer NLL at n = 0, the multi-task objective, which cannot tell rates apart when every rate reaches the
     floor, and adaptation can)."""

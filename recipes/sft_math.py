@@ -32,10 +32,10 @@ import torch
 
 from lora_maml.config import Config, ConfigError, load_config
 from lora_maml.data.episodes import EpisodeSampler, MixedBatchSampler
+from lora_maml.data.tokenize import encode_example
 from lora_maml.distributed import all_reduce_sum, flat_buffer, local_share
 from lora_maml.errors import run_main
 from lora_maml.load_trained import read_run_config, resolve_model_path
-from lora_maml.data.tokenize import encode_example
 from lora_maml.loss import causal_lm_loss_tensors
 from lora_maml.optim import apply_gradients, build_optimizer, build_scheduler
 from lora_maml.train.trainer import TaskData, Trainer
@@ -91,6 +91,7 @@ class SFTRecipe(Trainer):
                 )
         target = meta_training_label_tokens(meta_run, self.tasks)
         seen, steps = 0, 0
+        # Counted on the plain examples: a MetaICL example trains exactly their label tokens (icl_example).
         while seen < target:
             seen += sum(label_tokens(self.example(ref)) for ref in self.sampler.sample(steps))
             steps += 1
@@ -164,7 +165,8 @@ class SFTRecipe(Trainer):
                    "sft/context_tokens": sum(len(e["input_ids"]) for e in examples) - global_tokens}
         if self.cfg.sft.icl_max_shots:
             used = [n for _, n in encoded]
-            metrics |= {"sft/icl_shots": sum(used) / len(used), "sft/icl_shots_dropped": sum(map(len, drawn)) - sum(used)}
+            metrics |= {"sft/icl_shots": sum(used) / len(used),
+                        "sft/icl_shots_dropped": sum(map(len, drawn)) - sum(used)}
         update = apply_gradients(params, self.optimizer, self.scheduler, self.cfg.optim.clip_grad)
         metrics |= {f"sft/{k}": v for k, v in update.items()}
         return metrics, batches

@@ -158,7 +158,8 @@ def test_invalid_settings_are_rejected(kwargs, match):
 def test_plain_sft_batches_and_fingerprint_are_unchanged_by_the_metaicl_option():
     """max_shots=0 is plain SFT: the batches and the fingerprint (so a plain checkpoint written before the
     option existed still resumes) are pinned to what the sampler gave before; max_shots only adds shots."""
-    plain, icl = MixedBatchSampler(SIZES, batch_size=5, seed=7), MixedBatchSampler(SIZES, batch_size=5, seed=7, max_shots=4)
+    plain = MixedBatchSampler(SIZES, batch_size=5, seed=7)
+    icl = MixedBatchSampler(SIZES, batch_size=5, seed=7, max_shots=4)
     assert plain.fingerprint() == "b29095d256725d53" and "max_shots" not in plain.settings()
     assert plain.sample(0) == [("prealgebra", "support", 2), ("number_theory", "support", 7),
                                ("prealgebra", "support", 3), ("prealgebra", "support", 5), ("algebra", "query", 5)]

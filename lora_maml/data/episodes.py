@@ -272,7 +272,8 @@ class MixedBatchSampler(_ResumableSampler):
         if not self.pool:
             raise ValueError("MixedBatchSampler: the support and query splits are all empty")
         # Where each task's examples start in the pool (they are contiguous), for the shot draws.
-        self._task_start = dict(zip(self.tasks, np.cumsum([0] + [sum(self.task_sizes[t]) for t in self.tasks]).tolist()))
+        sizes = [sum(self.task_sizes[t]) for t in self.tasks]
+        self._task_start = dict(zip(self.tasks, np.cumsum([0, *sizes]).tolist()))
         self.batch_size = int(batch_size)
         self.max_shots = int(max_shots)
         self.seed = int(seed)
