@@ -176,6 +176,9 @@ class SFTConfig(_Section):
     micro_batch_size: int | None = Field(None, ge=1)
     lr: float | None = Field(None, gt=0)
     match_tokens_of: str | None = None
+    # MetaICL (Min et al., 2022): > 0 puts k ~ uniform 0..icl_max_shots solved examples of the same task
+    # before every training example's prompt (episodes.MixedBatchSampler.shots); 0 is plain SFT.
+    icl_max_shots: int = Field(0, ge=0)
 
 
 class OptimConfig(_Section):

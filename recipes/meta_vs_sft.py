@@ -25,10 +25,11 @@ written atomically.
    phase. Its loss curve stays in ``<out>/runs/pretrain/metrics.jsonl``.
 4. Training, per seed s (``trainer.seed=s``), from the same base: every method of ``--methods``
    (:data:`METHODS`): ``fomaml``, ``maml`` (second order), ``metasgd`` (FOMAML with learned per-tensor inner
-   rates), ``sft_steps`` (the same optimizer steps) and ``sft_tokens`` (``sft.match_tokens_of`` the FOMAML
-   run: as many training label tokens). Each run's config is ``<out>/runs/<name>/config.yaml``; its recipe
-   runs in a subprocess (``--in-process``: in this one); ``<out>/runs/<name>.done.json`` marks it finished
-   and holds that config.
+   rates), ``sft_steps`` (the same optimizer steps), ``sft_tokens`` (``sft.match_tokens_of`` the FOMAML
+   run: as many training label tokens) and ``metaicl`` (MetaICL: ``sft_tokens`` on k-shot prompts,
+   ``sft.icl_max_shots`` = the largest ``--n-shots``, so training shows every shot count evaluation uses).
+   Each run's config is ``<out>/runs/<name>/config.yaml``; its recipe runs in a subprocess (``--in-process``:
+   in this one); ``<out>/runs/<name>.done.json`` marks it finished and holds that config.
 5. Evaluation, on tasks split once (``--eval-on holdout``: the family's unseen tasks; ``--validation-tasks K``
    of them, a draw seeded by ``--plan-seed``, only ever tune, the others are reported). SFT's rate
    (``--sft-lrs``, first seed: the best validation ``--verdict-metric`` at the largest n after the run's best
@@ -98,22 +99,24 @@ DEFAULT_CONFIG = RECIPES_DIR / "configs" / "smollm2_135m_math.yaml"
 TINY_CONFIG = RECIPES_DIR / "configs" / "tiny_cpu.yaml"
 DEFAULT_MATH = REPO_ROOT.parent / "shared" / "data" / "MATH.tar.gz"
 DEFAULT_OUT = REPO_ROOT / "outputs" / "meta_vs_sft"
-# method -> (training recipe, the config keys it sets). sft_tokens is matched to the same seed's fomaml run
-# (set in run_config).
+# method -> (training recipe, the config keys it sets). sft_tokens and metaicl are matched to the same seed's
+# fomaml run, and metaicl trains on up to the largest --n-shots shots (set in run_config).
 METHODS: dict[str, tuple[ModuleType, dict[str, Any]]] = {
     "fomaml": (fomaml_math, {}),
     "maml": (fomaml_math, {"meta.algorithm": "maml", "model.attn_implementation": "eager",
                            "model.enable_gradient_checkpointing": False, "model.compile": False}),
     "metasgd": (fomaml_math, {"meta.learn_inner_lr": True}),
-    "sft_steps": (sft_math, {"sft.match_tokens_of": None}),
-    "sft_tokens": (sft_math, {}),
+    "sft_steps": (sft_math, {"sft.match_tokens_of": None, "sft.icl_max_shots": 0}),
+    "sft_tokens": (sft_math, {"sft.icl_max_shots": 0}),
+    "metaicl": (sft_math, {}),
 }
 ROW_KEYS = ("task", "n", "seed", "id", "shot_ids", "tokens", "nll", "nll_pre", "answer_nll", "answer_nll_pre",
             "answer_accuracy", "answer_tokens", "invalid")
 # Keys this script sets (or relies on) per run; a user override of one would silently break the design.
 CONTROLLED = ("model.partial_pretrain", "model.gguf_file", "model.build_tiny_if_missing", "data.data_dir",
               "data.source", "trainer.seed", "trainer.default_local_dir", "trainer.experiment_name",
-              "trainer.resume_mode", "sft.match_tokens_of", "meta.algorithm", "meta.learn_inner_lr", "meta.adapter")
+              "trainer.resume_mode", "sft.match_tokens_of", "sft.icl_max_shots", "meta.algorithm",
+              "meta.learn_inner_lr", "meta.adapter")
 BASE_SOURCE_FILE = "meta_vs_sft_source.json"
 RUN_CONFIG = "config.yaml"
 
@@ -157,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "optimizer and micro-batch); the best on --verdict-metric is used on the test tasks (default: "
                    "the config's inner loop for every init)")
     p.add_argument("--sft-lrs", nargs="+", type=positive_float, default=[], metavar="LR",
-                   help="SFT learning rates trained with the first seed; the one with the best validation "
-                   "--verdict-metric at the largest n after its best --adapt-grid adaptation (without a grid: the "
+                   help="SFT (and MetaICL) learning rates trained with the first seed; the one with the best "
+                   "validation --verdict-metric at the largest n after its best --adapt-grid adaptation (without a grid: the "
                    "lowest answer NLL at n = 0) trains the other seeds (default: the config's sft.lr)")
     p.add_argument("--icl", action="store_true",
                    help="also score every init with the n shots in the prompt and no gradient step (in-context "
@@ -194,10 +197,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--seeds: duplicates in {args.seeds}")
     if len(set(args.methods)) != len(args.methods):
         raise ValueError(f"--methods: duplicates in {args.methods}")
-    if "sft_tokens" in args.methods and "fomaml" not in args.methods:
-        raise ValueError("--methods: sft_tokens is matched to the fomaml run's tokens; add fomaml")
+    for matched in ("sft_tokens", "metaicl"):
+        if matched in args.methods and "fomaml" not in args.methods:
+            raise ValueError(f"--methods: {matched} is matched to the fomaml run's tokens; add fomaml")
     if min(args.n_shots) < 0 or len(set(args.n_shots)) != len(args.n_shots):
         raise ValueError(f"--n-shots {args.n_shots}: expected distinct integers >= 0")
+    if "metaicl" in args.methods and max(args.n_shots) < 1:
+        raise ValueError(f"--methods metaicl trains on up to the largest --n-shots shots: {args.n_shots} has none >= 1")
     tuning = args.adapt_grid or args.sft_lrs
     if args.validation_tasks < 0 or bool(tuning) != bool(args.validation_tasks) or (tuning and args.eval_on != "holdout"):
         raise ValueError("--adapt-grid / --sft-lrs are chosen on --validation-tasks K > 0 held-out tasks: give both, "
@@ -481,6 +487,7 @@ def pretrain(args: argparse.Namespace, config: Path, base_dir: Path, data_dir: P
         "model.partial_pretrain": str(base_dir), "model.gguf_file": None, "model.build_tiny_if_missing": False,
         "data.data_dir": str(data_dir), "data.source": args.pretrain, "meta.adapter": "full",
         "trainer.total_steps": args.pretrain_steps, "sft.lr": args.pretrain_lr, "sft.match_tokens_of": None,
+        "sft.icl_max_shots": 0,
         "trainer.save_freq": args.pretrain_steps, "trainer.test_freq": args.pretrain_steps,
         "trainer.default_local_dir": str(run_dir), "trainer.experiment_name": "meta_vs_sft_pretrain", "trainer.seed": 0,
     })
@@ -494,13 +501,15 @@ def pretrain(args: argparse.Namespace, config: Path, base_dir: Path, data_dir: P
 
 
 def run_config(config: Path, overrides: Sequence[str], shared: Mapping[str, Any], out: Path, method: str,
-               seed: int, name: str) -> Config:
+               seed: int, name: str, max_shots: int) -> Config:
     """The config of run ``name``: the user's overrides, then what this script sets (``shared``, the method's
-    keys, the seed and the run directory)."""
+    keys, the seed and the run directory; ``max_shots``: the largest --n-shots, MetaICL's most shots)."""
     settings = {**shared, **METHODS[method][1], "trainer.seed": seed,
                 "trainer.default_local_dir": str(out / "runs" / name), "trainer.experiment_name": f"meta_vs_sft_{name}"}
-    if method == "sft_tokens":
+    if method in ("sft_tokens", "metaicl"):
         settings["sft.match_tokens_of"] = str(out / "runs" / run_name("fomaml", seed) / RUN_CONFIG)
+    if method == "metaicl":
+        settings["sft.icl_max_shots"] = max_shots
     return load_config(config, overrides, settings)
 
 
@@ -509,18 +518,18 @@ def train_all(args: argparse.Namespace, config: Path, shared: Mapping[str, Any],
     """Train every (method, seed), ``--jobs`` at a time; return ``{name: run dir}`` and the SFT sweep.
 
     SFT matched in tokens is matched to the FOMAML run's config (written before anything trains), so it need
-    not wait for that run. With ``--sft-lrs`` an SFT method is first trained at every rate with the first
-    seed (beside everything else), the rate whose run scores best on the validation tasks is kept (that run
-    is the first seed's), and the other seeds train at it. The score is what the meta-learners are judged on:
+    not wait for that run. With ``--sft-lrs`` an SFT method (``sft_*``, ``metaicl``) is first trained at every
+    rate with the first seed (beside everything else), the rate whose run scores best on the validation tasks
+    is kept (that run is the first seed's), and the other seeds train at it. The score is what the meta-learners are judged on:
     ``--verdict-metric`` at the largest n after the run's best ``--adapt-grid`` adaptation (without a grid:
     answer NLL at n = 0, the multi-task objective, which cannot tell rates apart when every rate reaches the
     floor, and adaptation can)."""
-    swept = [m for m in args.methods if m.startswith("sft") and args.sft_lrs]
+    swept = [m for m in args.methods if (m.startswith("sft") or m == "metaicl") and args.sft_lrs]
     first, *rest = args.seeds
 
     def run(method: str, seed: int, name: str, extra: Mapping[str, Any] = {}) -> Run:
-        return Run(METHODS[method][0], run_config(config, args.overrides, {**shared, **extra}, out, method, seed, name),
-                   name)
+        return Run(METHODS[method][0], run_config(config, args.overrides, {**shared, **extra}, out, method, seed, name,
+                                                  max(args.n_shots)), name)
 
     batch = [run(m, seed, run_name(m, seed)) for seed in args.seeds for m in args.methods if m not in swept]
     sweep_runs = {(m, lr): run(m, first, f"{m}_lr{lr:g}_{first}", {"sft.lr": lr}) for m in swept for lr in args.sft_lrs}

@@ -10,6 +10,14 @@ evaluation with meta-training (lora_maml/train/trainer.py); only the step differ
 of ``sft.micro_batch_size``. With ``sft.match_tokens_of`` it trains for exactly as many label tokens
 as the named meta-training run (matched compute); otherwise for ``trainer.total_steps`` steps
 (matched steps).
+
+With ``sft.icl_max_shots`` K > 0 it is MetaICL (Min et al., NAACL 2022): the same batches, but every
+example is a k-shot prompt, k uniform in 0..K, its shots solved examples of the same task's support+query
+pool (never the example itself; ``MixedBatchSampler.shots``) written as earlier chat turns
+(``lora_maml.data.tokenize``); only the final response is a target. Shots never cut the example: of the k
+drawn, the longest prefix whose example fits ``data.max_length`` is kept (``sft/icl_shots_dropped`` counts
+the others), so an example trains exactly the label tokens of its plain SFT encoding and
+``sft.match_tokens_of`` matches label tokens (the shots add context tokens only, ``sft/context_tokens``).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import torch
 
 from lora_maml.config import Config, ConfigError, load_config
 from lora_maml.data.episodes import EpisodeSampler, MixedBatchSampler
+from lora_maml.data.tokenize import encode_example
 from lora_maml.distributed import all_reduce_sum, flat_buffer, local_share
 from lora_maml.errors import run_main
 from lora_maml.load_trained import read_run_config, resolve_model_path
@@ -54,12 +63,16 @@ class SFTRecipe(Trainer):
         )
         self.ensure_inputs()
         self.setup_model()
+        # MetaICL writes the shots' text into each prompt at batch time; setup_data drops the records.
+        self.shot_records = {t: {part: self.records[t][part] for part in ("support", "query")}
+                             for t in self.task_names} if cfg.sft.icl_max_shots else {}
         self.setup_data()
         self.setup_eval_set()
         self.sampler = MixedBatchSampler(
             {t: (len(d.support), len(d.query)) for t, d in self.tasks.items()},
             batch_size=cfg.sft.batch_size,
             seed=cfg.trainer.seed,
+            max_shots=cfg.sft.icl_max_shots,
         )
         self.total_steps = self.matched_steps() if cfg.sft.match_tokens_of else cfg.trainer.total_steps
         self.optimizer = build_optimizer(self.params, cfg.sft.lr, cfg.optim)
@@ -78,6 +91,7 @@ class SFTRecipe(Trainer):
                 )
         target = meta_training_label_tokens(meta_run, self.tasks)
         seen, steps = 0, 0
+        # Counted on the plain examples: a MetaICL example trains exactly their label tokens (icl_example).
         while seen < target:
             seen += sum(label_tokens(self.example(ref)) for ref in self.sampler.sample(steps))
             steps += 1
@@ -88,6 +102,30 @@ class SFTRecipe(Trainer):
     def example(self, ref: tuple[str, str, int]) -> dict:
         task, part, index = ref
         return getattr(self.tasks[task], part)[index]
+
+    def icl_example(self, ref: tuple[str, str, int], shots: list[tuple[str, str, int]]) -> tuple[dict, int]:
+        """Example ``ref`` after the longest prefix of ``shots`` with which it fits ``data.max_length``
+        untruncated, and that prefix's length. No prefix fits (a plain example already cut by
+        ``data.truncation`` included): the plain example, 0. Either way its labels are the plain example's
+        (the response is tokenised on its own), so the shots add context tokens, never label tokens."""
+        plain = self.example(ref)
+        if not shots or plain["truncated"]:
+            return plain, 0
+        task, part, index = ref
+        record = self.shot_records[task][part][index]
+        pairs = [(r["prompt"], r["response"]) for r in (self.shot_records[t][p][i] for t, p, i in shots)]
+        fitted, used = plain, 0
+        # Bisection on the number of shots (each adds tokens); every shot is tried first, the common case.
+        low, high, m = 1, len(pairs), len(pairs)
+        while low <= high:
+            encoded = encode_example(self.tokenizer, record["prompt"], record["response"], shots=pairs[:m],
+                                     max_length=self.cfg.data.max_length, truncation="right")
+            if encoded["truncated"]:
+                high = m - 1
+            else:
+                fitted, used, low = encoded, m, m + 1
+            m = (low + high) // 2
+        return fitted, used
 
     def micro_batches_per_step(self) -> int:
         return math.ceil(self.cfg.sft.batch_size / self.cfg.sft.micro_batch_size)
@@ -101,7 +139,9 @@ class SFTRecipe(Trainer):
         the micro-batches and the loss is normalised by the GLOBAL label-token count, so the summed
         gradient is the same for any number of processes. Sharing whole micro-batches keeps each
         micro-batch's examples (and so its float rounding) the same whatever the number of processes."""
-        examples = [self.example(ref) for ref in self.sampler.sample(step)]
+        drawn = self.sampler.shots(step)
+        encoded = [self.icl_example(ref, shots) for ref, shots in zip(self.sampler.sample(step), drawn)]
+        examples = [example for example, _ in encoded]
         global_tokens = sum(label_tokens(e) for e in examples)
         size = self.cfg.sft.micro_batch_size
         micro = [examples[i : i + size] for i in range(0, len(examples), size)]
@@ -121,7 +161,12 @@ class SFTRecipe(Trainer):
         all_reduce_sum(flat)
         for g, p in zip(grads, params):
             p.grad = g.to(p.dtype)
-        metrics = {"sft/loss": float(loss_sum[0]) / max(global_tokens, 1), "sft/tokens": global_tokens}
+        metrics = {"sft/loss": float(loss_sum[0]) / max(global_tokens, 1), "sft/tokens": global_tokens,
+                   "sft/context_tokens": sum(len(e["input_ids"]) for e in examples) - global_tokens}
+        if self.cfg.sft.icl_max_shots:
+            used = [n for _, n in encoded]
+            metrics |= {"sft/icl_shots": sum(used) / len(used),
+                        "sft/icl_shots_dropped": sum(map(len, drawn)) - sum(used)}
         update = apply_gradients(params, self.optimizer, self.scheduler, self.cfg.optim.clip_grad)
         metrics |= {f"sft/{k}": v for k, v in update.items()}
         return metrics, batches

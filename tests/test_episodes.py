@@ -4,7 +4,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from lora_maml.data.episodes import EpisodeSampler, TaskDraw
+from lora_maml.data.episodes import EpisodeSampler, MixedBatchSampler, TaskDraw
 
 SIZES = {"algebra": (10, 7), "geometry": (3, 12), "number_theory": (20, 9), "prealgebra": (6, 5)}
 SETTINGS = dict(meta_batch_size=2, num_inner_steps=2, inner_batch_size=3, query_batch_size=4, seed=7)
@@ -150,3 +150,59 @@ def test_resume_refuses_changed_data_or_settings(change, mentioned):
 def test_invalid_settings_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make(**kwargs)
+
+
+# -- the SFT baseline's batches and MetaICL's shots ------------------------------------------------------
+
+
+def test_plain_sft_batches_and_fingerprint_are_unchanged_by_the_metaicl_option():
+    """max_shots=0 is plain SFT: the batches and the fingerprint (so a plain checkpoint written before the
+    option existed still resumes) are pinned to what the sampler gave before; max_shots only adds shots."""
+    plain = MixedBatchSampler(SIZES, batch_size=5, seed=7)
+    icl = MixedBatchSampler(SIZES, batch_size=5, seed=7, max_shots=4)
+    assert plain.fingerprint() == "b29095d256725d53" and "max_shots" not in plain.settings()
+    assert plain.sample(0) == [("prealgebra", "support", 2), ("number_theory", "support", 7),
+                               ("prealgebra", "support", 3), ("prealgebra", "support", 5), ("algebra", "query", 5)]
+    assert all(plain.sample(s) == icl.sample(s) for s in range(100))
+    assert all(shots == [] for s in range(20) for shots in plain.shots(s))
+    with pytest.raises(ValueError, match=r"max_shots: checkpoint '\?' -> now 4"):
+        icl.load_state_dict(plain.state_dict())  # a resume with another number of shots is refused
+    with pytest.raises(ValueError, match="sft.icl_max_shots must be an integer >= 0"):
+        MixedBatchSampler(SIZES, batch_size=5, seed=7, max_shots=-1)
+
+
+def test_metaicl_shots_come_from_the_same_task_never_the_example_and_k_is_uniform():
+    sizes = {"a": (30, 20), "b": (12, 8), "c": (1, 1)}  # c: a pool of 2, so at most 1 shot
+    sampler = MixedBatchSampler(sizes, batch_size=8, seed=3, max_shots=4)
+    ks = Counter()
+    for step in range(600):
+        for example, shots in zip(sampler.sample(step), sampler.shots(step)):
+            assert len(shots) == len(set(shots)), "a shot repeats"
+            assert example not in shots
+            assert {task for task, _, _ in shots} <= {example[0]}
+            assert all(0 <= i < dict(zip(("support", "query"), sizes[t]))[p] for t, p, i in shots)
+            if example[0] == "c":
+                assert len(shots) <= 1
+            else:
+                ks[len(shots)] += 1
+    total = sum(ks.values())
+    assert set(ks) == {0, 1, 2, 3, 4}
+    for k, count in ks.items():  # ~940 draws each: a uniform k stays within 15% of total / 5
+        assert abs(count - total / 5) < 0.15 * total / 5, ks
+
+
+def test_metaicl_shots_are_a_pure_function_of_seed_and_step_and_resume():
+    def make_icl(seed=3):
+        return MixedBatchSampler(SIZES, batch_size=6, seed=seed, max_shots=3)
+
+    a, b = make_icl(), make_icl()
+    steps = [5, 0, 41, 2, 17]
+    from_b = {step: b.shots(step) for step in steps}
+    assert all(a.shots(step) == from_b[step] for step in sorted(steps))
+    assert a.shots(0) != a.shots(1) and make_icl(seed=4).shots(0) != a.shots(0)
+    first = make_icl()
+    for _ in range(7):
+        next(first)
+    resumed = make_icl()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert resumed.next_step == 7 and resumed.shots(resumed.next_step) == a.shots(7)

@@ -350,3 +350,34 @@ def test_parallel_evaluation_scores_what_one_process_does_and_metasgd_keeps_its_
             elif path.exists():
                 path.unlink()
             (out / f"serial_{name}").rename(path)
+
+
+# --- MetaICL (issue 19) ------------------------------------------------------------------------------------
+def test_metaicl_is_sft_on_k_shot_prompts_matched_in_label_tokens_to_fomaml(bench, tmp_path, capsys, one_thread):
+    """--methods fomaml metaicl: metaicl trains the SFT recipe with sft.icl_max_shots = the largest --n-shots,
+    matched in training label tokens to the same seed's fomaml run; the report names it MetaICL and compares
+    it with FOMAML and the base. It needs fomaml and an --n-shots >= 1."""
+    assert bench.main(argv(tmp_path / "alone", "--methods", "metaicl", "--in-process")) == 1
+    assert "metaicl is matched to the fomaml run's tokens; add fomaml" in capsys.readouterr().err
+    no_shots = argv(tmp_path / "none", "--methods", "fomaml", "metaicl")
+    at = no_shots.index("--n-shots")
+    no_shots[at + 1 : at + 1 + len(N_SHOTS)] = ["0"]
+    assert bench.main(no_shots) == 1
+    assert "--methods metaicl trains on up to the largest --n-shots shots" in capsys.readouterr().err
+    assert bench.main([*argv(tmp_path / "override", "--methods", "fomaml", "metaicl"), "sft.icl_max_shots=1"]) == 1
+    assert "sft.icl_max_shots is managed by this script" in capsys.readouterr().err
+
+    out = tmp_path / "run"
+    assert bench.main(argv(out, "--methods", "fomaml", "metaicl", "--in-process")) == 0
+    cfg = yaml.safe_load((out / "runs" / "metaicl_0" / "config.yaml").read_text())
+    assert cfg["sft"]["icl_max_shots"] == max(N_SHOTS)
+    assert cfg["sft"]["match_tokens_of"] == str(out / "runs" / "fomaml_0" / "config.yaml")
+    fomaml_rows = [json.loads(line) for line in (out / "runs" / "fomaml_0" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "runs" / "metaicl_0" / "metrics.jsonl").read_text().splitlines()]
+    tokens = [r["sft/tokens"] for r in rows]
+    assert sum(tokens) >= sum(r["meta/support_tokens"] + r["meta/query_tokens"] for r in fomaml_rows) > sum(tokens[:-1])
+    assert all("sft/icl_shots" in r and "sft/context_tokens" in r for r in rows)
+    result = json.loads((out / "results.json").read_text())
+    assert {(c["a"], c["b"]) for c in result["comparisons"]} == {("fomaml", "metaicl"), ("fomaml", "base"),
+                                                                  ("metaicl", "base")}
+    assert "| FOMAML − MetaICL |" in (out / "results.md").read_text()

@@ -247,11 +247,20 @@ class MixedBatchSampler(_ResumableSampler):
     ``default_rng([seed, 3, epoch])`` and cut into consecutive batches of ``batch_size``; an epoch's
     last batch takes its missing examples from the start of the same permutation. Like
     :class:`EpisodeSampler`, the batch of step s is a pure function of (seed, settings, s).
+
+    With ``max_shots`` K > 0 (MetaICL, :meth:`shots`) every example of a batch also gets in-context
+    examples: k uniform in 0..K, then k distinct examples of the same task's pool (its support and query
+    splits: the meta-training records SFT trains on, so no evaluation task's problem is ever a shot), never
+    the example itself; k is cut to the task's pool size - 1. Drawn with ``default_rng([seed, 4, step])``,
+    so they too are a pure function of (seed, settings, step). The batches themselves do not depend on K.
     """
 
-    def __init__(self, task_sizes: Mapping[str, tuple[int, int]], *, batch_size: int, seed: int) -> None:
+    def __init__(self, task_sizes: Mapping[str, tuple[int, int]], *, batch_size: int, seed: int,
+                 max_shots: int = 0) -> None:
         if batch_size < 1:
             raise ValueError(f"MixedBatchSampler: batch_size must be >= 1, got {batch_size}")
+        if isinstance(max_shots, bool) or not isinstance(max_shots, (int, np.integer)) or max_shots < 0:
+            raise ValueError(f"MixedBatchSampler: sft.icl_max_shots must be an integer >= 0, got {max_shots!r}")
         self.tasks = tuple(sorted(task_sizes))
         self.task_sizes = {t: (int(task_sizes[t][0]), int(task_sizes[t][1])) for t in self.tasks}
         self.pool = [
@@ -262,21 +271,48 @@ class MixedBatchSampler(_ResumableSampler):
         ]
         if not self.pool:
             raise ValueError("MixedBatchSampler: the support and query splits are all empty")
+        # Where each task's examples start in the pool (they are contiguous), for the shot draws.
+        sizes = [sum(self.task_sizes[t]) for t in self.tasks]
+        self._task_start = dict(zip(self.tasks, np.cumsum([0, *sizes]).tolist()))
         self.batch_size = int(batch_size)
+        self.max_shots = int(max_shots)
         self.seed = int(seed)
         self.next_step = 0
 
     def settings(self) -> dict:
-        return {
+        settings = {
             "scheme": "mixed-v1",
             "task_sizes": {task: list(self.task_sizes[task]) for task in self.tasks},
             "batch_size": self.batch_size,
         }
+        # Only when set: a plain SFT checkpoint written before the key existed keeps its fingerprint.
+        return settings | ({"max_shots": self.max_shots} if self.max_shots else {})
 
-    def sample(self, step: int) -> list[tuple[str, str, int]]:
-        """(task, "support" | "query", index) of the examples of ``step``'s batch."""
+    def _positions(self, step: int) -> list[int]:
         n = len(self.pool)
         batches_per_epoch = math.ceil(n / self.batch_size)
         epoch, j = divmod(int(step), batches_per_epoch)
         perm = np.random.default_rng([self.seed, 3, epoch]).permutation(n)
-        return [self.pool[k] for k in perm[(j * self.batch_size + np.arange(self.batch_size)) % n].tolist()]
+        return perm[(j * self.batch_size + np.arange(self.batch_size)) % n].tolist()
+
+    def sample(self, step: int) -> list[tuple[str, str, int]]:
+        """(task, "support" | "query", index) of the examples of ``step``'s batch."""
+        return [self.pool[k] for k in self._positions(step)]
+
+    def shots(self, step: int) -> list[list[tuple[str, str, int]]]:
+        """For every example of ``sample(step)``, in order, the (task, split, index) of its in-context
+        examples in the order they go into the prompt (see the class docstring; all empty when K = 0)."""
+        positions = self._positions(step)
+        if not self.max_shots:
+            return [[] for _ in positions]
+        rng = np.random.default_rng([self.seed, 4, int(step)])
+        out = []
+        for position in positions:
+            task = self.pool[position][0]
+            start, n = self._task_start[task], sum(self.task_sizes[task])
+            k = min(int(rng.integers(0, self.max_shots + 1)), n - 1)
+            # k of the task's other n - 1 examples: offsets past the example's own skip it.
+            others = rng.choice(n - 1, size=k, replace=False) if k else []
+            own = position - start
+            out.append([self.pool[start + o + (o >= own)] for o in others])
+        return out

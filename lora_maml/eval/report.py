@@ -63,11 +63,13 @@ from lora_maml.train.metrics import METRICS_FILE
 log = logging.getLogger(__name__)
 
 # A vs B pairs reported when both methods are present (maml / metasgd: the same demo with those flags;
-# sft_tokens / sft_steps: the experiment's SFT matched in training tokens / optimizer steps), in this order.
+# sft_tokens / sft_steps: the experiment's SFT matched in training tokens / optimizer steps; metaicl: MetaICL
+# matched in training label tokens), in this order.
 COMPARISONS = (("fomaml", "sft"), ("fomaml", "sft_tokens"), ("fomaml", "sft_steps"), ("fomaml", "base"),
                ("sft", "base"), ("sft_tokens", "base"), ("sft_steps", "base"), ("maml", "base"),
                ("metasgd", "base"), ("maml", "sft"), ("maml", "sft_tokens"), ("maml", "sft_steps"), ("metasgd", "sft"),
-               ("metasgd", "sft_tokens"), ("metasgd", "sft_steps"), ("maml", "fomaml"), ("metasgd", "fomaml"))
+               ("metasgd", "sft_tokens"), ("metasgd", "sft_steps"), ("maml", "fomaml"), ("metasgd", "fomaml"),
+               ("fomaml", "metaicl"), ("maml", "metaicl"), ("metasgd", "metaicl"), ("metaicl", "base"))
 # Per-row metrics: (row key, report name, title). ``correct``/``strict`` come from generation (None when it
 # was skipped); ``answer_*`` score the reference's final-answer tokens under teacher forcing.
 METRICS = (("correct", "accuracy", "Accuracy (math-verify, generated answer)"),
@@ -507,7 +509,7 @@ def write_report(
 # --- the meta-vs-SFT experiment (recipes/meta_vs_sft.py) -------------------------------------
 # Its inits and methods as its tables name them.
 LABELS = {"base": "base", "fomaml": "FOMAML", "maml": "MAML", "metasgd": "Meta-SGD",
-          "sft_steps": "SFT (matched steps)", "sft_tokens": "SFT (matched tokens)"}
+          "sft_steps": "SFT (matched steps)", "sft_tokens": "SFT (matched tokens)", "metaicl": "MetaICL"}
 WRONG_CODE = "@wrong_code"  # an init adapted on another task's shots (the experiment's control)
 
 
