@@ -86,7 +86,8 @@ def parse_source(source: str) -> RecordsSpec:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in KEYS or not value or key in given:
-            problem = f"{key!r} given twice" if key in given else f"{item!r} is not key=value with key one of {', '.join(KEYS)}"
+            problem = (f"{key!r} given twice" if key in given
+                       else f"{item!r} is not key=value with key one of {', '.join(KEYS)}")
             raise DataError(f"source {source!r}: {problem} (a path cannot hold a comma)")
         given[key] = value
     if "messages" in given and given.keys() & {"prompt", "response"}:
@@ -231,7 +232,7 @@ def _chat(raw: dict, where: str, spec: RecordsSpec) -> tuple[str, str]:
         raise DataError(f"{where}: {spec.messages!r} must be a non-empty list of turns; expected {spec.shape()}")
     roles = []
     for number, turn in enumerate(turns, start=1):
-        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not isinstance(turn.get("content"), str):
+        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
             raise DataError(f"{where}: {spec.messages!r} turn {number} must be {{'role': str, 'content': str}}, "
                             f"got {turn!r:.100}")
         if turn["role"] not in ROLES:

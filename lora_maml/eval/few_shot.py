@@ -183,6 +183,10 @@ def _encode_plan(tokenizer, positions: int | None, episodes: Sequence[Episode], 
     prompts: dict[str, list[int]] = {}
     cut_prompts: set[str] = set()
     if max_new_tokens is not None:
+        ungraded = next((rid for rid in scored if not records[rid]["answer"]), None)
+        if ungraded is not None:  # records without answers (a records: source): NLL only
+            raise ValueError(f"record {ungraded}: no answer to grade a generation against; score without "
+                             "generating (generate=False)")
         prompt_cap = cap if positions is None else min(cap, positions - max_new_tokens)
         if prompt_cap < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt within the model's "
