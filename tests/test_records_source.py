@@ -246,3 +246,10 @@ def test_runner_holds_out_user_tasks_and_scores_nll_only(tmp_path, capsys, one_t
     assert all(r["answer_accuracy"] is None and r["nll"] is not None for r in result["summary"])
     assert {row["verdict"] for row in result["comparisons"]} and (out / "few_shot_curve.png").is_file()
     assert "**Answer metrics absent**" in (out / "results.md").read_text()
+
+
+def test_sft_rate_criterion_falls_back_to_nll_without_answers():
+    # In memory (not yet read back from JSON) a row without answer tokens holds NaN, not None.
+    scored = [{"answer_nll": math.nan, "nll": 1.0}, {"answer_nll": math.nan, "nll": 3.0}]
+    assert meta_vs_sft.answer_nll(scored) == 2.0
+    assert meta_vs_sft.answer_nll([{"answer_nll": 0.5, "nll": 1.0}, {"answer_nll": math.nan, "nll": 3.0}]) == 0.5
