@@ -550,7 +550,7 @@ def read_source(
     else:
         # The loader's report (source, split, read, kept, skipped) describes the source.
         records, description = load_math_records(source, split=split)
-    if source == "synthetic" or not (is_rules_source(source) or is_records_source(source)):
+    if not (is_rules_source(source) or is_records_source(source)):
         names = [normalise_subject(name, where="holdout_tasks") for name in names]
     return records, tasks, list(dict.fromkeys(names)), description
 
