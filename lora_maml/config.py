@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lora_maml.data.records import absolute_source, is_records_source
 from lora_maml.errors import LoraMamlError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "recipes" / "configs"
@@ -117,12 +118,15 @@ class DataConfig(_Section):
                 f"got {self.support_ratio} + {self.query_ratio}"
             )
         if self.tasks is not None:
-            from lora_maml.data import SUBJECTS
+            from lora_maml.data import SUBJECTS, TASK_NAME_RULE, is_task_name
             from lora_maml.data.rules import is_rules_source, task_name
 
             if is_rules_source(self.source):  # the family's tasks are code_000, code_001, ...
                 unknown = sorted(t for t in self.tasks if not re.fullmatch(r"code_\d{3,}", t))
                 expected = f"names like {task_name(0)}"
+            elif is_records_source(self.source):  # the user's own names, checked against the prepared tasks later
+                unknown = sorted(t for t in self.tasks if not is_task_name(t))
+                expected = f"task names ({TASK_NAME_RULE})"
             else:
                 unknown = sorted(set(self.tasks) - set(SUBJECTS))
                 expected = f"a subset of {list(SUBJECTS)}"
@@ -433,7 +437,8 @@ def with_absolute_paths(cfg: Config) -> Config:
 
     ``model.partial_pretrain`` and ``data.source`` stay as they are when they name a hub id or
     ``synthetic`` (not an existing path, nor one that starts with ``.``, ``/`` or ``~``), except that a
-    model built by ``model.build_tiny_if_missing`` is always local.
+    model built by ``model.build_tiny_if_missing`` is always local; the file of a ``records:`` source is made
+    absolute inside it.
     """
     def absolute(path: str) -> str:
         return str(Path(path).expanduser().resolve())
@@ -444,7 +449,9 @@ def with_absolute_paths(cfg: Config) -> Config:
     cfg = cfg.model_copy(deep=True)
     if cfg.model.build_tiny_if_missing or local(cfg.model.partial_pretrain):
         cfg.model.partial_pretrain = absolute(cfg.model.partial_pretrain)
-    if local(cfg.data.source):
+    if is_records_source(cfg.data.source):
+        cfg.data.source = absolute_source(cfg.data.source)
+    elif local(cfg.data.source):
         cfg.data.source = absolute(cfg.data.source)
     cfg.data.data_dir = absolute(cfg.data.data_dir)
     cfg.trainer.default_local_dir = absolute(cfg.trainer.default_local_dir)

@@ -59,7 +59,7 @@ REFERENCE = "fomaml"  # the method whose run checkpoint gives the adaptation def
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 # The library's errors name its arguments; this command calls them by its options.
 WORDING = {"trust_remote_code=True": "--trust-remote-code", "max_length": "--max-length",
-           "truncation=left": "--truncation left"}
+           "truncation=left": "--truncation left", "generate=False": "--no-generate"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncation", choices=["error", "left", "right"], help="default: data.truncation or right")
     p.add_argument("--max-new-tokens", type=positive_int, default=1024, help="generation budget per problem (default 1024)")
     p.add_argument("--no-generate", dest="generate", action="store_false",
-                   help="score NLL and answer-token metrics only (teacher forcing); no generation, no graded accuracy")
+                   help="score NLL and answer-token metrics only (teacher forcing); no generation, no graded accuracy "
+                   "(records without answers: required, there is nothing to grade)")
     p.add_argument("--gen-batch-size", type=positive_int, default=16, help="problems generated together (default 16; hf backend)")
     p.add_argument("--backend", choices=BACKENDS, default="hf",
                    help="generation backend: hf (Hugging Face generate, the reference; default) or vllm (every "

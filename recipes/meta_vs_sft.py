@@ -17,8 +17,9 @@ written atomically.
    the texts of ``--source`` (and ``--pretrain``).
 2. Data. ``--source`` prepared into ``<out>/data`` with the config's ratios and ``--data-seed``. Of a MATH
    source, the config's ``data.tasks`` keep the problems whose encoded example fits ``data.max_length``; a
-   generated source (``synthetic``, ``synthetic-rules``) is prepared as it is (a rules family holds out its
-   unseen tasks).
+   generated source (``synthetic``, ``synthetic-rules``) or your own ``records:`` is prepared as it is (a rules
+   family holds out its unseen tasks, a records source the tasks its ``holdout=`` names). Records without
+   answers score the NLL only: ``--verdict-metric`` must then be ``nll`` (or ``nll_gain``), an error otherwise.
 3. Pretraining (``--pretrain SOURCE``, optional): a competent base, as real runs start from. The SFT recipe
    trains EVERY weight (``meta.adapter=full``) for ``--pretrain-steps`` at ``--pretrain-lr`` on ``SOURCE``
    (prepared into ``<out>/pretrain_data``), exported to ``<out>/pretrained_model``, the base of every later
@@ -58,6 +59,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -79,7 +81,9 @@ from tqdm.auto import tqdm
 from lora_maml.atomic import DirectoryLock, write_text_atomic
 from lora_maml.config import Config, config_to_dict, load_config
 from lora_maml.data import SUBJECTS
-from lora_maml.data.prepare import MANIFEST, list_tasks, prepare, read_manifest, read_source, summary_text, validate
+from lora_maml.data.prepare import (MANIFEST, has_answers, list_tasks, prepare, read_manifest, read_source, summary_text,
+                                    validate)
+from lora_maml.data.records import is_records_source
 from lora_maml.data.rules import is_rules_source
 from lora_maml.data.tokenize import records_that_fit
 from lora_maml.errors import LoraMamlError, run_main
@@ -134,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="a tiny random-init Qwen3 as the base (no --model)")
     p.add_argument("--tiny-dims", default="128,4", metavar="HIDDEN,LAYERS",
                    help="size of the --tiny model (default 128,4: 4 layers learn the rules family's lookup)")
-    p.add_argument("--source", help="data: any `lora-maml prepare --source` (default: the MATH archive "
+    p.add_argument("--source", help="data: any `lora-maml prepare --source`, e.g. records:my_tasks.jsonl,holdout=a+b "
+                   "(default: the MATH archive "
                    f"{DEFAULT_MATH}; with --tiny: synthetic)")
     p.add_argument("--pretrain", metavar="SOURCE", help="first train every weight of the base on this source's text "
                    "(e.g. synthetic-rules:named=8,per_task=400)")
@@ -266,7 +271,7 @@ def read_json(path: Path):
 
 
 def is_math_source(source: str) -> bool:
-    return source != "synthetic" and not is_rules_source(source)
+    return source != "synthetic" and not is_rules_source(source) and not is_records_source(source)
 
 
 def run_name(method: str, seed: int) -> str:
@@ -337,6 +342,14 @@ def prepare_data(args: argparse.Namespace, cfg: Config, base_dir: Path, data_dir
     print(summary_text(manifest), end="")
     validate(data_dir)
     return data_dir
+
+
+def check_verdict_metric(metric: str, data_dir: Path) -> None:
+    """Records without answers (a ``records:`` source) score the NLL only: the verdicts, and the tuning that
+    follows them, must be on it. Checked once the data is prepared, before anything trains."""
+    if not has_answers(data_dir) and metric.removesuffix("_gain") != "nll":
+        raise ValueError(f"--verdict-metric {metric}: the records of --source have no answers, so answer_nll and "
+                         "answer_accuracy are not scored; use --verdict-metric nll (or nll_gain)")
 
 
 def fitting_math_records(records: Sequence[dict], cfg: Config, base_dir: Path) -> tuple[list[dict], dict]:
@@ -693,7 +706,7 @@ class Evaluator:
 def answer_nll(rows: Sequence[dict]) -> float:
     """The tuning criterion: mean answer-token NLL of the rows (whole-reference NLL for rows without an answer);
     a proper score, smoother than accuracy on a few validation problems."""
-    key = "answer_nll" if any(r.get("answer_nll") is not None for r in rows) else "nll"
+    key = "answer_nll" if any(r.get("answer_nll") is not None and math.isfinite(r["answer_nll"]) for r in rows) else "nll"
     return stats.finite_mean(r[key] for r in rows if r.get(key) is not None)
 
 
@@ -856,6 +869,7 @@ def experiment(args: argparse.Namespace, config: Path, out: Path) -> int:
 
     with phase("2/6 data", timings):
         data_dir = prepare_data(args, cfg, base_dir, out / "data", args.source)
+    check_verdict_metric(args.verdict_metric, data_dir)
 
     pretrained = None
     with phase("3/6 pretraining", timings):

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Prepare MATH (or the synthetic suite, or a generated family) for meta-training: per-task support/query/test files.
+"""Prepare MATH (or the synthetic suite, a generated family, your own records) for meta-training: per-task
+support/query/test files.
 
     python recipes/prepare_math_data.py --source ../shared/data/MATH.tar.gz \
         --output-dir ./data/math_meta --support-ratio 0.30 --query-ratio 0.40 --seed 42 --validate
@@ -39,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"MATH directory, .tar/.tar.gz, .jsonl or .parquet file, hub id (e.g. {DEFAULT_HUB_DATASET}), "
         "'synthetic' for the generated 7-domain suite, or 'synthetic-rules[:tasks=440,unseen=40,per_task=40,"
         "digits=5,named=0]' for the family of hidden digit codes (lora_maml/data/rules.py; its unseen codes are "
-        "held out)",
+        "held out), or 'records:FILE_OR_HUB_ID[,task=COL,prompt=COL,response=COL,messages=COL,answer=COL,split=NAME,"
+        "holdout=A+B]' for your own named tasks (lora_maml/data/records.py; docs/data.md)",
     )
     parser.add_argument("--output-dir", required=True, type=Path, help="directory to create")
     parser.add_argument(

@@ -236,7 +236,10 @@ def test_too_few_records_for_a_support_split(tmp_path):
 
 def test_bad_records_are_named(tmp_path):
     data = records(10)
-    data[4] = {**data[4], "answer": ""}
+    data[4] = {**data[4], "answer": ""}  # records have an answer each or none (NLL-only scoring)
+    with pytest.raises(DataError, match=r"record 'train/algebra/4': empty answer while other records have one"):
+        run(data, tmp_path / "out")
+    data[4] = {**data[4], "answer": " "}
     with pytest.raises(DataError, match=r"record 'train/algebra/4': field 'answer' is empty"):
         run(data, tmp_path / "out")
     data = records(10) + [records(10)[0]]

@@ -41,7 +41,7 @@ import logging
 import re
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,15 +120,15 @@ def _iter_raw(source: str | Path, split: str) -> Iterator[tuple[Any, str, str, s
         if name.endswith(_TAR_SUFFIXES):
             yield from _iter_tar(path, split)
         elif name.endswith(".jsonl"):
-            yield from _iter_jsonl(path)
+            yield from iter_jsonl(path)
         elif name.endswith(".parquet"):
-            yield from _iter_parquet(path)
+            yield from iter_parquet(path)
         else:
             raise DataError(
                 f"{path}: unsupported file type; expected a directory, .tar, .tar.gz, .tgz, "
                 ".jsonl or .parquet"
             )
-    elif _looks_like_hub_id(str(source)):
+    elif looks_like_hub_id(str(source)):
         yield from _iter_hub(str(source), split)
     else:
         raise DataError(
@@ -137,7 +137,9 @@ def _iter_raw(source: str | Path, split: str) -> Iterator[tuple[Any, str, str, s
         )
 
 
-def _looks_like_hub_id(source: str) -> bool:
+def looks_like_hub_id(source: str) -> bool:
+    """Whether a source that is not an existing path is a hub id ``owner/name`` (a missing path that looks
+    like a file, ``.jsonl`` or a leading ``./``, is not: it is reported missing, never sent to the hub)."""
     if source.startswith((".", "/", "~")) or source.lower().endswith(_PATH_LIKE_SUFFIXES):
         return False
     return bool(_HUB_ID.match(source))
@@ -201,7 +203,8 @@ def _parse_json(data: bytes, where: str) -> Any:
         raise DataError(f"{where}: malformed JSON: {exc}") from exc
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[Any, str, str, None]]:
+def iter_jsonl(path: Path) -> Iterator[tuple[Any, str, str, None]]:
+    """``(raw, where, id, None)`` per non-blank line of a jsonl file: the ``id`` field or ``{stem}/{line}``."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -214,18 +217,18 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[Any, str, str, None]]:
         yield raw, where, _file_record_id(raw, path, line_number, where), None
 
 
-def _iter_parquet(path: Path) -> Iterator[tuple[Any, str, str, None]]:
+def iter_parquet(path: Path, required: Sequence[str] = REQUIRED_FIELDS) -> Iterator[tuple[Any, str, str, None]]:
+    """``(raw, where, id, None)`` per row of a parquet file that has the ``required`` columns: the ``id``
+    column or ``{stem}/{row}``."""
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several unrelated types for a bad file
         raise DataError(f"{path}: cannot read as parquet: {exc}") from exc
-    missing = [field for field in REQUIRED_FIELDS if field not in table.column_names]
+    missing = [field for field in required if field not in table.column_names]
     if missing:
-        raise DataError(
-            f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(REQUIRED_FIELDS)}"
-        )
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(required)}")
     for row_number, raw in enumerate(table.to_pylist(), start=1):
         where = f"{path}:row {row_number}"
         yield raw, where, _file_record_id(raw, path, row_number, where), None

@@ -1,7 +1,8 @@
 """Split records into per-task support/query/test files, reproducibly, and read them back.
 
 Layout written by :func:`prepare` (from records) and :func:`prepare_from_source` (from a MATH source, the
-synthetic suite or a generated family; the program is ``recipes/prepare_math_data.py`` = ``lora-maml prepare``)::
+synthetic suite, a generated family or your own records; the program is ``recipes/prepare_math_data.py`` =
+``lora-maml prepare``)::
 
     <output_dir>/meta_train/{task}_support.parquet   support examples of meta-training tasks
     <output_dir>/meta_train/{task}_query.parquet     query examples of meta-training tasks
@@ -48,8 +49,9 @@ import pyarrow.parquet as pq
 from lora_maml.atomic import atomic_dir
 from lora_maml import __version__
 from lora_maml.boxed import last_boxed
-from lora_maml.data import SUBJECTS
+from lora_maml.data import SUBJECTS, TASK_NAME_RULE, is_task_name
 from lora_maml.data.math import DataError, load_math_records, normalise_subject
+from lora_maml.data.records import is_records_source, read_records
 from lora_maml.data.rules import code_agnostic_floor, is_rules_source, parse_source, rules_records
 from lora_maml.data.synthetic import synthetic_records
 
@@ -75,9 +77,12 @@ def problem_key(record: dict) -> str:
 
 
 def part_path(task: str, part: str) -> str:
-    """Path of a task's split file, relative to the data directory."""
+    """Path of a task's split file, relative to the data directory (never outside it: ``task`` must be a task
+    name, :data:`lora_maml.data.TASK_NAME_RULE`)."""
     if part not in PARTS:
         raise ValueError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
+    if not is_task_name(task):
+        raise ValueError(f"task {task!r:.120} is not a task name ({TASK_NAME_RULE})")
     folder = "few_shot_eval" if part == "test" else "meta_train"
     return f"{folder}/{task}_{part}.parquet"
 
@@ -99,7 +104,9 @@ def prepare(
     """Split ``records`` per task and write the prepared layout; return the manifest.
 
     ``tasks`` are the task names, in their canonical order (the 7 MATH subjects by default; a generated
-    family names its own); every record's ``subject`` must be one of them and each needs records.
+    family names its own); every record's ``subject`` must be one of them and each needs records. Records have
+    an answer each or none does (``answer == ""``: a ``records:`` source without answers); the manifest's
+    ``answers`` says which (:func:`has_answers`).
     ``source_description`` (JSON-serialisable: source, split, the loader's skip report...) is stored
     as the manifest's ``source``. Raises ``ValueError`` for bad arguments and :class:`DataError`
     for unusable records or an unusable ``output_dir``; nothing is written then.
@@ -120,7 +127,7 @@ def prepare(
     output_dir = Path(output_dir).expanduser()
     _check_output_dir(output_dir, overwrite)
 
-    by_task, dropped = _group_by_task(records, tasks)
+    by_task, dropped, answers = _group_by_task(records, tasks)
     splits: dict[str, dict[str, list[dict]]] = {}
     for task in tasks:
         splits[task] = _split_task(task, by_task[task], support_ratio, query_ratio, seed, max_samples, task in holdout)
@@ -139,6 +146,7 @@ def prepare(
             "few_shot_eval": list(tasks),
         },
         "dropped": dropped,
+        "answers": answers,
         "counts": {
             task: {**{part: len(splits[task][part]) for part in PARTS}, "total": sum(map(len, splits[task].values()))}
             for task in tasks
@@ -160,14 +168,16 @@ def _check_ratios(support_ratio: float, query_ratio: float) -> None:
         )
 
 
-_TASK_NAME = re.compile(r"^[a-z0-9_]+$")
-
-
 def _check_tasks(tasks: Sequence[str]) -> list[str]:
     tasks = list(tasks)
-    bad = [t for t in tasks if not isinstance(t, str) or not _TASK_NAME.match(t)]
+    bad = [t for t in tasks if not is_task_name(t)]
     if not tasks or bad or len(set(tasks)) != len(tasks):
-        raise ValueError(f"tasks must be distinct names of lowercase letters, digits and _, got {bad or tasks}")
+        raise ValueError(f"tasks must be distinct names ({TASK_NAME_RULE}), got {bad or tasks}")
+    folded: dict[str, str] = {}
+    for task in tasks:  # "Sst2" and "sst2" would share their files on a case-insensitive file system
+        other = folded.setdefault(task.casefold(), task)
+        if other != task:
+            raise ValueError(f"tasks {other!r} and {task!r} differ only in case; their files would collide")
     return tasks
 
 
@@ -206,15 +216,22 @@ def _names(tasks: Sequence[str], limit: int = 10) -> str:
     return shown if len(tasks) <= limit else f"{shown}, ... ({len(tasks)} tasks)"
 
 
-def _group_by_task(records: Iterable[dict], tasks: Sequence[str]) -> tuple[dict[str, list[dict]], dict]:
-    """Check records, bucket them by subject, drop cross-task copies of a problem (see module doc)."""
+def _group_by_task(records: Iterable[dict], tasks: Sequence[str]) -> tuple[dict[str, list[dict]], dict, bool]:
+    """Check records, bucket them by subject, drop cross-task copies of a problem (see module doc); and
+    whether the records have answers (all of them, or none: ``answer == ""``, NLL-only scoring)."""
     by_task: dict[str, list[dict]] = {task: [] for task in tasks}
     seen_ids: set[str] = set()
+    first: dict | None = None
     for position, record in enumerate(records):
         _check_record(record, position, by_task)
         if record["id"] in seen_ids:
             raise DataError(f"record {record['id']!r}: duplicate id")
         seen_ids.add(record["id"])
+        first = first or record
+        if bool(record["answer"]) != bool(first["answer"]):
+            without = record if not record["answer"] else first
+            raise DataError(f"record {without['id']!r}: empty answer while other records have one; records have an "
+                            "answer each or none (none: NLL-only scoring)")
         by_task[record["subject"]].append({column: record[column] for column in COLUMNS})
     owner: dict[str, str] = {}
     dropped_ids: list[str] = []
@@ -231,7 +248,7 @@ def _group_by_task(records: Iterable[dict], tasks: Sequence[str]) -> tuple[dict[
     dropped = {}
     if dropped_ids:
         dropped["duplicate_of_other_task"] = {"count": len(dropped_ids), "examples": dropped_ids[:MAX_REPORTED_IDS]}
-    return by_task, dropped
+    return by_task, dropped, bool(first and first["answer"])
 
 
 def _check_record(record: Any, position: int, tasks: dict | Sequence[str]) -> None:
@@ -242,7 +259,7 @@ def _check_record(record: Any, position: int, tasks: dict | Sequence[str]) -> No
         value = record.get(column)
         if not isinstance(value, str):
             raise DataError(f"{name}: field {column!r} must be a string, got {type(value).__name__}")
-        if not value.strip():
+        if not value.strip() and not (column == "answer" and value == ""):  # "": no answer (NLL-only scoring)
             raise DataError(f"{name}: field {column!r} is empty")
     if record["subject"] not in tasks:
         raise DataError(f"{name}: unknown subject {record['subject']!r}; expected one of {_names(list(tasks))}")
@@ -398,6 +415,12 @@ def _parse_manifest(path_text: str, mtime_ns: int, size: int) -> dict:
     return manifest
 
 
+def has_answers(data_dir: str | Path) -> bool:
+    """Whether the records of a prepared directory have answers; without (a ``records:`` source with no answer
+    column) evaluation scores NLL only and has nothing to grade."""
+    return bool(_shared_manifest(data_dir).get("answers", True))  # prepared before the key: MATH-shaped, answered
+
+
 def list_tasks(data_dir: str | Path) -> dict[str, list[str]]:
     """``{"meta_train": [...], "few_shot_eval": [...], "holdout": [...]}`` of a prepared directory."""
     manifest = _shared_manifest(data_dir)
@@ -443,8 +466,9 @@ def _read_parquet(path: Path) -> list[dict]:
 def validate(data_dir: str | Path) -> None:
     """Re-read a prepared directory and check it; :class:`DataError` names the first problem.
 
-    Checks: the manifest's files exist, hold rows, with the expected columns; no missing or empty values;
-    every answer is the last boxed answer of its response (stripped); subjects match file names; ids are
+    Checks: the manifest's files exist, hold rows, with the expected columns; no missing or empty values (but
+    every answer empty when the manifest says the records have none); every answer is the last boxed answer of
+    its response (stripped); subjects match file names; ids are
     unique; no problem occurs in two files (within or across tasks); the summary, row counts and
     hashes equal the manifest's.
     """
@@ -454,6 +478,7 @@ def validate(data_dir: str | Path) -> None:
     present = {path.relative_to(data_dir).as_posix() for path in data_dir.glob("*/*.parquet")}
     if present - listed:
         raise DataError(f"{data_dir}: files not in the manifest: {', '.join(sorted(present - listed))}")
+    answers = has_answers(data_dir)
     problem_owner: dict[str, tuple[str, str]] = {}
     id_owner: dict[str, str] = {}
     # Contents first, hashes last: a tampered file then gets the specific reason, not just "modified".
@@ -465,11 +490,13 @@ def validate(data_dir: str | Path) -> None:
         for number, row in enumerate(rows, start=1):
             where = f"{data_dir / relative}: row {number} (id {row.get('id')!r})"
             for column in COLUMNS:
-                if row[column] is None or not row[column].strip():
+                if row[column] is None or not (row[column].strip() or (column == "answer" and not answers)):
                     raise DataError(f"{where}: empty {column!r}")
             if row["subject"] != entry["task"]:
                 raise DataError(f"{where}: subject {row['subject']!r} in the file of task {entry['task']!r}")
-            if (last_boxed(row["response"]) or "").strip() != row["answer"]:
+            if not answers and row["answer"]:
+                raise DataError(f"{where}: answer {row['answer']!r}, but the manifest says the records have none")
+            if answers and (last_boxed(row["response"]) or "").strip() != row["answer"]:
                 raise DataError(f"{where}: answer {row['answer']!r} is not the last boxed answer of the response")
             if row["id"] in id_owner:
                 raise DataError(f"{where}: id also used in {id_owner[row['id']]}")
@@ -500,9 +527,10 @@ def read_source(
 ) -> tuple[list[dict], list[str], list[str], dict]:
     """``(records, tasks, holdout, description)`` of a source: MATH (directory, .tar/.tar.gz archive,
     jsonl/parquet file, hub id), ``synthetic`` (the generated 7-domain suite, ``synthetic_per_task`` records
-    per task) or ``synthetic-rules[:...]`` (the family of hidden digit codes, :mod:`lora_maml.data.rules`).
+    per task), ``synthetic-rules[:...]`` (the family of hidden digit codes, :mod:`lora_maml.data.rules`) or
+    ``records:...`` (your own named tasks, :mod:`lora_maml.data.records`; ``split`` is MATH's only).
     ``holdout_tasks`` are checked against the source's tasks (MATH subject names are normalised); a rules
-    family adds its own unseen tasks to them."""
+    family adds its own unseen tasks to them, a records source the tasks its spec holds out."""
     if isinstance(holdout_tasks, str):
         raise ValueError(f"holdout_tasks must be a list of task names, got the string {holdout_tasks!r}")
     tasks: list[str] = list(SUBJECTS)
@@ -516,10 +544,13 @@ def read_source(
         names = [*unseen, *names]
         description = {"source": source, **parse_source(source), "seed": seed,
                        "code_agnostic_floor": code_agnostic_floor(parse_source(source)["digits"])}
+    elif is_records_source(source):
+        records, tasks, held_out, description = read_records(source)
+        names = [*held_out, *names]  # the user's own names, checked against the tasks by prepare
     else:
         # The loader's report (source, split, read, kept, skipped) describes the source.
         records, description = load_math_records(source, split=split)
-    if not is_rules_source(source):
+    if not (is_rules_source(source) or is_records_source(source)):
         names = [normalise_subject(name, where="holdout_tasks") for name in names]
     return records, tasks, list(dict.fromkeys(names)), description
 

@@ -220,6 +220,10 @@ def _encode_plan(tokenizer, positions: int | None, episodes: Sequence[Episode], 
     prompts: dict[Key, list[int]] = {}
     cut_prompts: set[Key] = set()
     if max_new_tokens is not None:
+        ungraded = next((rid for _, rid in scored if not records[rid]["answer"]), None)
+        if ungraded is not None:  # records without answers (a records: source): NLL only
+            raise ValueError(f"record {ungraded}: no answer to grade a generation against; score without "
+                             "generating (generate=False)")
         if positions is not None and positions - max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt within the model's "
                              f"max_position_embeddings={positions}")

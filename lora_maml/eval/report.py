@@ -243,6 +243,16 @@ def _fmt_p(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+ANSWER_METRICS = ("answer_accuracy", "answer_nll")
+ANSWERS_ABSENT = ("**Answer metrics absent** (answer_accuracy, answer_nll): no scored reference has answer tokens; "
+                  "records without answers are scored by NLL only.")
+
+
+def _answers_absent(summary: Sequence[dict]) -> bool:
+    """Whether no summary row has an answer-token metric (records without answers, NLL-only scoring)."""
+    return not any(r[k] is not None and math.isfinite(r[k]) for r in summary for k in ANSWER_METRICS)
+
+
 def _present(report: dict) -> list[tuple[str, str]]:
     """(name, title) of the metrics with at least one value (e.g. no generation: no accuracy)."""
     return [(name, title) for _, name, title in METRICS
@@ -273,6 +283,8 @@ def render_markdown(report: dict) -> str:
         + ", ".join(f"{m} {100 * report['diagnostics'][m]['truncated_references']:.1f}%" for m in methods) + ".",
     ]
     invalid = {m: report["diagnostics"][m]["invalid_rows"] for m in methods}
+    if _answers_absent(report["summary"]):
+        lines += ["", ANSWERS_ABSENT]
     if any(invalid.values()):
         lines += ["", "**Invalid rows** (an adaptation that ended in non-finite weights or logits: not scored, left "
                   "out of every mean; a cell that has them says how many): "
@@ -574,6 +586,8 @@ def render_experiment_markdown(result: dict) -> str:
         f"episodes and problems within tasks{', and of the tasks' if s['eval_on'] == 'holdout' else ''} "
         f"(B = {result['n_boot']}). Method rows pool their seeds.", "",
     ]
+    if _answers_absent(result["summary"]):
+        lines += [ANSWERS_ABSENT, ""]
     floor = result.get("floor")
     if floor:
         lines += [f"**Floor** (exact, the Bayes-optimal code-agnostic predictor of exactly the scored tokens): answer_accuracy "
