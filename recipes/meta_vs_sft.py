@@ -209,6 +209,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--n-shots {args.n_shots}: expected distinct integers >= 0")
     if "metaicl" in args.methods and max(args.n_shots) < 1:
         raise ValueError(f"--methods metaicl trains on up to the largest --n-shots shots: {args.n_shots} has none >= 1")
+    if "metaicl" in args.methods and not args.icl:
+        raise ValueError("--methods metaicl learns to read shots in its prompt: add --icl to score every init so")
     tuning = args.adapt_grid or args.sft_lrs
     if args.validation_tasks < 0 or bool(tuning) != bool(args.validation_tasks) or (tuning and args.eval_on != "holdout"):
         raise ValueError("--adapt-grid / --sft-lrs are chosen on --validation-tasks K > 0 held-out tasks: give both, "
@@ -533,10 +535,11 @@ def train_all(args: argparse.Namespace, config: Path, shared: Mapping[str, Any],
     SFT matched in tokens is matched to the FOMAML run's config (written before anything trains), so it need
     not wait for that run. With ``--sft-lrs`` an SFT method (``sft_*``, ``metaicl``) is first trained at every
     rate with the first seed (beside everything else), the rate whose run scores best on the validation tasks
-    is kept (that run is the first seed's), and the other seeds train at it. The score is what the meta-learners are judged on:
-    ``--verdict-metric`` at the largest n after the run's best ``--adapt-grid`` adaptation (without a grid:
-    answer NLL at n = 0, the multi-task objective, which cannot tell rates apart when every rate reaches the
-    floor, and adaptation can)."""
+    is kept (that run is the first seed's), and the other seeds train at it. The score is what the meta-learners
+    are judged on: ``--verdict-metric`` at the largest n after the run's best ``--adapt-grid`` adaptation
+    (without a grid: answer NLL at n = 0, the multi-task objective, which cannot tell rates apart when every
+    rate reaches the floor, and adaptation can); for MetaICL, with the shots in the prompt and no gradient
+    step, the way it is used."""
     swept = [m for m in args.methods if (m.startswith("sft") or m == "metaicl") and args.sft_lrs]
     first, *rest = args.seeds
 
@@ -552,16 +555,20 @@ def train_all(args: argparse.Namespace, config: Path, shared: Mapping[str, Any],
     grid, criterion = adapt_grid(args.adapt_grid), args.verdict_metric.removesuffix("_gain")
     for method in swept:
         scores = {}
+        in_context = method == "metaicl"
         for lr in args.sft_lrs:
             path = sweep_runs[(method, lr)].run_dir
-            if grid:  # SFT + its best adaptation, on what the meta-learners are judged on
+            if in_context:
+                scores[lr] = in_context_score(evaluator, path, plan, criterion)
+            elif grid:  # SFT + its best adaptation, on what the meta-learners are judged on
                 setting, adaptation = choose_adaptation(evaluator, path.name, path, plan, grid, criterion)
                 scores[lr] = next(e for e in adaptation["validation"] if (e["lr"], e["steps"]) == setting)[criterion]
             else:
                 scores[lr] = evaluator.validation_score(path, plan)
-        how = (f"{criterion} at n = {plan.tune_n} after its best --adapt-grid adaptation" if grid
+        how = (f"{criterion} at n = {plan.tune_n} with the shots in the prompt" if in_context
+               else f"{criterion} at n = {plan.tune_n} after its best --adapt-grid adaptation" if grid
                else "answer_nll at n = 0")
-        better = max if grid and criterion not in report.LOWER_IS_BETTER else min
+        better = max if (grid or in_context) and criterion not in report.LOWER_IS_BETTER else min
         chosen = better(scores, key=lambda lr: scores[lr])
         sweep[method] = {"criterion": how, "validation": {f"{lr:g}": v for lr, v in scores.items()}, "chosen_lr": chosen}
         print(f"{method}: sft.lr {chosen:g} chosen on the validation tasks ({how}: "
@@ -725,6 +732,14 @@ def choose_adaptation(evaluator: Evaluator, name: str, path: Path, plan: EvalPla
     sign = -1 if criterion in report.LOWER_IS_BETTER else 1
     chosen = max(scores, key=lambda setting: (-scores[setting]["invalid"], sign * scores[setting][criterion]))
     return chosen, {"criterion": criterion, "validation": [{"lr": lr, "steps": k, **v} for (lr, k), v in scores.items()]}
+
+
+def in_context_score(evaluator: Evaluator, path: Path, plan: EvalPlan, criterion: str) -> float:
+    """The validation ``criterion`` of the run at ``path`` at the largest n with the shots in the prompt and no
+    gradient step (how a MetaICL run is used)."""
+    tuned = [ep for ep in plan.validation if ep.n == plan.tune_n]
+    (rows,) = evaluator.rows(path.name, path, [Job(f"validation/{path.name}{ICL}", tuned, None, 0, True)], plan.records)
+    return stats.finite_mean(r[criterion] for r in rows if r[criterion] is not None)
 
 
 def evaluate_init(evaluator: Evaluator, name: str, path: Path, plan: EvalPlan, grid: Sequence[tuple[float, int]],

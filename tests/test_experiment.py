@@ -217,7 +217,7 @@ def test_signals_reach_the_training_run_and_the_runner_waits_for_it(bench, tmp_p
 
 # --- tuning on validation tasks and the wrong-code control (issue 18's evidence rules) ---------------------
 RULES_ARGV = ["--tiny", "--tiny-dims", "64,2", "--config", str(REPO_ROOT / "recipes" / "configs" / "rules_tiny.yaml"),
-              "--source", "synthetic-rules:tasks=16,unseen=8,per_task=12", "--methods", "fomaml", "sft_tokens",
+              "--source", "synthetic-rules:tasks=16,unseen=8,per_task=12", "--methods", "fomaml", "sft_tokens", "metaicl",
               "--seeds", "0", "1", "--eval-on", "holdout", "--validation-tasks", "3", "--adapt-grid", "1e-2:1",
               "3e-2:2", "--sft-lrs", "1e-3", "1e-2", "--n-shots", "0", "2", "--episodes", "1", "--test-per-episode",
               "2", "--n-boot", "100", "--icl", "--in-process", "--", "trainer.total_steps=2", "meta.meta_batch_size=2",
@@ -266,6 +266,14 @@ def test_sft_rate_is_chosen_on_validation_tasks_and_trains_the_other_seeds(tuned
     assert Path(result["runs"]["sft_tokens_0"]).name == f"sft_tokens_lr{sweep['chosen_lr']:g}_0"
     later = yaml.safe_load((out / "runs" / "sft_tokens_1" / "config.yaml").read_text())
     assert later["sft"]["lr"] == sweep["chosen_lr"]
+    # MetaICL is used with the shots in its prompt: its rate is chosen so, with no gradient step.
+    sweep = result["sft_sweep"]["metaicl"]
+    assert sweep["criterion"] == "nll at n = 2 with the shots in the prompt"
+    for lr, score in sweep["validation"].items():
+        cached = json.loads((out / "eval" / "validation" / f"metaicl_lr{float(lr):g}_0_icl.json").read_text())["rows"]
+        assert {r["n"] for r in cached} == {2} and all(r["nll"] == r["nll_pre"] for r in cached)
+        assert score == pytest.approx(np.mean([r["nll"] for r in cached]))
+    assert Path(result["runs"]["metaicl_0"]).name == f"metaicl_lr{sweep['chosen_lr']:g}_0"
 
 
 def test_wrong_code_control_adapts_on_another_tasks_shots(tuned):
@@ -282,7 +290,7 @@ def test_wrong_code_control_adapts_on_another_tasks_shots(tuned):
         donors |= donor
     assert donors == {ep["task"] for ep in plan["control_episodes"]}  # a permutation of the tasks
     control = result["control"]
-    methods = [m + v for v in ("", "_icl") for m in ("base", "fomaml", "sft_tokens")]  # --icl: in context too
+    methods = [m + v for v in ("", "_icl") for m in ("base", "fomaml", "sft_tokens", "metaicl")]  # --icl: in context too
     assert {r["init"] for r in control["summary"]} == {f"{m}@wrong_code" for m in methods}
     assert {(r["a"], r["b"]) for r in control["comparisons"]} == {(m, f"{m}@wrong_code") for m in methods}
     assert result["floor"] == {"accuracy": pytest.approx(0.1), "nll": pytest.approx(math.log(10))}
@@ -364,11 +372,14 @@ def test_metaicl_is_sft_on_k_shot_prompts_matched_in_label_tokens_to_fomaml(benc
     no_shots[at + 1 : at + 1 + len(N_SHOTS)] = ["0"]
     assert bench.main(no_shots) == 1
     assert "--methods metaicl trains on up to the largest --n-shots shots" in capsys.readouterr().err
-    assert bench.main([*argv(tmp_path / "override", "--methods", "fomaml", "metaicl"), "sft.icl_max_shots=1"]) == 1
+    assert bench.main([*argv(tmp_path / "override", "--methods", "fomaml", "metaicl", "--icl"),
+                       "sft.icl_max_shots=1"]) == 1
     assert "sft.icl_max_shots is managed by this script" in capsys.readouterr().err
+    assert bench.main(argv(tmp_path / "no_icl", "--methods", "fomaml", "metaicl")) == 1
+    assert "add --icl" in capsys.readouterr().err
 
     out = tmp_path / "run"
-    assert bench.main(argv(out, "--methods", "fomaml", "metaicl", "--in-process")) == 0
+    assert bench.main(argv(out, "--methods", "fomaml", "metaicl", "--icl", "--in-process")) == 0
     cfg = yaml.safe_load((out / "runs" / "metaicl_0" / "config.yaml").read_text())
     assert cfg["sft"]["icl_max_shots"] == max(N_SHOTS)
     assert cfg["sft"]["match_tokens_of"] == str(out / "runs" / "fomaml_0" / "config.yaml")
@@ -378,6 +389,9 @@ def test_metaicl_is_sft_on_k_shot_prompts_matched_in_label_tokens_to_fomaml(benc
     assert sum(tokens) >= sum(r["meta/support_tokens"] + r["meta/query_tokens"] for r in fomaml_rows) > sum(tokens[:-1])
     assert all("sft/icl_shots" in r and "sft/context_tokens" in r for r in rows)
     result = json.loads((out / "results.json").read_text())
-    assert {(c["a"], c["b"]) for c in result["comparisons"]} == {("fomaml", "metaicl"), ("fomaml", "base"),
-                                                                  ("metaicl", "base")}
-    assert "| FOMAML − MetaICL |" in (out / "results.md").read_text()
+    assert {(c["a"], c["b"]) for c in result["comparisons"]} == {
+        ("fomaml", "metaicl"), ("fomaml", "base"), ("metaicl", "base"),  # every init adapted by gradient
+        ("fomaml", "base_icl"), ("fomaml", "metaicl_icl"),  # FOMAML against the shots in the prompt
+        ("base_icl", "base"), ("fomaml_icl", "fomaml"), ("metaicl_icl", "metaicl")}  # each init: ICL vs gradient
+    markdown = (out / "results.md").read_text()
+    assert "| FOMAML − MetaICL |" in markdown and "| FOMAML − MetaICL + ICL |" in markdown

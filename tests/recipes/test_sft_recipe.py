@@ -173,10 +173,11 @@ def test_plain_sft_batches_are_the_plain_examples(recipe_inputs, tmp_path):
 
 def test_metaicl_examples_are_k_shot_prompts_of_the_task_with_only_the_final_response_trained(recipe_inputs, tmp_path):
     """sft.icl_max_shots=3: each example is encode_example(prompt, response, shots=...) of its sampler shots
-    (solved problems of its own task, never itself) when they fit data.max_length; only the final response
-    (+ EOS) is a target, exactly the plain example's targets; at a tight max_length the shots that do not
-    fit are dropped (counted), never the example's own tokens."""
-    for max_length, all_fit in ((600, True), (160, False)):
+    (solved problems of its own task, never itself) when they fit (j + 1) x data.max_length (j shots: the cap
+    of an in-context example, as evaluation's); only the final response (+ EOS) is a target, exactly the plain
+    example's targets; at a tight max_length the shots that do not fit are dropped (counted), never the
+    example's own tokens."""
+    for max_length, all_fit in ((600, True), (100, False)):
         with set_up(recipe_inputs, tmp_path / f"icl_{max_length}", "sft.icl_max_shots=3",
                     f"data.max_length={max_length}") as recipe:
             used_counts, dropped = [], 0
@@ -187,7 +188,8 @@ def test_metaicl_examples_are_k_shot_prompts_of_the_task_with_only_the_final_res
                     assert ref not in shots and {task for task, _, _ in shots} <= {ref[0]}
                     assert targets(example) == targets(plain), "a shot is a target, or the response was cut"
                     assert example["input_ids"][-len(targets(plain)):] == targets(plain)
-                    assert len(example["input_ids"]) <= max_length and not example["truncated"]
+                    assert len(example["input_ids"]) <= (used + 1) * max_length
+                    assert not example["truncated"] or example is plain  # cut only as plain SFT cuts it
                     if used == 0:
                         assert example is plain
                     else:
@@ -195,7 +197,8 @@ def test_metaicl_examples_are_k_shot_prompts_of_the_task_with_only_the_final_res
                         pairs = [(recipe.shot_records[t][p][i]["prompt"], recipe.shot_records[t][p][i]["response"])
                                  for t, p, i in shots[:used]]
                         assert example == encode_example(recipe.tokenizer, record["prompt"], record["response"],
-                                                         shots=pairs, max_length=max_length, truncation="right")
+                                                         shots=pairs, max_length=(used + 1) * max_length,
+                                                         truncation="right")
                     if all_fit:
                         assert used == len(shots)
                     used_counts.append(used)
