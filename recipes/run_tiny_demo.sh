@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The README's main demo, offline, on CPU (about 25 minutes on 2 cores; docs/experiments.md has the timing):
+# The README's main demo, offline, on CPU (about 40 minutes on 2 cores; docs/experiments.md has the timing):
 # can a meta-learned init read NEW tasks from a few shots?
 #   a family of 500 hidden digit codes (lora_maml/data/rules.py; 100 never seen in training: 20 tune, 80 report)
 #   -> tiny random-init Qwen3 -> pretrained on all weights on 8 named codes and the other training codes
 #      unnamed (a competent base: it can look a code up, and it answers at the exact floor on an unnamed prompt)
-#   -> per seed 0, 1, 2: LoRA FOMAML, MAML, Meta-SGD (100 meta-steps), and LoRA SFT matched in training tokens
-#      (its rate swept on the first seed, chosen on the validation codes)
+#   -> per seed 0, 1, 2: LoRA FOMAML, MAML, Meta-SGD (100 meta-steps), LoRA SFT and LoRA MetaICL (SFT on k-shot
+#      prompts) matched in training label tokens (their rates swept on the first seed, chosen on the validation codes)
 #   -> every init's adaptation chosen on the validation codes (Meta-SGD: its learned rates), then few-shot
-#      adaptation on the 80 test codes at n = 0, 1, 5 (identical episodes), the wrong-code control, paired CIs,
-#      the exact floor
+#      adaptation on the 80 test codes at n = 0, 1, 5 (identical episodes), every init also with the shots in its
+#      prompt (ICL), the wrong-code control, paired CIs, the exact floor
 #   -> the first seed's FOMAML adapter merged into the base.
 # Everything goes under $OUT (default ./outputs/demo). Extra arguments go to recipes/meta_vs_sft.py, e.g.
 #   bash recipes/run_tiny_demo.sh --seeds 0                          (one seed: about half the time, no verdicts)
@@ -25,7 +25,7 @@ FAMILY="synthetic-rules:tasks=500,unseen=100"
 echo "== 1/2 build, pretrain, meta-train, train the baseline, tune on validation codes, evaluate (recipes/meta_vs_sft.py)"
 python recipes/meta_vs_sft.py --tiny --out "$OUT" --config recipes/configs/rules_tiny.yaml \
   --source "$FAMILY" --pretrain "$FAMILY,named=8,per_task=12,named_per_task=600" \
-  --pretrain-steps 1500 --pretrain-lr 1e-3 --methods fomaml sft_tokens maml metasgd --seeds 0 1 2 --eval-on holdout \
+  --pretrain-steps 1500 --pretrain-lr 1e-3 --methods fomaml sft_tokens maml metasgd metaicl --icl --seeds 0 1 2 --eval-on holdout \
   --validation-tasks 20 --adapt-grid 1e-3:3 3e-3:3 1e-2:3 1e-3:10 3e-3:10 --sft-lrs 1e-3 3e-3 1e-2 \
   --n-shots 0 1 5 --episodes 1 --test-per-episode 10 --verdict-metric answer_accuracy --n-boot 1000 \
   --jobs 2 "$@"
