@@ -147,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-lr", type=positive_float, default=1e-3, help="pretraining learning rate (default 1e-3)")
     p.add_argument("--config", help=f"training config (default {DEFAULT_CONFIG.relative_to(REPO_ROOT)}; "
                    f"with --tiny {TINY_CONFIG.relative_to(REPO_ROOT)})")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=["fomaml", "sft_steps", "sft_tokens"],
-                   help="what to train from the base (default: fomaml sft_steps sft_tokens)")
+    p.add_argument("--methods", nargs="*", choices=list(METHODS), default=["fomaml", "sft_steps", "sft_tokens"],
+                   help="what to train from the base (default: fomaml sft_steps sft_tokens; none given: nothing, the "
+                   "base alone is evaluated, e.g. by gradient and with --icl in context)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (default %(default)s)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds (default 0 1)")
     p.add_argument("--n-shots", nargs="+", type=int, default=[5, 10], help="shot counts (default 5 10)")

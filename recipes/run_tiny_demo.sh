@@ -26,7 +26,7 @@ echo "== 1/2 build, pretrain, meta-train, train the baseline, tune on validation
 python recipes/meta_vs_sft.py --tiny --out "$OUT" --config recipes/configs/rules_tiny.yaml \
   --source "$FAMILY" --pretrain "$FAMILY,named=8,per_task=12,named_per_task=600" \
   --pretrain-steps 1500 --pretrain-lr 1e-3 --methods fomaml sft_tokens maml metasgd metaicl --icl --seeds 0 1 2 --eval-on holdout \
-  --validation-tasks 20 --adapt-grid 1e-3:3 3e-3:3 1e-2:3 1e-3:10 3e-3:10 --sft-lrs 1e-3 3e-3 1e-2 \
+  --validation-tasks 20 --adapt-grid 1e-3:3 3e-3:3 1e-2:3 1e-3:10 3e-3:10 --sft-lrs 1e-3 3e-3 1e-2 3e-2 \
   --n-shots 0 1 5 --episodes 1 --test-per-episode 10 --verdict-metric answer_accuracy --n-boot 1000 \
   --jobs 2 "$@"
 

@@ -319,6 +319,22 @@ def test_in_context_rows_pair_with_the_gradient_rows_and_face_the_meta_learners(
     assert "| base + ICL |" in markdown and "| FOMAML − base + ICL | 2 |" in markdown
 
 
+def test_the_base_alone_by_gradient_and_in_context(bench, tmp_path, one_thread):
+    """--methods with no method: nothing is trained; the base is scored adapted by gradient and, with --icl, with
+    the shots in its prompt, and the two are compared (the real-LLM study's shape)."""
+    out = tmp_path / "base_only"
+    argv_ = ["--out", str(out), *RULES_ARGV]
+    at = argv_.index("--methods")
+    argv_[at + 1 : argv_.index("--seeds")] = []
+    argv_[argv_.index("--sft-lrs") : argv_.index("--sft-lrs") + 3] = []
+    assert bench.main(argv_) == 0
+    assert not (out / "runs").exists() or not any((out / "runs").iterdir())
+    result = json.loads((out / "results.json").read_text())
+    assert result["methods"] == [] and set(result["adaptation"]) == {"base"}
+    assert {(c["a"], c["b"]) for c in result["comparisons"]} == {("base_icl", "base")}
+    assert {r["init"] for r in result["summary"]} == {"base", "base_icl"}
+
+
 def test_tuning_needs_validation_tasks(bench, tmp_path, capsys):
     assert bench.main(["--out", str(tmp_path), *[a for a in RULES_ARGV if a not in ("--validation-tasks", "3")]]) == 1
     assert "--validation-tasks" in capsys.readouterr().err

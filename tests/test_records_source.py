@@ -234,15 +234,18 @@ def test_runner_holds_out_user_tasks_and_scores_nll_only(tmp_path, capsys, one_t
     assert not (out / "runs").exists()  # refused before anything trained
 
     out = tmp_path / "mvs"
-    assert run_main(meta_vs_sft.main, runner_argv(out, source)) == 0
+    assert run_main(meta_vs_sft.main, runner_argv(out, source, "--methods", "fomaml", "sft_tokens", "metaicl",
+                                                  "--icl")) == 0
     result = json.loads((out / "results.json").read_text())
     assert len(result["validation_tasks"]) == 1
     assert set(result["validation_tasks"]) | set(result["test_tasks"]) == {"SST-2", "qa.v1", "shout"}
-    for init in ("base", "fomaml_0", "sft_tokens_0"):
+    # Every init adapted by gradient and in context (the user's records as shots in the prompt), MetaICL too.
+    for init in [f"{name}{icl}" for name in ("base", "fomaml_0", "sft_tokens_0", "metaicl_0") for icl in ("", "_icl")]:
         scored = json.loads((out / "eval" / "rows" / f"{init}.json").read_text())["rows"]
         assert {r["task"] for r in scored} == set(result["test_tasks"])
         assert all(math.isfinite(r["nll"]) and r["answer_nll"] is None for r in scored)
-        assert result["adaptation"][init]["criterion"] == "nll"
+        if not init.endswith("_icl"):
+            assert result["adaptation"][init]["criterion"] == "nll"
     assert all(r["answer_accuracy"] is None and r["nll"] is not None for r in result["summary"])
     assert {row["verdict"] for row in result["comparisons"]} and (out / "few_shot_curve.png").is_file()
     assert "**Answer metrics absent**" in (out / "results.md").read_text()
