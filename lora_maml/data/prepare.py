@@ -38,7 +38,6 @@ import io
 import json
 import math
 import random
-import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any

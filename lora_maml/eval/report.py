@@ -683,7 +683,7 @@ def plot_experiment_curve(result: dict, path: str | Path) -> Path:
         shots_axis(ax, result["n_shots"], metric)
     if control:
         axes[-1].plot([], [], marker="x", linestyle="none", color="grey", label="wrong-code shots (control)")
-    axes[-1].legend(fontsize=8)
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the panels, never over a curve
     fig.suptitle(f"Few-shot adaptation ({result['settings']['eval_on']} tasks, 95% CI)")
     _save_figure(fig, path)
     plt.close(fig)
