@@ -98,9 +98,8 @@ def reference_adapted(trained, shots, lr, steps, optimizer=torch.optim.SGD, **op
 
 
 @torch.no_grad()
-def reference_greedy(model, tokenizer, prompt, max_new_tokens, eos):
-    ids = list(prompt_ids(tokenizer, prompt))
-    out = []
+def greedy_from_ids(model, tokenizer, ids, max_new_tokens, eos):
+    ids, out = list(ids), []
     for _ in range(max_new_tokens):
         token = int(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax())
         if token in eos:
@@ -110,11 +109,19 @@ def reference_greedy(model, tokenizer, prompt, max_new_tokens, eos):
     return tokenizer.decode(out, skip_special_tokens=True)
 
 
+def reference_greedy(model, tokenizer, prompt, max_new_tokens, eos):
+    return greedy_from_ids(model, tokenizer, prompt_ids(tokenizer, prompt), max_new_tokens, eos)
+
+
 @torch.no_grad()
-def reference_nll(model, tokenizer, record):
-    example = encode_example(tokenizer, record["prompt"], record["response"], max_length=MAX_LENGTH, truncation="right")
+def nll_of(model, tokenizer, example):
     loss, tokens = causal_lm_loss_tensors(model, collate([example], tokenizer.pad_token_id, packed=False))
     return float(loss), int(tokens)
+
+
+def reference_nll(model, tokenizer, record):
+    return nll_of(model, tokenizer, encode_example(tokenizer, record["prompt"], record["response"],
+                                                   max_length=MAX_LENGTH, truncation="right"))
 
 
 # --- the plan --------------------------------------------------------------------------------
@@ -244,24 +251,6 @@ def in_context_example(tokenizer, records, shot_ids, rid):
     prompt = in_context_ids(tokenizer, records, shot_ids, rid)
     response = tokenizer(records[rid]["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return {"input_ids": prompt + response, "labels": [-100] * len(prompt) + response}
-
-
-@torch.no_grad()
-def nll_of(model, tokenizer, example):
-    loss, tokens = causal_lm_loss_tensors(model, collate([example], tokenizer.pad_token_id, packed=False))
-    return float(loss), int(tokens)
-
-
-@torch.no_grad()
-def greedy_from_ids(model, tokenizer, ids, max_new_tokens, eos):
-    ids, out = list(ids), []
-    for _ in range(max_new_tokens):
-        token = int(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax())
-        if token in eos:
-            break
-        out.append(token)
-        ids.append(token)
-    return tokenizer.decode(out, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("steps", [0, 2], ids=["icl", "icl+gradient"])
