@@ -115,9 +115,11 @@ def test_vllm_and_hf_generate_the_same_tokens_with_and_without_an_adapted_lora(s
     assert sum("\\boxed{7}" in text for text in texts[0]) >= 3
 
 
-@pytest.mark.parametrize("in_context", [False, True], ids=["shots-adapted", "shots-in-prompt-too"])
-def test_eval_with_vllm_writes_the_same_rows_as_hf(setup, tmp_path, capsys, in_context):
-    common = ["--in-context"] * in_context + ["--model-path", str(setup["base_dir"]), "--data-dir", str(setup["data_dir"]), "--tasks", *TASKS,
+def test_eval_with_vllm_writes_the_same_rows_as_hf(setup, tmp_path, capsys):
+    """Adapted on the shots (`model`) and adapted with the shots in the prompt too (`icl`, --in-context): the
+    same rows from either backend (one engine serves both)."""
+    common = ["--compare", f"model={setup['base_dir']}", f"icl={setup['base_dir']}", "--in-context", "icl",
+              "--data-dir", str(setup["data_dir"]), "--tasks", *TASKS,
               "--n-shots", "0", "2", "--seeds", "2", "--max-test-per-task", "3", "--adapt-lr", "1e-3",
               "--adapt-steps", "2", "--adapt-batch-size", "2", "--adapt-optimizer", "adam",
               "--max-new-tokens", str(MAX_NEW_TOKENS), "--dtype", "fp32", "--device", "cpu", "--n-boot", "20"]
@@ -127,18 +129,19 @@ def test_eval_with_vllm_writes_the_same_rows_as_hf(setup, tmp_path, capsys, in_c
     out = capsys.readouterr().out
     assert "generation (hf):" in out and "generation (vllm):" in out and "tokens/s" in out
 
-    def rows(backend):
-        return json.loads((tmp_path / backend / "rows" / "model.json").read_text())
+    def rows(backend, method):
+        return json.loads((tmp_path / backend / "rows" / f"{method}.json").read_text())
 
-    hf, vllm = rows("hf"), rows("vllm")
-    assert vllm["settings"]["generation"]["backend"] == "vllm"
-    assert vllm["settings"]["generation"]["tokens"] == hf["settings"]["generation"]["tokens"] > 0
-    assert len(hf["rows"]) == len(TASKS) * (1 + 2) * 3
-    assert all(row["in_context"] == in_context for row in hf["rows"])
-    assert vllm["rows"] == hf["rows"]
-    grades = [row["correct"] for row in hf["rows"]]
+    for method in ("model", "icl"):
+        hf, vllm = rows("hf", method), rows("vllm", method)
+        assert vllm["settings"]["generation"]["backend"] == "vllm"
+        assert vllm["settings"]["generation"]["tokens"] == hf["settings"]["generation"]["tokens"] > 0
+        assert len(hf["rows"]) == len(TASKS) * (1 + 2) * 3
+        assert all(row["in_context"] == (method == "icl") for row in hf["rows"])
+        assert vllm["rows"] == hf["rows"]
+        assert len({row["generation"] for row in hf["rows"]}) > 1
+    grades = [row["correct"] for row in rows("hf", "model")["rows"]]
     assert any(grades) and not all(grades), "grades all alike: their equality would say little"
-    assert len({row["generation"] for row in hf["rows"]}) > 1
 
 
 def test_lora_ranks_round_up_to_one_vllm_accepts():
