@@ -16,9 +16,10 @@ example is a k-shot prompt, k uniform in 0..K, its shots solved examples of the 
 pool (never the example itself; ``MixedBatchSampler.shots``) written as earlier chat turns
 (``lora_maml.data.tokenize``); only the final response is a target. An example with j shots holds j + 1
 records, so it may take (j + 1) x ``data.max_length`` tokens (and at most the model's positions), the cap
-evaluation in context uses. Shots never cut the example: of the k drawn, the longest prefix whose example
-fits its cap is kept (``sft/icl_shots_dropped`` counts the others), so an example trains exactly the label tokens of its plain SFT encoding and
-``sft.match_tokens_of`` matches label tokens (the shots add context tokens only, ``sft/context_tokens``).
+evaluation in context uses (``lora_maml.data.tokenize.in_context_cap``). Shots never cut the example: of
+the k drawn, the longest prefix whose example fits its cap is kept (``sft/icl_shots_dropped`` counts the
+others), so an example trains exactly the label tokens of its plain SFT encoding and ``sft.match_tokens_of``
+matches label tokens (the shots add context tokens only, ``sft/context_tokens``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 
 from lora_maml.config import Config, ConfigError, load_config
 from lora_maml.data.episodes import EpisodeSampler, MixedBatchSampler
-from lora_maml.data.tokenize import encode_example
+from lora_maml.data.tokenize import encode_example, in_context_cap
 from lora_maml.distributed import all_reduce_sum, flat_buffer, local_share
 from lora_maml.errors import run_main
 from lora_maml.load_trained import read_run_config, resolve_model_path
@@ -67,7 +68,7 @@ class SFTRecipe(Trainer):
         # MetaICL writes the shots' text into each prompt at batch time; setup_data drops the records.
         self.shot_records = {t: {part: self.records[t][part] for part in ("support", "query")}
                              for t in self.task_names} if cfg.sft.icl_max_shots else {}
-        # The longest sequence the model takes (None: unknown), a bound on a MetaICL example's context.
+        # The longest sequence the model takes (None: unknown), a bound on a MetaICL example's cap.
         self.positions = getattr(self.model.config, "max_position_embeddings", None)
         self.setup_data()
         self.setup_eval_set()
@@ -107,8 +108,8 @@ class SFTRecipe(Trainer):
         return getattr(self.tasks[task], part)[index]
 
     def icl_example(self, ref: tuple[str, str, int], shots: list[tuple[str, str, int]]) -> tuple[dict, int]:
-        """Example ``ref`` after the longest prefix of ``shots`` (j of them) with which it fits
-        (j + 1) x ``data.max_length`` tokens (at most the model's positions) untruncated, and j. No prefix fits (a plain example already cut by
+        """Example ``ref`` after the longest prefix of ``shots`` (j of them) with which it fits its cap
+        (``in_context_cap``) untruncated, and j. No prefix fits (a plain example already cut by
         ``data.truncation`` included): the plain example, 0. Either way its labels are the plain example's
         (the response is tokenised on its own), so the shots add context tokens, never label tokens."""
         plain = self.example(ref)
@@ -121,9 +122,9 @@ class SFTRecipe(Trainer):
         # Bisection on the number of shots (each adds tokens); every shot is tried first, the common case.
         low, high, m = 1, len(pairs), len(pairs)
         while low <= high:
-            cap = (m + 1) * self.cfg.data.max_length
             encoded = encode_example(self.tokenizer, record["prompt"], record["response"], shots=pairs[:m],
-                                     max_length=min(cap, self.positions or cap), truncation="right")
+                                     max_length=in_context_cap(self.cfg.data.max_length, m, self.positions),
+                                     truncation="right")
             if encoded["truncated"]:
                 high = m - 1
             else:

@@ -79,6 +79,14 @@ def chat_messages(prompt: str, shots: Sequence[Shot] = ()) -> list[dict[str, str
     return [*messages, {"role": "user", "content": prompt}]
 
 
+def in_context_cap(max_length: int, n_shots: int, positions: int | None = None) -> int:
+    """Token cap of an example with ``n_shots`` shots in its prompt: it holds ``n_shots + 1`` records, each capped
+    at ``max_length`` (``data.max_length``), so ``(n_shots + 1) * max_length``, and at most ``positions`` (the
+    model's ``max_position_embeddings``; None: unknown). One rule for in-context evaluation and MetaICL training."""
+    cap = (n_shots + 1) * max_length
+    return cap if positions is None else min(cap, positions)
+
+
 def prompt_ids(tokenizer, prompt: str, shots: Sequence[Shot] = ()) -> list[int]:
     """The token ids of ``prompt`` as a user turn, after the in-context ``shots`` (:func:`chat_messages`),
     followed by the assistant's header (the chat template). ``ValueError`` naming the template's file when

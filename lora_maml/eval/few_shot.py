@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lora_maml.config import MIN_MAX_LENGTH
-from lora_maml.data.tokenize import Truncation, collate, encode_example, prompt_ids
+from lora_maml.data.tokenize import Truncation, collate, encode_example, in_context_cap, prompt_ids
 from lora_maml.eval.generation import Generated, GenerationBackend, HFBackend, device_of
 from lora_maml.eval.grading import DEFAULT_TIMEOUT_S, load_metric
 from lora_maml.eval.plan import Episode
@@ -191,8 +191,7 @@ def _encode_plan(tokenizer, positions: int | None, episodes: Sequence[Episode], 
     in_context = adapt.shots_in_prompt
 
     def cap(context: Sequence[str]) -> int:
-        length = (len(context) + 1) * adapt.max_length
-        return length if positions is None else min(length, positions)
+        return in_context_cap(adapt.max_length, len(context), positions)
 
     if positions is not None and adapt.max_length > positions:
         log.warning("max_length %d exceeds the model's max_position_embeddings: shots and references are cut "
