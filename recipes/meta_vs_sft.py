@@ -169,9 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SFT (and MetaICL) learning rates trained with the first seed; the one with the best "
                    "validation --verdict-metric at the largest n after its best --adapt-grid adaptation (without a grid: the "
                    "lowest answer NLL at n = 0) trains the other seeds (default: the config's sft.lr)")
-    p.add_argument("--icl", action="store_true",
-                   help="also score every init with the n shots in the prompt and no gradient step (in-context "
-                   "learning: rows '<init>_icl', on the test plan and the wrong-code control)")
+    p.add_argument("--icl", nargs="*", metavar="INIT",
+                   help="also score these inits ('base' and --methods names; none given: every init) with the n "
+                   "shots in the prompt and no gradient step (in-context learning: rows '<init>_icl', on the test "
+                   "plan and the wrong-code control)")
     p.add_argument("--data-seed", type=int, default=42, help="seed of the data (generation and split; default 42)")
     p.add_argument("--tiny-per-task", type=int, default=40, help="problems per task of --source synthetic (default 40)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "fp64"], help="evaluation dtype (default: model.dtype)")
@@ -210,8 +211,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--n-shots {args.n_shots}: expected distinct integers >= 0")
     if "metaicl" in args.methods and max(args.n_shots) < 1:
         raise ValueError(f"--methods metaicl trains on up to the largest --n-shots shots: {args.n_shots} has none >= 1")
-    if "metaicl" in args.methods and not args.icl:
-        raise ValueError("--methods metaicl learns to read shots in its prompt: add --icl to score every init so")
+    if args.icl is not None:
+        unknown = [name for name in args.icl if name != "base" and name not in args.methods]
+        if unknown:
+            raise ValueError(f"--icl {' '.join(unknown)}: expected 'base' or names from --methods {args.methods}")
+    if "metaicl" in args.methods and "metaicl" not in in_context_methods(args):
+        raise ValueError("--methods metaicl learns to read shots in its prompt: add --icl (or --icl metaicl ...) to "
+                         "score it so")
     tuning = args.adapt_grid or args.sft_lrs
     if args.validation_tasks < 0 or bool(tuning) != bool(args.validation_tasks) or (tuning and args.eval_on != "holdout"):
         raise ValueError("--adapt-grid / --sft-lrs are chosen on --validation-tasks K > 0 held-out tasks: give both, "
@@ -279,6 +285,14 @@ def is_math_source(source: str) -> bool:
 
 def run_name(method: str, seed: int) -> str:
     return f"{method}_{seed}"
+
+
+def in_context_methods(args: argparse.Namespace) -> list[str]:
+    """The methods (``base`` included) whose inits ``--icl`` also scores in context: none without the flag, every
+    one with the flag alone."""
+    if args.icl is None:
+        return []
+    return [m for m in ["base", *args.methods] if not args.icl or m in args.icl]
 
 
 # --- 1. base model ---------------------------------------------------------------------------
@@ -782,11 +796,13 @@ def evaluate_all(args: argparse.Namespace, plan: EvalPlan, evaluator: Evaluator,
           f"({sum(len(ep.test_ids) for ep in plan.test)} scored problems per init), {len(plan.validation)} validation "
           f"episodes over {len({ep.task for ep in plan.validation})} tasks, {len(plan.control)} wrong-code control "
           f"episodes; {evaluator.dtype} on {evaluator.device}")
+    in_context = in_context_methods(args)
+    icl_inits = {"base"} & set(in_context) | {run_name(m, seed) for m in in_context for seed in args.seeds}
     jobs = min(args.jobs, len(inits))
     results: dict[str, dict] = {}
     if jobs == 1:
         for name, path in inits.items():
-            results[name] = evaluate_init(evaluator, name, path, plan, grid, criterion, args.icl)
+            results[name] = evaluate_init(evaluator, name, path, plan, grid, criterion, name in icl_inits)
     else:
         threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
         # spawn, not fork: a forked torch process can deadlock in its thread pools. The workers' progress bars
@@ -794,7 +810,7 @@ def evaluate_all(args: argparse.Namespace, plan: EvalPlan, evaluator: Evaluator,
         quiet = replace(evaluator, progress=False)
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
                                  initargs=(max(1, threads // jobs),)) as pool:
-            futures = {pool.submit(evaluate_init, quiet, name, path, plan, grid, criterion, args.icl): name
+            futures = {pool.submit(evaluate_init, quiet, name, path, plan, grid, criterion, name in icl_inits): name
                        for name, path in inits.items()}
             for future in tqdm(as_completed(futures), total=len(futures), desc="inits evaluated", unit="init",
                                dynamic_ncols=True):
@@ -822,10 +838,12 @@ def compare(args: argparse.Namespace, evaluated: dict, tune_n: int) -> dict:
     series = [name for name, _ in report.series_names()]
     keys = [*report.TEACHER_FORCED, *(f"{m}_pre" for m in report.PRE_ADAPTATION)]
     values = stats.paired_values(rows_by_init, keys)
-    variants = ["", ICL] if args.icl else [""]  # adapted by gradient; in context
-    bases = ["base" + v for v in variants]
+    in_context = in_context_methods(args)
+    # adapted by gradient; in context
+    variants = {v: ["base", *args.methods] if not v else in_context for v in ("", ICL)}
+    bases = ["base" + v for v, methods in variants.items() if "base" in methods]
     inits = {method + v: {seed: run_name(method, seed) + v for seed in args.seeds}
-             for v in variants for method in args.methods}
+             for v, methods in variants.items() for method in methods if method != "base"}
     units = {**{b: [b] for b in bases}, **{method: list(by_seed.values()) for method, by_seed in inits.items()},
              **{name: [name] for by_seed in inits.values() for name in by_seed.values()}}
     bootstrap = {"n_boot": args.n_boot, "boot_seed": args.boot_seed, "sampled_tasks": args.eval_on == "holdout"}
@@ -916,7 +934,7 @@ def experiment(args: argparse.Namespace, config: Path, out: Path) -> int:
 
     result = report.jsonable({
         "config": str(config), "overrides": list(args.overrides), "base_model": str(base_dir), "source": args.source,
-        "pretrain": pretrained, "methods": list(args.methods), "icl": args.icl, "seeds": list(args.seeds),
+        "pretrain": pretrained, "methods": list(args.methods), "icl": in_context_methods(args), "seeds": list(args.seeds),
         "n_shots": sorted(args.n_shots), "episodes": args.episodes, "test_per_episode": args.test_per_episode,
         "n_boot": args.n_boot, "boot_seed": args.boot_seed, "verdict_metric": args.verdict_metric,
         "floor": read_manifest(data_dir)["source"].get("code_agnostic_floor"),

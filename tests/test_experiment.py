@@ -383,11 +383,14 @@ def test_metaicl_is_sft_on_k_shot_prompts_matched_in_label_tokens_to_fomaml(benc
     assert bench.main([*argv(tmp_path / "override", "--methods", "fomaml", "metaicl", "--icl"),
                        "sft.icl_max_shots=1"]) == 1
     assert "sft.icl_max_shots is managed by this script" in capsys.readouterr().err
-    assert bench.main(argv(tmp_path / "no_icl", "--methods", "fomaml", "metaicl")) == 1
-    assert "add --icl" in capsys.readouterr().err
+    for icl in ([], ["--icl", "base"]):  # MetaICL is used in context: scored so, or refused
+        assert bench.main(argv(tmp_path / "no_icl", "--methods", "fomaml", "metaicl", *icl)) == 1
+        assert "add --icl" in capsys.readouterr().err
+    assert bench.main(argv(tmp_path / "unknown", "--methods", "fomaml", "metaicl", "--icl", "metaicl", "sft_tokens")) == 1
+    assert "--icl sft_tokens: expected 'base' or names from --methods ['fomaml', 'metaicl']" in capsys.readouterr().err
 
-    out = tmp_path / "run"
-    assert bench.main(argv(out, "--methods", "fomaml", "metaicl", "--icl", "--in-process")) == 0
+    out = tmp_path / "run"  # in context: the base and MetaICL only (FOMAML by gradient alone)
+    assert bench.main(argv(out, "--methods", "fomaml", "metaicl", "--icl", "base", "metaicl", "--in-process")) == 0
     cfg = yaml.safe_load((out / "runs" / "metaicl_0" / "config.yaml").read_text())
     assert cfg["sft"]["icl_max_shots"] == max(N_SHOTS)
     assert cfg["sft"]["match_tokens_of"] == str(out / "runs" / "fomaml_0" / "config.yaml")
@@ -400,6 +403,7 @@ def test_metaicl_is_sft_on_k_shot_prompts_matched_in_label_tokens_to_fomaml(benc
     assert {(c["a"], c["b"]) for c in result["comparisons"]} == {
         ("fomaml", "metaicl"), ("fomaml", "base"), ("metaicl", "base"),  # every init adapted by gradient
         ("fomaml", "base_icl"), ("fomaml", "metaicl_icl"),  # FOMAML against the shots in the prompt
-        ("base_icl", "base"), ("fomaml_icl", "fomaml"), ("metaicl_icl", "metaicl")}  # each init: ICL vs gradient
+        ("base_icl", "base"), ("metaicl_icl", "metaicl")}  # each init scored in context: ICL vs gradient
+    assert result["icl"] == ["base", "metaicl"] and not (out / "eval" / "rows" / "fomaml_0_icl.json").exists()
     markdown = (out / "results.md").read_text()
     assert "| FOMAML − MetaICL |" in markdown and "| FOMAML − MetaICL + ICL |" in markdown

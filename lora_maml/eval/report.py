@@ -563,10 +563,10 @@ def verdict_line(row: dict, metric: str) -> str:
 
 
 def experiment_methods(result: dict) -> list[str]:
-    """The experiment's rows in its tables and plot: the base and every method, then (``result["icl"]``) each
-    of them with the shots in the prompt."""
+    """The experiment's rows in its tables and plot: the base and every method, then those of them scored with
+    the shots in the prompt too (``result["icl"]``, a list of method names)."""
     methods = ["base", *result["methods"]]
-    return methods + [m + ICL for m in methods] if result.get("icl") else methods
+    return methods + [m + ICL for m in methods if m in (result.get("icl") or [])]
 
 
 def render_experiment_markdown(result: dict) -> str:
