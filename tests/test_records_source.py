@@ -95,26 +95,32 @@ def test_spec_defaults_and_errors():
             parse_source(bad)
 
 
-def test_hub_dataset_is_loaded_with_its_split(monkeypatch):
+def test_hub_dataset_is_loaded_with_its_split_from_the_offline_cache(tmp_path, monkeypatch):
+    """A hub id goes through the real ``datasets.load_dataset``: offline (as every test runs), a dataset a user
+    loaded once is read from the datasets cache (laid out here as ``load_dataset`` lays out a hub dataset,
+    ``<owner>___<name>/<config>/<version>/<hash>/``), with the split asked for; one that is not cached ends in
+    one error naming the id and the way out."""
+    import shutil
+
     import datasets
+    from datasets.packaged_modules.parquet.parquet import Parquet
 
-    calls = []
+    assert datasets.config.HF_HUB_OFFLINE  # tests/conftest.py: nothing reaches the network
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    files = {}
+    for split, part in (("train", rows()[:10]), ("test", rows()[10:40])):
+        files[split] = str(tmp_path / f"{split}.parquet")
+        pq.write_table(pa.Table.from_pylist(part), files[split])
+    builder = Parquet(dataset_name="my-tasks", data_files=files, cache_dir=str(tmp_path / "cache"))
+    builder.download_and_prepare()
+    shutil.move(builder.cache_dir, tmp_path / "cache" / "someone___my-tasks" / "default" / "0.0.0" / ("0" * 16))
 
-    def load_dataset(name, split):
-        calls.append((name, split))
-        return datasets.Dataset.from_list(rows()[:30])
-
-    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     records, tasks, _, description = read_records("records:someone/my-tasks,split=test")
-    assert calls == [("someone/my-tasks", "test")] and len(records) == 30 and records[0]["id"] == "test/1"
+    assert len(records) == 30 and records[0]["id"] == "test/1" and records[0]["prompt"] == rows()[10]["prompt"]
     assert tasks == ["farewell", "greet"] and description["split"] == "test"
-
-    def offline(name, split):
-        raise ConnectionError("offline")
-
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(DataError, match=r"someone/my-tasks \(split 'train'\): cannot load from the Hugging Face hub"):
-        read_records("records:someone/my-tasks")
+    with pytest.raises(DataError, match=r"someone/other-tasks \(split 'train'\): cannot load from the Hugging Face "
+                                        r"hub: .*Offline\? Save it as a .jsonl or .parquet file"):
+        read_records("records:someone/other-tasks")
 
 
 # --- bad input: one error naming the file, the line and the shape --------------------------------
