@@ -737,9 +737,12 @@ def choose_adaptation(evaluator: Evaluator, name: str, path: Path, plan: EvalPla
     """The ``grid`` setting ``(lr, steps)`` with the best validation ``criterion`` at the largest n for init
     ``name`` at ``path``, and ``{"criterion", "validation": [{"lr", "steps", <metric>: mean, "invalid": rows}]}``.
     A setting that diverged on some episode (rows marked invalid, left out of its means) is never chosen over
-    one that did not: its mean would be over the episodes it survived."""
+    one that did not: its mean would be over the episodes it survived. The rows are cached under the run
+    directory's name (the base's: ``base``), so a swept SFT run is scored once, as a candidate rate and again as
+    the chosen run of its method."""
     tuned = [ep for ep in plan.validation if ep.n == plan.tune_n]
-    scored = evaluator.rows(name, path, [Job(f"validation/{name}_lr{lr:g}_k{k}", tuned, lr, k) for lr, k in grid],
+    cached = name if path == evaluator.base_dir else path.name
+    scored = evaluator.rows(cached, path, [Job(f"validation/{cached}_lr{lr:g}_k{k}", tuned, lr, k) for lr, k in grid],
                             plan.records)
     scores = {setting: {key: stats.finite_mean(r[key] for r in rows if r[key] is not None)
                         for key in report.TEACHER_FORCED} | {"invalid": sum(bool(r.get("invalid")) for r in rows)}

@@ -264,6 +264,8 @@ def test_sft_rate_is_chosen_on_validation_tasks_and_trains_the_other_seeds(tuned
         cached = [json.loads(p.read_text())["rows"] for p in (out / "eval" / "validation").glob(f"sft_tokens_lr{lr:g}_0_lr*")]
         assert cached and score == pytest.approx(min(np.mean([r["nll"] for r in rows]) for rows in cached))
     assert Path(result["runs"]["sft_tokens_0"]).name == f"sft_tokens_lr{sweep['chosen_lr']:g}_0"
+    # The chosen run's adaptation comes from the rows its sweep scored, not from a second scoring.
+    assert not list((out / "eval" / "validation").glob("sft_tokens_0_*"))
     later = yaml.safe_load((out / "runs" / "sft_tokens_1" / "config.yaml").read_text())
     assert later["sft"]["lr"] == sweep["chosen_lr"]
 
