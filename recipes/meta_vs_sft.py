@@ -287,6 +287,11 @@ def run_name(method: str, seed: int) -> str:
     return f"{method}_{seed}"
 
 
+def swept_name(method: str, lr: float, seed: int) -> str:
+    """The run directory of an SFT method trained at rate ``lr`` of its ``--sft-lrs`` sweep."""
+    return f"{method}_lr{lr:g}_{seed}"
+
+
 def in_context_methods(args: argparse.Namespace) -> list[str]:
     """The methods (``base`` included) whose inits ``--icl`` also scores in context: none without the flag, every
     one with the flag alone."""
@@ -550,7 +555,9 @@ def train_all(args: argparse.Namespace, config: Path, shared: Mapping[str, Any],
     SFT matched in tokens is matched to the FOMAML run's config (written before anything trains), so it need
     not wait for that run. With ``--sft-lrs`` an SFT method (``sft_*``, ``metaicl``) is first trained at every
     rate with the first seed (beside everything else), the rate whose run scores best on the validation tasks
-    is kept (that run is the first seed's), and the other seeds train at it. The score is what the meta-learners
+    is kept (that run is the first seed's), and the other seeds train at it. A swept method's run directories
+    carry their rate (``sft_tokens_lr0.01_1``): a wider sweep that changes the choice trains the other seeds
+    anew beside the runs at the old rate. The score is what the meta-learners
     are judged on: ``--verdict-metric`` at the largest n after the run's best ``--adapt-grid`` adaptation
     (without a grid: answer NLL at n = 0, the multi-task objective, which cannot tell rates apart when every
     rate reaches the floor, and adaptation can); for MetaICL, with the shots in the prompt and no gradient
@@ -563,7 +570,7 @@ def train_all(args: argparse.Namespace, config: Path, shared: Mapping[str, Any],
                                                   max(args.n_shots)), name)
 
     batch = [run(m, seed, run_name(m, seed)) for seed in args.seeds for m in args.methods if m not in swept]
-    sweep_runs = {(m, lr): run(m, first, f"{m}_lr{lr:g}_{first}", {"sft.lr": lr}) for m in swept for lr in args.sft_lrs}
+    sweep_runs = {(m, lr): run(m, first, swept_name(m, lr, first), {"sft.lr": lr}) for m in swept for lr in args.sft_lrs}
     train_runs([*batch, *sweep_runs.values()], jobs=args.jobs, in_process=args.in_process)
     runs = {r.run_dir.name: r.run_dir for r in batch}
     sweep: dict[str, dict] = {}
@@ -589,9 +596,9 @@ def train_all(args: argparse.Namespace, config: Path, shared: Mapping[str, Any],
         print(f"{method}: sft.lr {chosen:g} chosen on the validation tasks ({how}: "
               + ", ".join(f"{lr:g} -> {v:.4f}" for lr, v in scores.items()) + ")")
         runs[run_name(method, first)] = sweep_runs[(method, chosen)].run_dir
-        later = [run(method, seed, run_name(method, seed), {"sft.lr": chosen}) for seed in rest]
-        train_runs(later, jobs=args.jobs, in_process=args.in_process)
-        runs |= {r.run_dir.name: r.run_dir for r in later}
+        later = {seed: run(method, seed, swept_name(method, chosen, seed), {"sft.lr": chosen}) for seed in rest}
+        train_runs(list(later.values()), jobs=args.jobs, in_process=args.in_process)
+        runs |= {run_name(method, seed): r.run_dir for seed, r in later.items()}
     return {run_name(m, seed): runs[run_name(m, seed)] for seed in args.seeds for m in args.methods}, sweep
 
 

@@ -266,8 +266,38 @@ def test_sft_rate_is_chosen_on_validation_tasks_and_trains_the_other_seeds(tuned
     assert Path(result["runs"]["sft_tokens_0"]).name == f"sft_tokens_lr{sweep['chosen_lr']:g}_0"
     # The chosen run's adaptation comes from the rows its sweep scored, not from a second scoring.
     assert not list((out / "eval" / "validation").glob("sft_tokens_0_*"))
-    later = yaml.safe_load((out / "runs" / "sft_tokens_1" / "config.yaml").read_text())
-    assert later["sft"]["lr"] == sweep["chosen_lr"]
+    later = yaml.safe_load((out / "runs" / f"sft_tokens_lr{sweep['chosen_lr']:g}_1" / "config.yaml").read_text())
+    assert later["sft"]["lr"] == sweep["chosen_lr"] and Path(result["runs"]["sft_tokens_1"]).parent == out / "runs"
+
+
+def test_a_sweep_that_changes_its_choice_trains_the_other_seeds_anew(bench, tuned):
+    """Rerunning an experiment with other --sft-lrs whose choice differs: the later seeds train at the new rate
+    in their own directories, the runs at the old rate stay. (Reruns the ``tuned`` experiment in place with its
+    evaluation moved aside, and puts it back.)"""
+    out, result = tuned
+    old = result["sft_sweep"]["sft_tokens"]["chosen_lr"]
+    (new,) = {1e-3, 1e-2} - {old}
+    kept = {name: out / name for name in ("eval", "results.json", "results.md")}
+    for name, path in kept.items():
+        path.rename(out / f"kept_{name}")
+    try:
+        argv_ = ["--out", str(out), *RULES_ARGV]
+        at = argv_.index("--sft-lrs")
+        argv_[at + 1 : at + 3] = [f"{new:g}"]
+        assert bench.main(argv_) == 0
+        rerun = json.loads((out / "results.json").read_text())
+        assert rerun["sft_sweep"]["sft_tokens"]["chosen_lr"] == new
+        for seed in (0, 1):
+            assert rerun["runs"][f"sft_tokens_{seed}"] == str(out / "runs" / f"sft_tokens_lr{new:g}_{seed}")
+        assert yaml.safe_load((out / "runs" / f"sft_tokens_lr{new:g}_1" / "config.yaml").read_text())["sft"]["lr"] == new
+        assert (out / "runs" / f"sft_tokens_lr{old:g}_1.done.json").is_file()
+    finally:
+        for name, path in kept.items():
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+            (out / f"kept_{name}").rename(path)
 
 
 def test_wrong_code_control_adapts_on_another_tasks_shots(tuned):
