@@ -243,8 +243,9 @@ def test_validation_tasks_tune_and_are_never_reported(tuned):
         # recomputed from the cached rows.
         table = result["adaptation"][init]["validation"]
         assert result["adaptation"][init]["criterion"] == "nll"
+        cached_as = Path(result["runs"][init]).name if init != "base" else init  # the run directory's name
         for entry in table:
-            cached = json.loads((out / "eval" / "validation" / f"{init}_lr{entry['lr']:g}_k{entry['steps']}.json")
+            cached = json.loads((out / "eval" / "validation" / f"{cached_as}_lr{entry['lr']:g}_k{entry['steps']}.json")
                                 .read_text())["rows"]
             assert {r["task"] for r in cached} <= validation and {r["n"] for r in cached} == {2}
             assert entry["nll"] == pytest.approx(np.mean([r["nll"] for r in cached]))
