@@ -436,7 +436,8 @@ def test_metaicl_is_sft_on_k_shot_prompts_matched_in_label_tokens_to_fomaml(benc
     assert {(c["a"], c["b"]) for c in result["comparisons"]} == {
         ("fomaml", "metaicl"), ("fomaml", "base"), ("metaicl", "base"),  # every init adapted by gradient
         ("fomaml", "base_icl"), ("fomaml", "metaicl_icl"),  # FOMAML against the shots in the prompt
-        ("base_icl", "base"), ("metaicl_icl", "metaicl")}  # each init scored in context: ICL vs gradient
+        ("base_icl", "base"), ("metaicl_icl", "metaicl"),  # each init scored in context: ICL vs gradient
+        ("metaicl_icl", "base_icl")}  # what MetaICL training buys the prompt
     assert result["icl"] == ["base", "metaicl"] and not (out / "eval" / "rows" / "fomaml_0_icl.json").exists()
     markdown = (out / "results.md").read_text()
     assert "| FOMAML − MetaICL |" in markdown and "| FOMAML − MetaICL + ICL |" in markdown

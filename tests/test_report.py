@@ -261,3 +261,15 @@ def test_held_out_all_rows_draw_the_tasks_and_meta_training_ones_do_not():
     diff = next(r for r in paired["significance"] if r["section"] == "holdout" and r["task"] == "ALL" and r["n"] == 2)
     lo, hi = diff["accuracy_diff_ci"]
     assert hi - lo == pytest.approx(2 * 1.959964 * se, rel=0.1)
+
+
+def test_in_context_comparisons_face_the_strongest_alternatives():
+    """Every meta-learner against the base and MetaICL in context; each method in context against itself by
+    gradient; MetaICL in context against the base in context and against tuned SFT by gradient. Nothing is
+    paired with a row that is not there."""
+    pairs = report.comparisons(["base", "fomaml", "sft_tokens", "metaicl", "base_icl", "metaicl_icl"])
+    assert {("fomaml", "base_icl"), ("fomaml", "metaicl_icl"), ("base_icl", "base"), ("metaicl_icl", "metaicl"),
+            ("metaicl_icl", "base_icl"), ("metaicl_icl", "sft_tokens")} <= set(pairs)
+    assert len(pairs) == len(set(pairs))
+    no_icl = report.comparisons(["base", "fomaml", "sft_tokens", "metaicl"])
+    assert not [pair for pair in no_icl if any(m.endswith(report.ICL) for m in pair)]

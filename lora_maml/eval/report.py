@@ -91,11 +91,15 @@ def comparisons(methods: Collection[str]) -> list[tuple[str, str]]:
     """The pairs of :data:`COMPARISONS` whose two methods are both in ``methods``: every meta-learner against
     every SFT baseline (and the base), and MAML / Meta-SGD against FOMAML; then, for in-context rows
     (:data:`ICL`): every meta-learner (adapted by gradient) against the base in context — the strongest obvious
-    alternative — and against MetaICL in context, and each method in context against itself adapted by gradient."""
+    alternative — and against MetaICL in context, each method in context against itself adapted by gradient,
+    and MetaICL in context against the base in context (what MetaICL training buys a prompt, Min et al. 2022)
+    and against tuned SFT adapted by gradient (the best non-meta-learned way to adapt, when it is)."""
     pairs = [(a, b) for a, b in COMPARISONS if a in methods and b in methods]
     for rival in ("base" + ICL, "metaicl" + ICL):
         pairs += [(m, rival) for m in META_LEARNERS if m in methods and rival in methods]
     pairs += [(m + ICL, m) for m in methods if m + ICL in methods]
+    pairs += [("metaicl" + ICL, rival) for rival in ("base" + ICL, "sft_tokens")
+              if "metaicl" + ICL in methods and rival in methods]
     return list(dict.fromkeys(pairs))
 
 
