@@ -41,7 +41,8 @@ written atomically.
    ``--test-per-episode`` problems per task) and the wrong-code control (the largest n, each task adapted on the
    same episode's shots of another test task) score every init (``--jobs`` inits at a time), teacher forcing
    only: ``nll``, ``answer_nll``, ``answer_accuracy`` (and ``*_pre`` at the init's own weights). ``--icl``: every
-   init also scored with the shots in its prompt and no gradient step (rows ``<init>_icl``, test plan and control).
+   init (``--icl base metaicl``: the named ones) also scored with the shots in its prompt and no gradient step
+   (rows ``<init>_icl``, test plan and control).
    Files in ``<out>/eval/{rows,validation,control}/``, each cached with what it depends on.
 6. Statistics (:mod:`lora_maml.eval.stats`), per n, pooled over the test tasks: per init and per method
    (seeds pooled) the mean of every metric and the gain ``pre - post`` of the NLLs; paired differences A - B
@@ -745,8 +746,8 @@ def choose_adaptation(evaluator: Evaluator, name: str, path: Path, plan: EvalPla
     ``name`` at ``path``, and ``{"criterion", "validation": [{"lr", "steps", <metric>: mean, "invalid": rows}]}``.
     A setting that diverged on some episode (rows marked invalid, left out of its means) is never chosen over
     one that did not: its mean would be over the episodes it survived. The rows are cached under the run
-    directory's name (the base's: ``base``), so a swept SFT run is scored once, as a candidate rate and again as
-    the chosen run of its method."""
+    directory's name (the base's: ``base``): a swept SFT run is scored once, and the same rows serve it as a
+    candidate rate and, once chosen, as its method's init."""
     tuned = [ep for ep in plan.validation if ep.n == plan.tune_n]
     cached = name if path == evaluator.base_dir else path.name
     scored = evaluator.rows(cached, path, [Job(f"validation/{cached}_lr{lr:g}_k{k}", tuned, lr, k) for lr, k in grid],
