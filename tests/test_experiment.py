@@ -5,6 +5,7 @@ subprocess)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -271,6 +272,24 @@ def test_sft_rate_is_chosen_on_validation_tasks_and_trains_the_other_seeds(tuned
     assert later["sft"]["lr"] == sweep["chosen_lr"] and Path(result["runs"]["sft_tokens_1"]).parent == out / "runs"
 
 
+@contextlib.contextmanager
+def evaluation_moved_aside(out: Path, prefix: str):
+    """Rerun a module-scoped experiment in place: its evaluation and results are moved to ``<prefix>_<name>``
+    for the block (readable there) and put back after it, whatever the block wrote."""
+    kept = {name: out / name for name in ("eval", "results.json", "results.md")}
+    for name, path in kept.items():
+        path.rename(out / f"{prefix}_{name}")
+    try:
+        yield
+    finally:
+        for name, path in kept.items():
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+            (out / f"{prefix}_{name}").rename(path)
+
+
 def test_a_sweep_that_changes_its_choice_trains_the_other_seeds_anew(bench, tuned):
     """Rerunning an experiment with other --sft-lrs whose choice differs: the later seeds train at the new rate
     in their own directories, the runs at the old rate stay. (Reruns the ``tuned`` experiment in place with its
@@ -278,10 +297,7 @@ def test_a_sweep_that_changes_its_choice_trains_the_other_seeds_anew(bench, tune
     out, result = tuned
     old = result["sft_sweep"]["sft_tokens"]["chosen_lr"]
     (new,) = {1e-3, 1e-2} - {old}
-    kept = {name: out / name for name in ("eval", "results.json", "results.md")}
-    for name, path in kept.items():
-        path.rename(out / f"kept_{name}")
-    try:
+    with evaluation_moved_aside(out, "kept"):
         argv_ = ["--out", str(out), *RULES_ARGV]
         at = argv_.index("--sft-lrs")
         argv_[at + 1 : at + 3] = [f"{new:g}"]
@@ -292,13 +308,6 @@ def test_a_sweep_that_changes_its_choice_trains_the_other_seeds_anew(bench, tune
             assert rerun["runs"][f"sft_tokens_{seed}"] == str(out / "runs" / f"sft_tokens_lr{new:g}_{seed}")
         assert yaml.safe_load((out / "runs" / f"sft_tokens_lr{new:g}_1" / "config.yaml").read_text())["sft"]["lr"] == new
         assert (out / "runs" / f"sft_tokens_lr{old:g}_1.done.json").is_file()
-    finally:
-        for name, path in kept.items():
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-            (out / f"kept_{name}").rename(path)
 
 
 def test_wrong_code_control_adapts_on_another_tasks_shots(tuned):
@@ -371,10 +380,7 @@ def test_parallel_evaluation_scores_what_one_process_does_and_metasgd_keeps_its_
     Meta-SGD run added to the same experiment adapts with the rates it learned, never a grid setting. (Reruns
     the ``tuned`` experiment in place with its evaluation moved aside, and puts everything back.)"""
     out, serial = tuned
-    kept = {name: out / name for name in ("eval", "results.json", "results.md")}
-    for name, path in kept.items():
-        path.rename(out / f"serial_{name}")
-    try:
+    with evaluation_moved_aside(out, "serial"):
         monkeypatch.setenv("OMP_NUM_THREADS", "2")  # one thread per worker, as the serial run had
         command = [a for a in RULES_ARGV if a != "--in-process"]
         split = command.index("sft_tokens") + 1
@@ -392,13 +398,6 @@ def test_parallel_evaluation_scores_what_one_process_does_and_metasgd_keeps_its_
         for seed in (0, 1):
             assert result["adaptation"][f"metasgd_{seed}"] == {"lr": "learned", "steps": 3}
             assert not list((out / "eval" / "validation").glob(f"metasgd_{seed}_*"))
-    finally:
-        for name, path in kept.items():
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-            (out / f"serial_{name}").rename(path)
 
 
 # --- MetaICL (issue 19) ------------------------------------------------------------------------------------
